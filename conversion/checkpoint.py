@@ -1,0 +1,97 @@
+"""What a source checkpoint is: its config, its shards, and which of its tensors are routed experts."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from ..errors import FlashMoeError
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_next", "qwen3_moe")
+
+# Files copied next to the converted weights (tokenizer, chat template, generation defaults).
+METADATA_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
+TOKENIZER_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "qwen.tiktoken")
+
+_EXPERT_KEY = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.mlp\."
+    r"(?:experts\.(?:(\d+)\.)?(gate_up_proj|gate_proj|up_proj|down_proj)(?:\.(weight))?"
+    r"|switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases))$"
+)
+
+
+@dataclass(frozen=True)
+class ExpertKey:
+    """A source tensor holding routed-expert weights.
+
+    ``expert`` is None for tensors stacked over all experts (first axis = expert).
+    ``projection`` is gate_proj, up_proj, down_proj, or gate_up_proj (HF fused gate+up).
+    """
+
+    layer: int
+    expert: Optional[int]
+    projection: str
+    part: str  # weight, scales or biases
+
+
+def classify(key: str) -> Optional[ExpertKey]:
+    """The ExpertKey of a routed-expert tensor, or None for every other tensor (MTP experts included)."""
+    if "mtp." in key:
+        return None
+    m = _EXPERT_KEY.search(key)
+    if not m:
+        return None
+    layer, expert, fused_proj, _, stacked_proj, stacked_part = m.groups()
+    if stacked_proj:
+        return ExpertKey(int(layer), None, stacked_proj, stacked_part)
+    return ExpertKey(int(layer), None if expert is None else int(expert), fused_proj, "weight")
+
+
+def load_config(directory: Path) -> dict:
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FlashMoeError(f"{directory} is not a checkpoint: it has no config.json")
+    except ValueError as e:
+        raise FlashMoeError(f"{path} is not valid JSON ({e})")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise FlashMoeError(
+            f"model type {model_type!r} is not supported; llm-flash-moe converts "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints"
+        )
+    return config
+
+
+def shard_names(directory: Path) -> List[str]:
+    """The safetensors files of a checkpoint: from its index when it has one, else every model*.safetensors."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map: Dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise FlashMoeError(f"{index} is damaged ({e})")
+        return sorted(set(weight_map.values()))
+    names = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not names:
+        raise FlashMoeError(f"{directory} is not a checkpoint: it has no .safetensors files")
+    return names
+
+
+def quantization_of(config: dict) -> Optional[dict]:
+    """The MLX quantization of a source checkpoint ({bits, group_size, mode, per-layer...}) or None."""
+    q = config.get("quantization") or config.get("text_config", {}).get("quantization")
+    return dict(q) if q else None
+
+
+def conversion_dtype(config: dict) -> Optional[str]:
+    """The float dtype mlx-lm's converter casts weights to (config torch_dtype), or None to keep the source's."""
+    dtype = config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    return dtype if dtype in ("float16", "bfloat16", "float32") else None

@@ -1,0 +1,89 @@
+"""The record of a conversion in progress, so that a re-run continues where the last one stopped.
+
+``<output>/.partial/`` holds ``plan.json`` (what is being converted, with which settings), a lock file,
+and ``journal.jsonl``: one JSON object per line, appended only after the bytes it describes were
+flushed to disk. A line cut short by a crash is ignored.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Set
+
+from ..errors import FlashMoeError
+from ..flash_layout import write_json_atomic
+
+PARTIAL_DIR = ".partial"
+
+
+class Journal:
+    def __init__(self, output: Path):
+        self.dir = Path(output) / PARTIAL_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "journal.jsonl"
+        self.done_units: Set[str] = set()
+        self.checksums: Dict[str, str] = {}  # "layer/expert" -> crc
+        self.done_shards: Set[str] = set()
+        self.staged: Dict[str, str] = {}  # tensor key -> staging file name
+        self._pending: List[dict] = []
+        self._lock_fd = None
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    self._apply(json.loads(line))
+                except ValueError:
+                    break  # a line cut short by a crash: everything after it is redone
+
+    def _apply(self, entry: dict) -> None:
+        if "units" in entry:
+            self.done_units.update(entry["units"])
+        if "checksums" in entry:
+            self.checksums.update(entry["checksums"])
+        if "shard" in entry:
+            self.done_shards.add(entry["shard"])
+        if "staged" in entry:
+            self.staged.update(entry["staged"])
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on this output for the life of the process; refuse a second converter."""
+        self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FlashMoeError(
+                f"another `llm flash-moe prepare` is writing {self.dir.parent}; wait for it to finish"
+            )
+
+    def check_plan(self, plan: dict) -> None:
+        """Record the plan on the first run; on a re-run insist it is the same conversion."""
+        path = self.dir / "plan.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != plan:
+                changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+                raise FlashMoeError(
+                    f"{self.dir.parent} holds an unfinished conversion with other settings "
+                    f"({', '.join(changed)}); re-run it with the same options or choose another --output"
+                )
+        else:
+            write_json_atomic(path, plan)
+
+    def add(self, entry: dict) -> None:
+        self._apply(entry)
+        self._pending.append(entry)
+
+    def commit(self, files_to_sync=()) -> None:
+        """Make the data durable, then the journal lines that describe it."""
+        if not self._pending:
+            return
+        for fd in files_to_sync:
+            os.fsync(fd)
+        with open(self.path, "a") as f:
+            for entry in self._pending:
+                f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._pending.clear()

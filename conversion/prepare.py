@@ -1,0 +1,303 @@
+"""`llm flash-moe prepare`: checkpoint -> flash layout, resumable, in bounded memory and checked disk space."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+from .. import registry
+from ..errors import FlashMoeError
+from ..flash_layout import (
+    FORMAT_VERSION, MANIFEST_NAME, RESIDENT_WEIGHTS_NAME, ExpertLayer, ExpertQuantization, Manifest,
+    RecordLayout, expert_file_name,
+)
+from ..mlx_model import build_model
+from .checkpoint import TOKENIZER_FILES, classify, conversion_dtype, quantization_of
+from .experts import ExpertRecordWriter, SourceQuantization
+from .journal import PARTIAL_DIR, Journal
+from .resident import estimate_resident_bytes, resident_parameters, write_resident
+from .safetensors_io import DTYPES, TensorInfo, copy_tensors, read_header
+from .source import Source, hub_errors, resolve_source
+
+EXPERT_BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+RESIDENT_BITS = (4, 8, 16)
+
+
+@dataclass
+class PrepareOptions:
+    source: str = registry.FLAGSHIP_SOURCE
+    name: Optional[str] = None
+    output: Optional[Path] = None
+    bits: int = 4
+    group_size: int = 64
+    resident_bits: int = 4
+    experts_per_token: Optional[int] = None
+    delete_source: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class Plan:
+    """Everything decided before the first byte is written."""
+
+    name: str
+    output: Path
+    source: Source
+    layers: list
+    experts_per_token: int
+    source_quant: Optional[SourceQuantization]
+    dtype: Optional[str]
+    tensor_meta: Dict[str, Tuple[str, tuple]]  # key -> (mlx dtype, shape), every source tensor
+    settings: dict
+
+
+def prepare(opts: PrepareOptions, echo: Callable[[str], None] = print) -> Manifest:
+    _check_options(opts)
+    name = registry.check_name(opts.name or registry.name_from_source(opts.source))
+    output = Path(opts.output).expanduser().resolve() if opts.output else registry.default_output(name)
+    existing = _existing_output(output)
+    source = resolve_source(opts.source, opts.revision, opts.delete_source)
+    plan = _plan(opts, name, output, source)
+    if existing is not None:
+        if existing.settings == plan.settings:
+            registry.register(name, output)
+            echo(f"{name} is already prepared in {output}")
+            return existing
+        raise FlashMoeError(
+            f"{output} already holds a different model ({existing.name} from {existing.source}); "
+            f"choose another --output or remove it with `llm flash-moe remove {existing.name}`"
+        )
+    journal = Journal(output)
+    journal.lock()
+    journal.check_plan(plan.settings)
+    _check_disk_space(plan, journal)
+    manifest = _convert(plan, journal, opts.resident_bits, echo)
+    registry.register(name, output)
+    return manifest
+
+
+def _check_options(opts: PrepareOptions) -> None:
+    if opts.bits not in EXPERT_BITS:
+        raise FlashMoeError(f"--bits must be one of {', '.join(map(str, EXPERT_BITS))}, not {opts.bits}")
+    if opts.group_size not in GROUP_SIZES:
+        raise FlashMoeError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {opts.group_size}")
+    if opts.resident_bits not in RESIDENT_BITS:
+        raise FlashMoeError(f"--resident-bits must be one of 4, 8, 16, not {opts.resident_bits}")
+
+
+def _existing_output(output: Path) -> Optional[Manifest]:
+    if (output / MANIFEST_NAME).exists():
+        return Manifest.load(output)
+    if output.exists() and any(output.iterdir()) and not (output / PARTIAL_DIR).exists():
+        raise FlashMoeError(f"{output} is not empty and is not a flash-moe model; choose another --output")
+    return None
+
+
+def _tensor_meta(source: Source) -> Dict[str, Tuple[str, tuple]]:
+    """Dtype and shape of every source tensor, from local headers or, for shards not yet downloaded, the hub."""
+    meta: Dict[str, Tuple[str, tuple]] = {}
+    remote = []
+    for shard in source.shards:
+        path = source.directory / shard
+        if path.exists():
+            meta.update({k: (i.mlx_dtype, i.shape) for k, i in read_header(path).items()})
+        elif source.repo_id is None:
+            raise FlashMoeError(f"shard {shard} is missing from {source.directory}")
+        else:
+            remote.append(shard)
+    if remote:
+        from huggingface_hub import HfApi
+
+        with hub_errors(source.repo_id):
+            info = HfApi().get_safetensors_metadata(source.repo_id, revision=source.revision)
+        for shard in remote:
+            for k, t in info.files_metadata[shard].tensors.items():
+                meta[k] = (DTYPES[t.dtype][1], tuple(t.shape))
+    return meta
+
+
+def _plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> Plan:
+    config = source.config
+    tensor_meta = _tensor_meta(source)
+    shapes = {}
+
+    def record_shape(index, block):
+        import mlx.nn as nn
+
+        shapes[index] = (block.num_experts, *block.switch_mlp.gate_proj.weight.shape[1:], block.top_k)
+        return nn.Module()
+
+    build_model(config, record_shape)
+    if not shapes:
+        raise FlashMoeError(f"{source.id} has no routed experts to stream")
+    source_q = quantization_of(config)
+    quant = ExpertQuantization(opts.bits, opts.group_size)
+    if source_q is not None:
+        scales = [m for k, m in tensor_meta.items() if (c := classify(k)) and c.part == "scales"]
+        scale_dtype = scales[0][0] if scales else "bfloat16"
+        sq = SourceQuantization(source_q["bits"], source_q["group_size"], source_q.get("mode", "affine"))
+    else:
+        weights = [m for k, m in tensor_meta.items() if classify(k)]
+        if not weights:
+            raise FlashMoeError(f"{source.id} has no expert tensors; is a shard missing?")
+        scale_dtype = conversion_dtype(config) or weights[0][0]
+        sq = None
+    layers = []
+    for index, (num_experts, intermediate, hidden, _) in sorted(shapes.items()):
+        layout = RecordLayout.for_expert(hidden, intermediate, quant, scale_dtype)
+        layers.append(ExpertLayer(index, expert_file_name(index), num_experts, quant, layout))
+    num_experts = layers[0].num_experts
+    native_k = next(iter(shapes.values()))[3]
+    k = opts.experts_per_token or (registry.FLAGSHIP_EXPERTS_PER_TOKEN
+                                   if opts.source == registry.FLAGSHIP_SOURCE else native_k)
+    if not 1 <= k <= num_experts:
+        raise FlashMoeError(f"--experts-per-token must be between 1 and {num_experts}, not {k}")
+    settings = {"format_version": FORMAT_VERSION, "name": name, "source": source.id, "revision": source.revision,
+                "bits": opts.bits, "group_size": opts.group_size, "resident_bits": opts.resident_bits,
+                "experts_per_token": k}
+    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings)
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def _check_disk_space(plan: Plan, journal: Journal) -> None:
+    """Refuse up front, with the numbers, when the output (and any download) cannot fit."""
+    output = plan.output
+    written = 0
+    for layer in plan.layers:
+        path = output / layer.file
+        if path.exists():
+            written += path.stat().st_blocks * 512
+    resident = estimate_resident_bytes(plan.source.config, plan.settings["resident_bits"])
+    need = sum(layer.file_size for layer in plan.layers) - written + resident
+    if plan.source.repo_id is not None:
+        sizes = plan.source.shard_sizes
+        pending = [s for s in plan.source.shards if s not in journal.done_shards]
+        download = (max((sizes.get(s, 0) for s in pending), default=0) if plan.source.delete_shards
+                    else plan.source.missing_bytes())
+        if os.stat(_existing_parent(plan.source.directory)).st_dev == os.stat(_existing_parent(output)).st_dev:
+            need += download
+    free = shutil.disk_usage(_existing_parent(output)).free
+    if need > free:
+        raise FlashMoeError(
+            f"not enough disk space for {plan.name}: it needs {_fmt(need)} more in {output} but only "
+            f"{_fmt(free)} is free; free some space or choose --output on another disk"
+        )
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _convert(plan: Plan, journal: Journal, resident_bits: int, echo) -> Manifest:
+    from huggingface_hub.utils import tqdm
+
+    output, source = plan.output, plan.source
+    resident_estimate = estimate_resident_bytes(source.config, resident_bits)
+    writer = ExpertRecordWriter(output, plan.layers, plan.layers[0].quantization, plan.source_quant,
+                                plan.dtype, journal, progress=None)
+    done = sum(writer.unit_bytes(u) for u in journal.done_units)
+    total = sum(writer.unit_bytes(u) for u in writer.all_units()) + resident_estimate
+    with tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=f"Preparing {plan.name}") as progress:
+        writer.progress = progress
+        try:
+            available = _convert_shards(plan, journal, writer)
+            missing = writer.remaining_units()
+            if missing:
+                layer, expert, what = missing[0].split("/")
+                raise FlashMoeError(
+                    f"the checkpoint lacks expert weights ({len(missing)} pieces, e.g. layer {layer} expert "
+                    f"{expert} {what}); a shard is missing or incomplete"
+                )
+            writer.checksum_complete_records()
+        finally:
+            writer.close()
+        non_expert = {k: i for k, i in available.items() if classify(k) is None}
+        expert_meta = {k: m for k, m in plan.tensor_meta.items() if classify(k) is not None}
+        params, out_config, note = resident_parameters(source.config, non_expert, expert_meta, resident_bits)
+        progress.total = progress.n + sum(v.nbytes for v in params.values())
+        size, checksum = write_resident(params, output / RESIDENT_WEIGHTS_NAME, progress)
+    if note:
+        echo(note)
+    _write_metadata(source, out_config, output)
+    _check_loads(output)
+    for layer in plan.layers:
+        layer.checksums = [journal.checksums[f"{layer.layer}/{e}"] for e in range(layer.num_experts)]
+    manifest = Manifest(
+        name=plan.name, source=source.id, revision=source.revision, model_type=source.config["model_type"],
+        config=out_config, experts_per_token=plan.experts_per_token, expert_layers=plan.layers,
+        resident_quantization=out_config.get("quantization"),
+        resident_files=[{"file": RESIDENT_WEIGHTS_NAME, "bytes": size, "checksum": checksum}],
+        settings=plan.settings,
+    )
+    manifest.write(output)
+    shutil.rmtree(output / PARTIAL_DIR, ignore_errors=True)
+    return manifest
+
+
+def _convert_shards(plan: Plan, journal: Journal, writer: ExpertRecordWriter) -> Dict[str, TensorInfo]:
+    """Feed shards to the expert writer as they arrive; returns every tensor still readable afterwards."""
+    source = plan.source
+    available: Dict[str, TensorInfo] = {}
+    staging = journal.dir
+    for file in set(journal.staged.values()):
+        available.update(read_header(staging / file))
+    if source.repo_id is None:
+        for shard in source.shards:
+            available.update(read_header(source.fetch(shard)))
+        writer.convert(available)
+        return available
+    pending = [s for s in source.shards if not (source.delete_shards and s in journal.done_shards)]
+    with ThreadPoolExecutor(max_workers=1) as downloader:  # the next shard downloads while this one converts
+        futures = [downloader.submit(source.fetch, s) for s in pending[:1]]
+        for i, shard in enumerate(pending):
+            path = futures[i].result()
+            if i + 1 < len(pending):
+                futures.append(downloader.submit(source.fetch, pending[i + 1]))
+            infos = read_header(path)
+            available.update(infos)
+            writer.convert(available)
+            writer.close_sources()
+            if source.delete_shards:
+                keep = [info for k, info in infos.items() if classify(k) is None]
+                stage_name = f"staged-{shard}"
+                if keep:
+                    copy_tensors(keep, staging / stage_name)
+                    available.update(read_header(staging / stage_name))
+                for k in infos:
+                    if classify(k) is not None:
+                        available.pop(k, None)
+                journal.add({"shard": shard, "staged": {i.key: stage_name for i in keep}})
+                writer.commit()
+                source.release(shard)
+    return available
+
+
+def _write_metadata(source: Source, config: dict, output: Path) -> None:
+    from mlx_lm.utils import save_config
+
+    save_config(dict(config), output / "config.json")
+    for name in TOKENIZER_FILES:
+        src = source.directory / name
+        if src.exists():
+            shutil.copyfile(src, output / name)
+
+
+def _check_loads(output: Path) -> None:
+    """The resident weights must load into mlx-lm's model class with strict checking."""
+    from ..engine import load_resident_model
+
+    try:
+        load_resident_model(output, lazy=True)
+    except (ValueError, KeyError) as e:
+        raise FlashMoeError(f"the converted resident weights do not load into mlx-lm: {str(e).splitlines()[0]}")

@@ -1,0 +1,77 @@
+"""Loading a prepared model: mlx-lm's model class with resident weights, experts streamed from the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import FlashMoeError
+from .expert_store import ExpertStore
+from .flash_layout import Manifest
+from .mlx_model import moe_blocks, streaming_model_classes
+
+
+def _no_experts(index, block):
+    import mlx.nn as nn
+
+    return nn.Module()
+
+
+def load_resident_model(model_dir: Path, lazy: bool = False, make_experts=_no_experts):
+    """mlx-lm's ``load_model`` (strict), with each block's experts replaced by ``make_experts(layer, block)``."""
+    from mlx_lm.utils import load_model
+
+    return load_model(Path(model_dir), lazy=lazy, strict=True,
+                      get_model_classes=streaming_model_classes(make_experts))
+
+
+@dataclass
+class FlashModel:
+    directory: Path
+    manifest: Manifest
+    model: object
+    tokenizer: object
+    store: ExpertStore
+
+    @property
+    def experts_per_token(self) -> int:
+        return moe_blocks(self.model)[0][1].top_k
+
+    def set_experts_per_token(self, k: int) -> None:
+        if not 1 <= k <= self.manifest.num_experts:
+            raise FlashMoeError(f"experts per token must be between 1 and {self.manifest.num_experts}, not {k}")
+        for _, block in moe_blocks(self.model):
+            block.top_k = k
+
+    def resident_bytes(self) -> int:
+        """Bytes of every array the model holds (the expert buffers belong to the store, not the model)."""
+        from mlx.utils import tree_flatten
+
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, cache_bytes: int = 0,
+                     expert_compute: str = "auto", **store_options) -> FlashModel:
+    """Load a prepared model. ``expert_compute``: "auto", "model" (bit-identical to mlx-lm) or "float32"."""
+    from mlx_lm.utils import load_tokenizer
+
+    from .streaming_moe import StreamingExperts
+
+    model_dir = Path(model_dir)
+    manifest = Manifest.load(model_dir)
+    store = ExpertStore(model_dir, manifest, cache_bytes=cache_bytes, **store_options)
+    try:
+        model, config = load_resident_model(
+            model_dir, make_experts=lambda i, b: StreamingExperts(i, store, expert_compute))
+    except (FileNotFoundError, ValueError) as e:
+        store.close()
+        raise FlashMoeError(f"cannot load the resident weights of {model_dir}: {str(e).splitlines()[0]}; "
+                            "run `llm flash-moe verify` and `llm flash-moe prepare` again")
+    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id", None))
+    flash = FlashModel(model_dir, manifest, model, tokenizer, store)
+    flash.set_experts_per_token(experts_per_token or manifest.experts_per_token)
+    return flash

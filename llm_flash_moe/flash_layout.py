@@ -1,0 +1,247 @@
+"""The flash layout: the on-disk format of a prepared model. The converter writes it, the engine reads it.
+
+A prepared model is a directory:
+
+    manifest.json              written last and atomically; its presence means "complete"
+    config.json, tokenizer...  copied from the source; config.json carries the resident quantization
+    model.safetensors          resident (non-expert) weights, loadable by mlx-lm's model class
+    experts/layer-NNN.bin      one file per MoE layer: num_experts fixed-size records
+
+A record holds one expert: gate_proj, up_proj and down_proj, each as MLX-quantized weight, scales and
+biases, stored back to back (64-byte aligned) so that one read brings the whole expert. Every record's
+size is a multiple of 16 KiB and record e of a layer starts at e * record_size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .errors import FlashMoeError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+EXPERTS_DIR = "experts"
+RESIDENT_WEIGHTS_NAME = "model.safetensors"
+RECORD_ALIGNMENT = 16 * 1024
+PART_ALIGNMENT = 64
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+_DTYPE_BYTES = {"uint32": 4, "uint8": 1, "bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def expert_file_name(layer: int) -> str:
+    return f"{EXPERTS_DIR}/layer-{layer:03d}.bin"
+
+
+def record_checksum(record: bytes) -> str:
+    """The checksum stored in the manifest for one record (CRC-32 of all its bytes, padding included)."""
+    return f"{zlib.crc32(record) & 0xFFFFFFFF:08x}"
+
+
+@dataclass(frozen=True)
+class ExpertQuantization:
+    bits: int
+    group_size: int
+    mode: str = "affine"
+
+    @property
+    def has_biases(self) -> bool:
+        return self.mode == "affine"
+
+
+@dataclass(frozen=True)
+class RecordPart:
+    """One array inside an expert record, e.g. ``up_proj.scales``."""
+
+    name: str
+    offset: int
+    shape: Tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        n = _DTYPE_BYTES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Where each array of an expert lives inside its record."""
+
+    parts: Tuple[RecordPart, ...]
+    record_size: int
+
+    @classmethod
+    def for_expert(
+        cls, hidden_size: int, intermediate_size: int, quant: ExpertQuantization, scale_dtype: str
+    ) -> "RecordLayout":
+        shapes = {"gate_proj": (intermediate_size, hidden_size),
+                  "up_proj": (intermediate_size, hidden_size),
+                  "down_proj": (hidden_size, intermediate_size)}
+        parts, offset = [], 0
+        for proj in PROJECTIONS:
+            out_dims, in_dims = shapes[proj]
+            if (in_dims * quant.bits) % 32 or in_dims % quant.group_size:
+                raise FlashMoeError(
+                    f"{proj} input size {in_dims} cannot be quantized at {quant.bits} bits with group size "
+                    f"{quant.group_size}; choose another --group-size"
+                )
+            arrays = [("weight", (out_dims, in_dims * quant.bits // 32), "uint32"),
+                      ("scales", (out_dims, in_dims // quant.group_size), scale_dtype)]
+            if quant.has_biases:
+                arrays.append(("biases", (out_dims, in_dims // quant.group_size), scale_dtype))
+            for kind, shape, dtype in arrays:
+                part = RecordPart(f"{proj}.{kind}", offset, shape, dtype)
+                parts.append(part)
+                offset = _round_up(offset + part.nbytes, PART_ALIGNMENT)
+        return cls(tuple(parts), _round_up(offset, RECORD_ALIGNMENT))
+
+    def part(self, name: str) -> RecordPart:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def projection_parts(self, proj: str) -> List[RecordPart]:
+        return [p for p in self.parts if p.name.startswith(proj + ".")]
+
+    def to_json(self) -> dict:
+        return {"record_size": self.record_size,
+                "parts": [{"name": p.name, "offset": p.offset, "shape": list(p.shape), "dtype": p.dtype}
+                          for p in self.parts]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RecordLayout":
+        parts = tuple(RecordPart(p["name"], p["offset"], tuple(p["shape"]), p["dtype"]) for p in d["parts"])
+        return cls(parts, d["record_size"])
+
+
+@dataclass
+class ExpertLayer:
+    """One MoE layer's expert file."""
+
+    layer: int
+    file: str
+    num_experts: int
+    quantization: ExpertQuantization
+    layout: RecordLayout
+    checksums: List[str] = field(default_factory=list)
+
+    @property
+    def file_size(self) -> int:
+        return self.num_experts * self.layout.record_size
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "file": self.file, "num_experts": self.num_experts,
+                "quantization": asdict(self.quantization), "layout": self.layout.to_json(),
+                "checksums": self.checksums}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ExpertLayer":
+        return cls(d["layer"], d["file"], d["num_experts"], ExpertQuantization(**d["quantization"]),
+                   RecordLayout.from_json(d["layout"]), list(d.get("checksums", [])))
+
+
+@dataclass
+class Manifest:
+    name: str
+    source: str
+    revision: Optional[str]
+    model_type: str
+    config: dict
+    experts_per_token: int
+    expert_layers: List[ExpertLayer]
+    resident_quantization: Optional[dict]
+    resident_files: List[dict]
+    format_version: int = FORMAT_VERSION
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_layers[0].num_experts if self.expert_layers else 0
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(layer.file_size for layer in self.expert_layers)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(f["bytes"] for f in self.resident_files)
+
+    @property
+    def bits(self) -> str:
+        bits = sorted({layer.quantization.bits for layer in self.expert_layers})
+        return "/".join(str(b) for b in bits)
+
+    def layer(self, index: int) -> ExpertLayer:
+        for layer in self.expert_layers:
+            if layer.layer == index:
+                return layer
+        raise KeyError(index)
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "expert_layers"}
+        d["expert_layers"] = [layer.to_json() for layer in self.expert_layers]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Manifest":
+        d = dict(d)
+        d["expert_layers"] = [ExpertLayer.from_json(x) for x in d["expert_layers"]]
+        return cls(**d)
+
+    def write(self, model_dir: Path) -> None:
+        write_json_atomic(Path(model_dir) / MANIFEST_NAME, self.to_json())
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "Manifest":
+        path = Path(model_dir) / MANIFEST_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FlashMoeError(f"{model_dir} is not a prepared model (no {MANIFEST_NAME}); run `llm flash-moe prepare`")
+        except (ValueError, UnicodeDecodeError):
+            raise FlashMoeError(f"{path} is damaged; run `llm flash-moe prepare` again")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise FlashMoeError(
+                f"{path} uses flash layout version {version}, newer than this plugin understands "
+                f"({FORMAT_VERSION}); upgrade with `llm install -U llm-flash-moe`"
+            )
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError) as e:
+            raise FlashMoeError(f"{path} is damaged ({e}); run `llm flash-moe prepare` again")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON so that readers see either the old file or the complete new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def split_record(record, layout: RecordLayout) -> Dict[str, "numpy.ndarray"]:
+    """Views of each part of one record's bytes (a numpy uint8 array), typed and shaped (bf16 as uint16)."""
+    import numpy as np
+
+    np_dtype = {"uint32": np.uint32, "bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+    out = {}
+    for p in layout.parts:
+        out[p.name] = record[p.offset:p.offset + p.nbytes].view(np_dtype[p.dtype]).reshape(p.shape)
+    return out

@@ -1,0 +1,84 @@
+"""Which prepared models exist and where: one small JSON file under llm's user directory.
+
+``register_models`` runs on every llm command, so it reads only this file (never a manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict
+
+from .errors import FlashMoeError
+from .flash_layout import MANIFEST_NAME, write_json_atomic
+
+FLAGSHIP_NAME = "qwen397"
+FLAGSHIP_SOURCE = "mlx-community/Qwen3.5-397B-A17B-4bit"
+FLAGSHIP_EXPERTS_PER_TOKEN = 4
+MODEL_SUFFIX = "-flash"
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+def root() -> Path:
+    import llm
+
+    return Path(llm.user_dir()) / "flash-moe"
+
+
+def _registry_path() -> Path:
+    return root() / "models.json"
+
+
+def default_output(name: str) -> Path:
+    return root() / name
+
+
+def name_from_source(source: str) -> str:
+    """`Qwen/Qwen3-30B-A3B` -> `qwen3-30b-a3b`; the flagship source -> `qwen397`."""
+    if source == FLAGSHIP_SOURCE:
+        return FLAGSHIP_NAME
+    tail = Path(source.rstrip("/")).name
+    name = re.sub(r"[^a-z0-9._-]+", "-", tail.lower()).strip("-._")
+    if not name:
+        raise FlashMoeError(f"cannot derive a model name from {source}; give one with --name")
+    return name
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise FlashMoeError(f"model name {name!r} must use lowercase letters, digits, '.', '_' and '-'")
+    return name
+
+
+def registered() -> Dict[str, Path]:
+    """name -> directory of every registered model (complete or not: callers check the manifest)."""
+    try:
+        data = json.loads(_registry_path().read_text())
+        return {name: Path(path) for name, path in data.get("models", {}).items()}
+    except (FileNotFoundError, ValueError, AttributeError):
+        return {}
+
+
+def register(name: str, path: Path) -> None:
+    models = {k: str(v) for k, v in registered().items()}
+    models[name] = str(Path(path).resolve())
+    _registry_path().parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(_registry_path(), {"models": dict(sorted(models.items()))})
+
+
+def unregister(name: str) -> None:
+    models = {k: str(v) for k, v in registered().items() if k != name}
+    write_json_atomic(_registry_path(), {"models": models})
+
+
+def prepared() -> Dict[str, Path]:
+    """Registered models whose manifest exists (a directory without a complete manifest never counts)."""
+    return {name: path for name, path in registered().items() if (path / MANIFEST_NAME).exists()}
+
+
+def model_dir(name: str) -> Path:
+    path = prepared().get(name)
+    if path is None:
+        raise FlashMoeError(f"no prepared model named {name!r}; see `llm flash-moe models`")
+    return path
