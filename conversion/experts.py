@@ -58,12 +58,12 @@ class SourceQuantization:
 class ExpertRecordWriter:
     """Converts the expert tensors it is shown into records, resuming from the journal."""
 
-    def __init__(self, output: Path, layers: List[ExpertLayer], quant: ExpertQuantization,
-                 source_quant: Optional[SourceQuantization], dtype: Optional[str], journal: Journal, progress):
+    def __init__(self, output: Path, layers: List[ExpertLayer],
+                 source_quant: Dict[Tuple[int, str], SourceQuantization], dtype: Optional[str], journal: Journal,
+                 progress):
+        """``source_quant``: the MLX quantization of each (layer, projection) of a quantized source, else {}."""
         self.layers = {layer.layer: layer for layer in layers}
-        self.quant, self.source_quant, self.dtype = quant, source_quant, dtype
-        self.repack = source_quant is not None and (
-            source_quant.bits, source_quant.group_size, source_quant.mode) == (quant.bits, quant.group_size, quant.mode)
+        self.source_quant, self.dtype = source_quant, dtype
         self.journal, self.progress = journal, progress
         self.fds: Dict[int, int] = {}
         for layer in layers:
@@ -78,11 +78,19 @@ class ExpertRecordWriter:
         self._row_cache: Tuple[Optional[Tuple[str, int]], Optional[np.ndarray]] = (None, None)
 
     # -- units -------------------------------------------------------------------------------
+    def repacks(self, layer: int, proj: str) -> bool:
+        """True when the source already holds this projection in the target quantization: copy its bytes."""
+        sq, q = self.source_quant.get((layer, proj)), self.layers[layer].quantization
+        return sq is not None and (sq.bits, sq.group_size, sq.mode) == (q.bits, q.group_size, q.mode)
+
     def unit_names(self, layer: int, expert: int) -> List[str]:
-        if self.repack:
-            parts = [p.name for p in self.layers[layer].layout.parts]
-            return [f"{layer}/{expert}/{name}" for name in parts]
-        return [f"{layer}/{expert}/{proj}" for proj in PROJECTIONS]
+        names = []
+        for proj in PROJECTIONS:
+            if self.repacks(layer, proj):
+                names += [p.name for p in self.layers[layer].layout.projection_parts(proj)]
+            else:
+                names.append(proj)
+        return [f"{layer}/{expert}/{name}" for name in names]
 
     def all_units(self) -> Iterable[str]:
         for layer in self.layers.values():
@@ -126,7 +134,7 @@ class ExpertRecordWriter:
     def _produce(self, unit: str, index) -> Optional[Dict[str, np.ndarray]]:
         layer_s, expert_s, name = unit.split("/")
         layer, e = int(layer_s), int(expert_s)
-        if self.repack:
+        if "." in name:  # repacked part
             proj, part = name.split(".")
             info = index.get((layer, None, proj, part))
             return None if info is None else {name: self._rows(info, e)}
@@ -134,7 +142,7 @@ class ExpertRecordWriter:
         w = self._source_weight(index, layer, e, proj)
         if w is None:
             return None
-        arrays = quantize(w, self.quant, self.dtype)
+        arrays = quantize(w, self.layers[layer].quantization, self.dtype)
         names = [p.name for p in self.layers[layer].layout.projection_parts(proj)]
         return dict(zip(names, arrays))
 
@@ -142,12 +150,12 @@ class ExpertRecordWriter:
         """One expert's float weight matrix for ``proj`` from whichever layout the source uses."""
         import mlx.core as mx
 
-        if self.source_quant is not None:
+        sq = self.source_quant.get((layer, proj))
+        if sq is not None:
             infos = [index.get((layer, None, proj, part)) for part in ("weight", "scales", "biases")]
-            if infos[0] is None or infos[1] is None or (self.source_quant.mode == "affine" and infos[2] is None):
+            if infos[0] is None or infos[1] is None or (sq.mode == "affine" and infos[2] is None):
                 return None
             arrays = [to_mx(self._rows(i, e), i.mlx_dtype) if i is not None else None for i in infos]
-            sq = self.source_quant
             return mx.dequantize(*arrays, group_size=sq.group_size, bits=sq.bits, mode=sq.mode)
         if (info := index.get((layer, e, proj, "weight"))) is not None:
             return to_mx(read_tensor(info, self._fd(info.file)), info.mlx_dtype)

@@ -57,6 +57,11 @@ class Journal:
                 f"another `llm flash-moe prepare` is writing {self.dir.parent}; wait for it to finish"
             )
 
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
+
     def check_plan(self, plan: dict) -> None:
         """Record the plan on the first run; on a re-run insist it is the same conversion."""
         path = self.dir / "plan.json"

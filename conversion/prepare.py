@@ -50,7 +50,7 @@ class Plan:
     source: Source
     layers: list
     experts_per_token: int
-    source_quant: Optional[SourceQuantization]
+    source_quant: Dict[Tuple[int, str], SourceQuantization]  # (layer, projection) -> source's quantization
     dtype: Optional[str]
     tensor_meta: Dict[str, Tuple[str, tuple]]  # key -> (mlx dtype, shape), every source tensor
     settings: dict
@@ -74,9 +74,12 @@ def prepare(opts: PrepareOptions, echo: Callable[[str], None] = print) -> Manife
         )
     journal = Journal(output)
     journal.lock()
-    journal.check_plan(plan.settings)
-    _check_disk_space(plan, journal)
-    manifest = _convert(plan, journal, opts.resident_bits, echo)
+    try:
+        journal.check_plan(plan.settings)
+        _check_disk_space(plan, journal)
+        manifest = _convert(plan, journal, opts.resident_bits, echo)
+    finally:
+        journal.unlock()
     registry.register(name, output)
     return manifest
 
@@ -137,16 +140,21 @@ def _plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> Plan
         raise FlashMoeError(f"{source.id} has no routed experts to stream")
     source_q = quantization_of(config)
     quant = ExpertQuantization(opts.bits, opts.group_size)
+    sq = {}
     if source_q is not None:
         scales = [m for k, m in tensor_meta.items() if (c := classify(k)) and c.part == "scales"]
         scale_dtype = scales[0][0] if scales else "bfloat16"
-        sq = SourceQuantization(source_q["bits"], source_q["group_size"], source_q.get("mode", "affine"))
+        for key in tensor_meta:
+            c = classify(key)
+            if c is not None and c.part == "weight":
+                q = source_q.get(key[: -len(".weight")])
+                q = q if isinstance(q, dict) else source_q
+                sq[(c.layer, c.projection)] = SourceQuantization(q["bits"], q["group_size"], q.get("mode", "affine"))
     else:
         weights = [m for k, m in tensor_meta.items() if classify(k)]
         if not weights:
             raise FlashMoeError(f"{source.id} has no expert tensors; is a shard missing?")
         scale_dtype = conversion_dtype(config) or weights[0][0]
-        sq = None
     layers = []
     for index, (num_experts, intermediate, hidden, _) in sorted(shapes.items()):
         layout = RecordLayout.for_expert(hidden, intermediate, quant, scale_dtype)
@@ -204,8 +212,7 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo) -> Manifest
 
     output, source = plan.output, plan.source
     resident_estimate = estimate_resident_bytes(source.config, resident_bits)
-    writer = ExpertRecordWriter(output, plan.layers, plan.layers[0].quantization, plan.source_quant,
-                                plan.dtype, journal, progress=None)
+    writer = ExpertRecordWriter(output, plan.layers, plan.source_quant, plan.dtype, journal, progress=None)
     done = sum(writer.unit_bytes(u) for u in journal.done_units)
     total = sum(writer.unit_bytes(u) for u in writer.all_units()) + resident_estimate
     with tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=f"Preparing {plan.name}") as progress:

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 from ..errors import FlashMoeError
 from ..mlx_model import build_model
-from .checkpoint import conversion_dtype, quantization_of
+from .checkpoint import classify, conversion_dtype, quantization_of
 from .safetensors_io import SafetensorsWriter, TensorInfo
 
 RESIDENT_GROUP_SIZE = 64
@@ -71,7 +71,7 @@ def resident_parameters(config: dict, tensors: Dict[str, TensorInfo], expert_sha
         weights[key] = mx.zeros(shape, dtype=getattr(mx, dtype))
 
     model = build_model(config, _empty_experts)
-    weights = {k: v for k, v in model.sanitize(weights).items() if ".switch_mlp." not in k}
+    weights = {k: v for k, v in model.sanitize(weights).items() if classify(k) is None}
 
     source_quant = quantization_of(config)
     if source_quant is not None:

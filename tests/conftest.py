@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny checkpoints of the real architectures, mlx-lm references, prepared models.
+
+Everything is built once per test session under one temporary directory, and llm's user directory
+(where prepared models are registered) points into it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from llm_flash_moe.synthetic.checkpoint import TinySpec, write_hf_checkpoint
+
+
+@pytest.fixture(scope="session", autouse=True)
+def llm_user_dir(tmp_path_factory):
+    """Keep llm's logs.db and our registry out of the real user directory for the whole session."""
+    path = tmp_path_factory.mktemp("llm-user")
+    old = os.environ.get("LLM_USER_PATH")
+    os.environ["LLM_USER_PATH"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LLM_USER_PATH", None)
+    else:
+        os.environ["LLM_USER_PATH"] = old
+
+
+class ModelFactory:
+    """Builds (once per session) HF checkpoints, mlx-lm-quantized references and prepared models."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._built = {}
+
+    def _once(self, key, build):
+        if key not in self._built:
+            self._built[key] = build()
+        return self._built[key]
+
+    def hf(self, dtype="bfloat16", layout="fused", shards=1, **spec) -> Path:
+        """A tiny HF checkpoint (random weights, real key names) of the given dtype, layout and sharding."""
+        spec = TinySpec(dtype=dtype, **spec)
+        key = ("hf", spec, layout, shards)
+        return self._once(key, lambda: write_hf_checkpoint(
+            self.root / f"hf{len(self._built)}", spec, expert_layout=layout, num_shards=shards))
+
+    def reference(self, hf_dir: Path, bits=4, group_size=64, resident_bits=4) -> Path:
+        """mlx-lm's own converter on ``hf_dir``: experts at ``bits``/``group_size``, router and shared
+        expert gate at 8 bits, everything else at ``resident_bits`` (group 64) — our conversion's recipe."""
+
+        def build():
+            from mlx_lm import convert
+
+            def predicate(path, module):
+                if ".switch_mlp." in path:
+                    return {"group_size": group_size, "bits": bits, "mode": "affine"}
+                if path.endswith("mlp.gate") or path.endswith("shared_expert_gate"):
+                    return {"group_size": 64, "bits": 8}
+                return True
+
+            out = self.root / f"ref{len(self._built)}"
+            kwargs = dict(quantize=resident_bits < 16, q_bits=resident_bits if resident_bits < 16 else None,
+                          q_group_size=64, quant_predicate=predicate)
+            if resident_bits == 16:
+                kwargs = dict(quantize=False)
+            convert(str(hf_dir), str(out), **kwargs)
+            return out
+
+        return self._once(("ref", hf_dir, bits, group_size, resident_bits), build)
+
+    def prepared(self, source: Path, bits=4, group_size=64, resident_bits=4, **options) -> Path:
+        """``prepare`` on ``source`` into its own directory (registered under a unique name)."""
+        from llm_flash_moe.conversion.prepare import PrepareOptions, prepare
+
+        def build():
+            n = len(self._built)
+            out = self.root / f"prepared{n}"
+            prepare(PrepareOptions(source=str(source), name=f"m{n}", output=out, bits=bits,
+                                   group_size=group_size, resident_bits=resident_bits, **options),
+                    echo=lambda _: None)
+            return out
+
+        return self._once(("prepared", source, bits, group_size, resident_bits, tuple(sorted(options.items()))),
+                          build)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> ModelFactory:
+    return ModelFactory(tmp_path_factory.mktemp("models"))

@@ -1,0 +1,189 @@
+"""The streaming engine against mlx-lm run on the same quantized weights loaded whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from llm_flash_moe.engine import load_flash_model
+from llm_flash_moe.errors import FlashMoeError
+from llm_flash_moe.flash_layout import FORMAT_VERSION, MANIFEST_NAME, Manifest
+from llm_flash_moe.mlx_model import moe_blocks
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
+
+
+def greedy_tokens(model, tokenizer, prompt_ids, n=12):
+    return [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt_ids, max_tokens=n)]
+
+
+def relative_error(a, b) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return float(mx.max(mx.abs(a - b)) / mx.max(mx.abs(b)))
+
+
+def pair(models, dtype="bfloat16", bits=4, model_type="qwen3_5_moe", **load):
+    layout = "fused" if model_type == "qwen3_5_moe" else "per_expert"
+    hf = models.hf(dtype, layout=layout, model_type=model_type)
+    reference, tokenizer = mlx_lm.load(str(models.reference(hf, bits=bits)))
+    flash = load_flash_model(models.prepared(hf, bits=bits), **load)
+    return reference, tokenizer, flash
+
+
+@pytest.mark.parametrize("dtype,bits", [("float32", 4), ("bfloat16", 2), ("bfloat16", 4), ("bfloat16", 8)])
+def test_tokens_and_logits_identical_to_mlx_lm(models, dtype, bits):
+    reference, tokenizer, flash = pair(models, dtype, bits, expert_compute="model")
+    ids = tokenizer.encode(PROMPT)
+    ref_logits = reference(mx.array(ids)[None])
+    assert relative_error(flash.model(mx.array(ids)[None]), ref_logits) <= 1e-4
+    ref_tokens = greedy_tokens(reference, tokenizer, ids)
+    assert len(set(ref_tokens)) > 3  # a real test: the model does not just repeat one token
+    assert greedy_tokens(flash.model, flash.tokenizer, ids) == ref_tokens
+
+
+def test_fp32_activations_on_fp32_weights_identical(models):
+    """The CPU default (fp32 expert activations) is exact when the model itself is fp32."""
+    reference, tokenizer, flash = pair(models, "float32", 4)
+    ids = tokenizer.encode(PROMPT)
+    assert relative_error(flash.model(mx.array(ids)[None]), reference(mx.array(ids)[None])) <= 1e-4
+    assert greedy_tokens(flash.model, flash.tokenizer, ids) == greedy_tokens(reference, tokenizer, ids)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen3_next"])
+def test_other_model_types_identical(models, model_type):
+    reference, tokenizer, flash = pair(models, model_type=model_type, expert_compute="model")
+    ids = tokenizer.encode(PROMPT)
+    assert relative_error(flash.model(mx.array(ids)[None]), reference(mx.array(ids)[None])) <= 1e-4
+    assert greedy_tokens(flash.model, flash.tokenizer, ids) == greedy_tokens(reference, tokenizer, ids)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_experts_per_token_is_a_runtime_setting(models, k):
+    reference, tokenizer, flash = pair(models, expert_compute="model")
+    for _, block in moe_blocks(reference):
+        block.top_k = k  # mlx-lm with num_experts_per_tok = k
+    flash.set_experts_per_token(k)
+    ids = tokenizer.encode(PROMPT)
+    assert relative_error(flash.model(mx.array(ids)[None]), reference(mx.array(ids)[None])) <= 1e-4
+    assert greedy_tokens(flash.model, flash.tokenizer, ids) == greedy_tokens(reference, tokenizer, ids)
+    with pytest.raises(FlashMoeError):
+        flash.set_experts_per_token(flash.manifest.num_experts + 1)
+
+
+class RoutingRecorder:
+    """Wraps mlx-lm's own switch_mlp to record which experts its router chose, per layer."""
+
+    def __init__(self, model):
+        self.chosen = {}
+        for index, block in moe_blocks(model):
+            block.switch_mlp = self._wrap(index, block.switch_mlp)
+
+    def _wrap(self, index, inner):
+        def call(x, indices):
+            self.chosen[index] = np.unique(np.array(indices))
+            return inner(x, indices)
+        return call
+
+    def distinct(self) -> int:
+        return sum(len(v) for v in self.chosen.values())
+
+
+def test_reads_exactly_the_records_the_router_chose(models):
+    reference, tokenizer, flash = pair(models, expert_compute="model")
+    recorder = RoutingRecorder(reference)
+    record_size = flash.manifest.expert_layers[0].layout.record_size
+    ids = tokenizer.encode(PROMPT)
+    ref_cache, cache = make_prompt_cache(reference), make_prompt_cache(flash.model)
+
+    # A prompt chunk: every distinct expert the chunk needs is read once, not once per token.
+    before = flash.store.stats.bytes_read
+    logits = flash.model(mx.array(ids)[None], cache=cache)
+    reference(mx.array(ids)[None], cache=ref_cache)
+    assert flash.store.stats.bytes_read - before == recorder.distinct() * record_size
+
+    # One decoded token (cold: no in-memory cache): (distinct experts) x (record size), never whole files.
+    token = mx.argmax(logits[:, -1], axis=-1)[:, None]
+    before, reads = flash.store.stats.bytes_read, flash.store.stats.reads
+    flash.model(token, cache=cache)
+    reference(token, cache=ref_cache)
+    read = flash.store.stats.bytes_read - before
+    k = flash.experts_per_token
+    assert read == recorder.distinct() * record_size == len(recorder.chosen) * k * record_size
+    assert flash.store.stats.reads - reads == len(recorder.chosen) * k
+    assert read <= flash.manifest.expert_bytes * k // flash.manifest.num_experts  # k of E records per layer
+
+
+def test_resident_weights_are_the_only_weights_in_memory(models):
+    _, _, flash = pair(models)
+    path = flash.directory / "model.safetensors"
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    tensor_bytes = path.stat().st_size - 8 - header_len
+    assert flash.resident_bytes() == tensor_bytes
+    num_experts = flash.manifest.num_experts
+    from mlx.utils import tree_flatten
+    for key, value in tree_flatten(flash.model.parameters()):
+        assert "switch_mlp" not in key and not (value.ndim == 3 and value.shape[0] == num_experts), key
+
+
+def test_more_distinct_experts_than_buffer_slots(models):
+    """With fewer slots than distinct experts a chunk runs in groups; the result does not change."""
+    hf = models.hf("float32")
+    prepared = models.prepared(hf)
+    whole = load_flash_model(prepared)
+    grouped = load_flash_model(prepared, slots=3)
+    ids = mx.array(whole.tokenizer.encode(PROMPT))[None]
+    assert relative_error(grouped.model(ids), whole.model(ids)) <= 1e-5
+    assert grouped.store.stats.reads == whole.store.stats.reads
+
+
+def test_in_memory_cache_serves_repeated_experts(models):
+    hf = models.hf("float32")
+    flash = load_flash_model(models.prepared(hf), cache_bytes=1 << 30)
+    ids = mx.array(flash.tokenizer.encode(PROMPT))[None]
+    first = flash.model(ids)
+    read_once = flash.store.stats.bytes_read
+    second = flash.model(ids)
+    assert flash.store.stats.bytes_read == read_once  # nothing read again
+    assert flash.store.stats.cache_hits > 0 and flash.store.stats.hit_rate > 0
+    assert mx.array_equal(first, second)
+    flash.store.set_cache_bytes(0)
+    flash.model(ids)
+    assert flash.store.stats.bytes_read == 2 * read_once
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_damaged_files_stop_with_one_line(models, tmp_path):
+    prepared = models.prepared(models.hf("bfloat16"))
+    layer_file = Manifest.load(prepared).expert_layers[1].file
+
+    truncated = copy_model(prepared, tmp_path / "truncated")
+    with open(truncated / layer_file, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(FlashMoeError, match="layer-001.bin has 1,000 bytes"):
+        load_flash_model(truncated)
+
+    missing = copy_model(prepared, tmp_path / "missing")
+    (missing / layer_file).unlink()
+    with pytest.raises(FlashMoeError, match="missing"):
+        load_flash_model(missing)
+
+    newer = copy_model(prepared, tmp_path / "newer")
+    manifest = json.loads((newer / MANIFEST_NAME).read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (newer / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(FlashMoeError, match="newer than this plugin"):
+        load_flash_model(newer)
