@@ -1,0 +1,26 @@
+"""llm-flash-moe: run Mixture-of-Experts models larger than RAM in llm, streaming experts from disk.
+
+The llm hooks only. llm imports every plugin on every command, so this module imports no mlx,
+mlx_lm, numpy or transformers, and ``register_models`` reads one small JSON file.
+"""
+
+import llm
+
+
+@llm.hookimpl
+def register_models(register):
+    """``qwen397-flash`` always (it explains how to prepare it), and ``<name>-flash`` per prepared model."""
+    from . import registry
+    from .plugin import FlashMoeModel
+
+    names = [registry.FLAGSHIP_NAME] + sorted(set(registry.prepared()) - {registry.FLAGSHIP_NAME})
+    for name in names:
+        register(FlashMoeModel(name))
+
+
+@llm.hookimpl
+def register_commands(cli):
+    """``llm flash-moe ...``: prepare, models, info, remove."""
+    from .cli import flash_moe
+
+    cli.add_command(flash_moe)

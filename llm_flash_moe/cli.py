@@ -1,0 +1,329 @@
+"""``llm flash-moe``: prepare, list, inspect and remove flash models.
+
+Imported on every llm command (``register_commands``): the converter, mlx and numpy are imported
+inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import click
+
+from . import registry
+from .errors import FlashMoeError
+
+# Mirrors of llm_flash_moe.conversion.prepare's EXPERT_BITS / GROUP_SIZES / RESIDENT_BITS (importing
+# the converter here would import numpy on every llm command; a test keeps them equal).
+EXPERT_BITS = ("2", "3", "4", "8")
+GROUP_SIZES = ("32", "64", "128")
+RESIDENT_BITS = ("4", "8", "16")
+
+DEMO_NAME = "demo"
+DEMO_SOURCE = "demo: random weights, qwen3_5_moe architecture, real Qwen3.5 tokenizer"
+DEMO_NOTE = ("The demo model has RANDOM weights: it checks the whole path (converter, expert streaming, "
+             "chat template, the real Qwen3.5 tokenizer) but its output is not language.")
+
+
+class FlashMoeGroup(click.Group):
+    """A click group whose commands report FlashMoeError as one line (``Error: ...``, exit 1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FlashMoeError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(name="flash-moe", cls=FlashMoeGroup)
+def flash_moe():
+    """Run Mixture-of-Experts models larger than RAM, streaming experts from disk.
+
+    Prepare a model once (`llm flash-moe prepare`), then prompt it as `<name>-flash`:
+
+    \b
+        llm flash-moe prepare          # Qwen3.5-397B-A17B, about 223 GB on disk
+        llm -m qwen397-flash "Hello"
+
+    Try the whole path in a minute, offline, with a small random-weight model:
+
+    \b
+        llm flash-moe prepare --demo
+        llm -m demo-flash "hi"
+    """
+
+
+# ------------------------------------------------------------------------------ prepare
+
+
+@flash_moe.command()
+@click.argument("source", required=False)
+@click.option("--bits", type=click.Choice(EXPERT_BITS), default="4", show_default=True,
+              help="Bits per expert weight. For the flagship's experts: 8 = 411 GB, 4 = 217 GB, 3 = 169 GB, "
+                   "2 = 121 GB. 4 keeps quality; 2 is faster but breaks JSON and tool calls.")
+@click.option("--group-size", type=click.Choice(GROUP_SIZES), default="64", show_default=True,
+              help="Quantization group size of the experts.")
+@click.option("--resident-bits", type=click.Choice(RESIDENT_BITS), default="4", show_default=True,
+              help="Bits of the weights kept in memory (attention, embeddings, shared experts); the "
+                   "router gates always stay at 8 bits.")
+@click.option("--experts-per-token", type=click.IntRange(min=1),
+              help="Default experts per token (the model's own count; 4 for qwen397). "
+                   "Each prompt can override it with -o experts N.")
+@click.option("--name", help="Name of the prepared model, served as <name>-flash "
+                             "(default: from the source, qwen397 for the flagship).")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write (default: flash-moe/<name> in llm's user directory).")
+@click.option("--delete-source", is_flag=True,
+              help="Hub sources only: delete each downloaded shard once converted, so the download "
+                   "needs one shard of space instead of the whole checkpoint.")
+@click.option("--revision", help="Hub sources only: the branch, tag or commit to convert.")
+@click.option("--demo", is_flag=True,
+              help="Build a small RANDOM-WEIGHT demo model of the real architecture (qwen3_5_moe) with the "
+                   "real Qwen3.5 tokenizer, offline, and prepare it as `demo` (served as demo-flash). "
+                   "It checks the whole path; its output is not language.")
+def prepare(source, bits, group_size, resident_bits, experts_per_token, name, output, delete_source,
+            revision, demo):
+    """Convert a checkpoint into the flash layout and register it as <name>-flash.
+
+    SOURCE is a Hugging Face repo id or a local checkpoint directory (HF bf16 release or an MLX
+    quantized conversion), by default mlx-community/Qwen3.5-397B-A17B-4bit.
+
+    For the default flagship with the default options the prepared model takes about 223 GB
+    (217 GB of 4-bit experts, 6 GB resident); the download takes another 223 GB unless
+    --delete-source removes each shard once converted. Space is checked before anything is
+    written. An interrupted run resumes where it stopped when run again with the same options.
+    """
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" advice
+    from .conversion.prepare import PrepareOptions
+
+    opts = PrepareOptions(
+        source=source or registry.FLAGSHIP_SOURCE, name=name, output=output, bits=int(bits),
+        group_size=int(group_size), resident_bits=int(resident_bits), experts_per_token=experts_per_token,
+        delete_source=delete_source, revision=revision,
+    )
+    if demo:
+        if source or delete_source or revision:
+            raise FlashMoeError("--demo builds its own checkpoint: give no SOURCE, --delete-source or --revision")
+        manifest = prepare_demo(opts)
+    else:
+        manifest = _run_prepare(opts)
+    click.echo(f"Prepared {manifest.name}: {human_bytes(manifest.expert_bytes)} of experts, "
+               f"{human_bytes(manifest.resident_bytes)} resident, in {registry.model_dir(manifest.name)}")
+    click.echo(f"Run it with: llm -m {manifest.name}{registry.MODEL_SUFFIX} \"your prompt\"")
+
+
+def _run_prepare(opts):
+    from .conversion.prepare import prepare as run_prepare
+
+    return run_prepare(opts, echo=click.echo)
+
+
+def demo_spec():
+    """The demo's dimensions: the real architecture (2 x (3 DeltaNet + 1 attention) layers), tiny sizes."""
+    from .synthetic.checkpoint import TinySpec
+
+    return TinySpec(model_type="qwen3_5_moe", num_hidden_layers=8, num_experts=16, num_experts_per_tok=4)
+
+
+def prepare_demo(opts):
+    """Write the random-weight demo checkpoint to a temporary directory and prepare it."""
+    from .flash_layout import MANIFEST_NAME, Manifest
+
+    opts.name = opts.name or DEMO_NAME
+    registry.check_name(opts.name)
+    output = Path(opts.output).expanduser().resolve() if opts.output else registry.default_output(opts.name)
+    click.echo(DEMO_NOTE)
+    if (output / MANIFEST_NAME).exists():
+        existing = Manifest.load(output)
+        if existing.source != DEMO_SOURCE:
+            raise FlashMoeError(f"{output} already holds {existing.name} from {existing.source}; "
+                                "choose another --name or --output")
+        registry.register(opts.name, output)
+        click.echo(f"{opts.name} is already prepared in {output}; to rebuild it: "
+                   f"llm flash-moe remove {opts.name} --yes && llm flash-moe prepare --demo")
+        return existing
+    with tempfile.TemporaryDirectory(prefix="flash-moe-demo-") as tmp:
+        click.echo("Writing the demo checkpoint (the real Qwen3.5 tokenizer takes a few seconds)...")
+        opts.source = str(write_demo_checkpoint(Path(tmp) / "qwen3_5_moe-demo"))
+        manifest = _run_prepare(opts)
+    manifest.source = DEMO_SOURCE  # the temporary checkpoint is gone: say what it was instead
+    manifest.write(registry.model_dir(manifest.name))
+    return manifest
+
+
+def write_demo_checkpoint(directory: Path) -> Path:
+    try:
+        from .synthetic.checkpoint import write_hf_checkpoint
+
+        return write_hf_checkpoint(directory, demo_spec(), tokenizer="qwen")
+    except ImportError as e:
+        raise FlashMoeError(f"--demo needs the real Qwen3.5 tokenizer ({e.name} is missing): "
+                            "llm install 'llm-flash-moe[demo]'")
+
+
+# ------------------------------------------------------------------------------ models / info
+
+
+@flash_moe.command(name="models")
+def models_command():
+    """List prepared models: name, model id, bits, experts per token, sizes, source."""
+    from .flash_layout import Manifest
+
+    rows = []
+    for name, path in sorted(registry.registered().items()):
+        try:
+            m = Manifest.load(path)
+            rows.append([name, name + registry.MODEL_SUFFIX, m.bits, str(m.experts_per_token),
+                         human_bytes(m.expert_bytes), human_bytes(m.resident_bytes), m.source])
+        except FlashMoeError:
+            rows.append([name, name + registry.MODEL_SUFFIX, "-", "-", "-", "-", f"not prepared ({path})"])
+    if rows:
+        header = ["name", "model id", "bits", "experts/token", "experts", "resident", "source"]
+        click.echo(format_table(header, rows))
+    else:
+        click.echo("No prepared models. Try `llm flash-moe prepare --demo` (one minute, random weights).")
+    if registry.FLAGSHIP_NAME not in registry.prepared():
+        from .plugin import not_prepared_message
+
+        click.echo(not_prepared_message(registry.FLAGSHIP_NAME))
+
+
+@flash_moe.command()
+@click.argument("name")
+@click.option("json_", "--json", is_flag=True, help="Output the summary as JSON.")
+def info(name, json_):
+    """Show a prepared model: source, architecture, quantization, sizes and disk reads per token.
+
+    NAME is the model's name (`qwen397`) or model id (`qwen397-flash`).
+    """
+    from .flash_layout import Manifest
+
+    name = _strip_suffix(name)
+    path = registry.model_dir(name)
+    summary = manifest_summary(Manifest.load(path), path)
+    if json_:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for label, key in INFO_FIELDS:
+        value = summary[key]
+        if key.endswith("_bytes"):
+            value = f"{human_bytes(value)} ({value:,} bytes)"
+        if value is None:
+            value = "-"
+        click.echo(f"{label + ':':<24}{value}")
+
+
+INFO_FIELDS = [
+    ("Name", "name"), ("Model id", "model_id"), ("Directory", "directory"), ("Source", "source"),
+    ("Revision", "revision"), ("Model type", "model_type"), ("Expert layers", "expert_layers"),
+    ("Experts per layer", "experts_per_layer"), ("Experts per token", "experts_per_token"),
+    ("Expert bits", "expert_bits"), ("Expert group size", "expert_group_size"),
+    ("Resident quantization", "resident_quantization"), ("Expert record", "expert_record_bytes"),
+    ("Experts on disk", "expert_bytes"), ("Resident weights", "resident_bytes"),
+    ("Reads per token", "read_per_token_bytes"), ("Format version", "format_version"),
+]
+
+
+def manifest_summary(m, path: Path) -> dict:
+    """The manifest without per-record checksums: what a person wants to know about the model."""
+    layers = m.expert_layers
+    record = layers[0].layout.record_size if layers else 0
+    quant = m.resident_quantization
+    return {
+        "name": m.name,
+        "model_id": m.name + registry.MODEL_SUFFIX,
+        "directory": str(path),
+        "source": m.source,
+        "revision": m.revision,
+        "model_type": m.model_type,
+        "expert_layers": len(layers),
+        "experts_per_layer": m.num_experts,
+        "experts_per_token": m.experts_per_token,
+        "expert_bits": m.bits,
+        "expert_group_size": layers[0].quantization.group_size if layers else None,
+        "resident_quantization": (f"{quant.get('bits')}-bit, group {quant.get('group_size')}"
+                                  if isinstance(quant, dict) else "none"),
+        "expert_record_bytes": record,
+        "expert_bytes": m.expert_bytes,
+        "resident_bytes": m.resident_bytes,
+        "read_per_token_bytes": record * len(layers) * m.experts_per_token,
+        "format_version": m.format_version,
+        "settings": m.settings,
+    }
+
+
+# ------------------------------------------------------------------------------ remove
+
+
+@flash_moe.command()
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def remove(name, yes):
+    """Delete a prepared model's files and its registration.
+
+    NAME is the model's name (`demo`) or model id (`demo-flash`). An unfinished `prepare`
+    in the default directory of NAME is removed too.
+    """
+    from .flash_layout import MANIFEST_NAME
+
+    name = _strip_suffix(name)
+    path = registry.registered().get(name)
+    if path is None:
+        partial = registry.default_output(name)
+        if not (partial / ".partial").exists():
+            raise FlashMoeError(f"no prepared model named {name!r}; see `llm flash-moe models`")
+        path = partial
+    if path.exists() and not ((path / MANIFEST_NAME).exists() or (path / ".partial").exists()):
+        raise FlashMoeError(f"{path} does not look like a flash-moe model; delete it yourself if you mean to")
+    if not yes:
+        size = human_bytes(directory_bytes(path)) if path.exists() else "already gone"
+        click.confirm(f"Delete {name} ({path}, {size})?", abort=True)
+    from .plugin import unload
+
+    unload(path)
+    if path.exists():
+        shutil.rmtree(path)
+    if name in registry.registered():
+        registry.unregister(name)
+    click.echo(f"Removed {name}")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _strip_suffix(name: str) -> str:
+    if name.endswith(registry.MODEL_SUFFIX) and name not in registry.registered():
+        return name[: -len(registry.MODEL_SUFFIX)]
+    return name
+
+
+def directory_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n} B"
+
+
+def format_table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
