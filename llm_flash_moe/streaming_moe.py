@@ -37,28 +37,13 @@ class _LoadedGLU:
         self.activation = SwiGLU()
 
 
-EXPERT_COMPUTE = ("auto", "model", "float32")
-
-
-def compute_dtype(mode: str):
-    """The activation dtype for the expert matmuls, or None to keep the model's.
-
-    "model" reproduces mlx-lm bit for bit; "float32" is faster on the CPU backend (its quantized
-    matmuls are ~9x slower with bf16 activations) and more precise; "auto" picks float32 on the CPU.
-    """
-    if mode == "auto":
-        mode = "float32" if mx.default_device() == mx.cpu else "model"
-    return mx.float32 if mode == "float32" else None
-
-
 class StreamingExperts(nn.Module):
     """Drop-in for ``block.switch_mlp``: ``(x [..., H], indices [..., k]) -> [..., k, H]``."""
 
-    def __init__(self, layer: int, store: ExpertStore, compute: str = "auto"):
+    def __init__(self, layer: int, store: ExpertStore):
         super().__init__()
         self.layer = layer
         self.store = store
-        self.compute = compute
 
     def _glu(self, experts: np.ndarray, dtype) -> _LoadedGLU:
         arrays = self.store.load(self.layer, experts)
@@ -67,16 +52,13 @@ class StreamingExperts(nn.Module):
         for proj in PROJECTIONS:
             parts = {kind: arrays[f"{proj}.{kind}"] for kind in ("weight", "scales", "biases")
                      if f"{proj}.{kind}" in arrays}
-            if dtype is not None:
+            if parts["scales"].dtype != dtype:  # e.g. bf16 records in a model run with fp32 activations
                 parts = {k: (v if k == "weight" else v.astype(dtype)) for k, v in parts.items()}
             projections[proj] = _LoadedProjection(parts, quant.bits, quant.group_size, quant.mode)
         return _LoadedGLU(projections)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        in_dtype = x.dtype
-        dtype = compute_dtype(self.compute)
-        if dtype is not None:
-            x = x.astype(dtype)
+        dtype = x.dtype
         chosen = np.array(indices)  # the one host synchronization per layer: which experts to read
         unique, local = np.unique(chosen, return_inverse=True)
         local = local.reshape(chosen.shape).astype(np.uint32)
@@ -85,7 +67,6 @@ class StreamingExperts(nn.Module):
             y = self._glu(unique, dtype)(x, mx.array(local))
         else:
             y = self._in_groups(x, chosen, unique, slots, dtype)
-        y = y.astype(in_dtype)
         self.store.retain(self.layer, y)
         return y
 

@@ -40,7 +40,7 @@ def pair(models, dtype="bfloat16", bits=4, model_type="qwen3_5_moe", **load):
 
 @pytest.mark.parametrize("dtype,bits", [("float32", 4), ("bfloat16", 2), ("bfloat16", 4), ("bfloat16", 8)])
 def test_tokens_and_logits_identical_to_mlx_lm(models, dtype, bits):
-    reference, tokenizer, flash = pair(models, dtype, bits, expert_compute="model")
+    reference, tokenizer, flash = pair(models, dtype, bits, compute="model")
     ids = tokenizer.encode(PROMPT)
     ref_logits = reference(mx.array(ids)[None])
     assert relative_error(flash.model(mx.array(ids)[None]), ref_logits) <= 1e-4
@@ -57,9 +57,22 @@ def test_fp32_activations_on_fp32_weights_identical(models):
     assert greedy_tokens(flash.model, flash.tokenizer, ids) == greedy_tokens(reference, tokenizer, ids)
 
 
+def test_cpu_default_runs_in_float32_like_mlx_lm_cast_to_float32(models):
+    """On the CPU the default computes in fp32 (10x faster there); it equals mlx-lm's model cast to fp32."""
+    from llm_flash_moe.engine import _cast_floats
+
+    reference, tokenizer, flash = pair(models, "bfloat16", 4)
+    _cast_floats(reference, mx.float32)
+    ids = tokenizer.encode(PROMPT)
+    logits = flash.model(mx.array(ids)[None])
+    assert logits.dtype == mx.float32
+    assert relative_error(logits, reference(mx.array(ids)[None])) <= 1e-4
+    assert greedy_tokens(flash.model, flash.tokenizer, ids) == greedy_tokens(reference, tokenizer, ids)
+
+
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen3_next"])
 def test_other_model_types_identical(models, model_type):
-    reference, tokenizer, flash = pair(models, model_type=model_type, expert_compute="model")
+    reference, tokenizer, flash = pair(models, model_type=model_type, compute="model")
     ids = tokenizer.encode(PROMPT)
     assert relative_error(flash.model(mx.array(ids)[None]), reference(mx.array(ids)[None])) <= 1e-4
     assert greedy_tokens(flash.model, flash.tokenizer, ids) == greedy_tokens(reference, tokenizer, ids)
@@ -67,7 +80,7 @@ def test_other_model_types_identical(models, model_type):
 
 @pytest.mark.parametrize("k", [1, 5])
 def test_experts_per_token_is_a_runtime_setting(models, k):
-    reference, tokenizer, flash = pair(models, expert_compute="model")
+    reference, tokenizer, flash = pair(models, compute="model")
     for _, block in moe_blocks(reference):
         block.top_k = k  # mlx-lm with num_experts_per_tok = k
     flash.set_experts_per_token(k)
@@ -97,7 +110,7 @@ class RoutingRecorder:
 
 
 def test_reads_exactly_the_records_the_router_chose(models):
-    reference, tokenizer, flash = pair(models, expert_compute="model")
+    reference, tokenizer, flash = pair(models, compute="model")
     recorder = RoutingRecorder(reference)
     record_size = flash.manifest.expert_layers[0].layout.record_size
     ids = tokenizer.encode(PROMPT)
@@ -122,7 +135,7 @@ def test_reads_exactly_the_records_the_router_chose(models):
 
 
 def test_resident_weights_are_the_only_weights_in_memory(models):
-    _, _, flash = pair(models)
+    _, _, flash = pair(models, compute="model")  # as stored (the CPU default widens bf16 scales to fp32)
     path = flash.directory / "model.safetensors"
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
