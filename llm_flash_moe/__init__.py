@@ -1,13 +1,16 @@
 """llm-flash-moe: run Mixture-of-Experts models larger than RAM in llm, streaming experts from disk.
 
 The llm hooks only. llm imports every plugin on every command, so this module imports no mlx,
-mlx_lm, numpy or transformers, and ``register_models`` reads one small JSON file.
+mlx_lm, numpy or transformers, and ``register_models`` reads one small JSON file. It does not import
+llm itself either (``llm.hookimpl`` is this pluggy marker), so the engine runs where llm is absent.
 """
 
-import llm
+import pluggy
+
+hookimpl = pluggy.HookimplMarker("llm")
 
 
-@llm.hookimpl
+@hookimpl
 def register_models(register):
     """``qwen397-flash`` always (it explains how to prepare it), and ``<name>-flash`` per prepared model."""
     from . import registry
@@ -18,9 +21,9 @@ def register_models(register):
         register(FlashMoeModel(name))
 
 
-@llm.hookimpl
+@hookimpl
 def register_commands(cli):
-    """``llm flash-moe ...``: prepare, models, info, remove."""
+    """``llm flash-moe ...``: prepare, models, info, verify, remove."""
     from .cli import flash_moe
 
     cli.add_command(flash_moe)
