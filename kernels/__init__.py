@@ -1,0 +1,172 @@
+"""Fused routed-expert kernels for one token, with their pure-MLX twin.
+
+    expert_glu(x, parts, quant, scores=None)
+
+computes mlx-lm's SwitchGLU for one token over k loaded experts: ``x`` is the token's activation
+(``[H]``, any leading axes of size 1), ``parts`` the expert store's per-part arrays
+(``{"gate_proj.weight": [k, I, H*bits/32] uint32, "gate_proj.scales": [k, I, H/gs], ...}``) and
+``quant`` anything with ``bits``, ``group_size`` and ``mode`` (an ExpertQuantization). It returns the
+per-expert outputs ``[k, H]`` (what SwitchGLU returns), or with ``scores`` ``[k]`` their weighted sum
+``[H]`` (what mlx-lm's MoE block computes next).
+
+Backends, chosen per call by ``backend()``:
+- "cuda": two kernels (kernels/expert_glu.cu): gate+up+SwiGLU into an fp32 [k, I] buffer, then down
+  and the weighted sum, straight from the quantized buffers;
+- "metal": the line-for-line Metal mirror (kernels/expert_glu.metal); unverified on hardware, so only
+  used when LLM_FLASH_MOE_METAL_KERNEL=1;
+- "twin": ``twin_glu``, mlx's own quantized ops, exactly SwitchGLU's arithmetic: the CPU path and
+  the oracle. LLM_FLASH_MOE_KERNEL=twin forces it everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from importlib import resources
+
+ENV_KERNEL = "LLM_FLASH_MOE_KERNEL"  # "twin" forces the pure-MLX twin
+ENV_METAL = "LLM_FLASH_MOE_METAL_KERNEL"  # "1" opts in to the (unverified) Metal kernel
+METAL_VERIFIED = False  # set True once benchmarks/metal_check.py has passed on a Mac (docs/PERFORMANCE.md)
+SUPPORTED_BITS = (2, 3, 4, 8)
+ROWS = {"gate_up": 4, "down": 8}  # output rows per warp, picked by benchmarks/cuda_check.py (H100)
+SOURCES = {"cuda": "expert_glu.cu", "metal": "expert_glu.metal"}
+_INPUTS = {
+    "gate_up": ["x", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b"],
+    "down": ["act", "down_w", "down_s", "down_b", "scores"],
+}
+_OUTPUTS = {"gate_up": ["act"], "down": ["out"]}
+
+
+def kernel_sections(backend: str) -> dict:
+    """The kernel file's sections ("header", "gate_up", "down"), read from the installed package."""
+    text = resources.files(__package__).joinpath(SOURCES[backend]).read_text()
+    parts = re.split(r"^// ===== (\w+) =====\n", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def backend() -> str:
+    """The backend expert_glu uses now: "cuda", "metal" or "twin"."""
+    import mlx.core as mx
+
+    if os.environ.get(ENV_KERNEL, "auto").lower() == "twin" or mx.default_device() != mx.gpu:
+        return "twin"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available() and (METAL_VERIFIED or os.environ.get(ENV_METAL) == "1"):
+        return "metal"
+    return "twin"
+
+
+def expert_glu(x, parts: dict, quant, scores=None):
+    """SwitchGLU for one token over the loaded experts; see the module docstring."""
+    name = backend()
+    if name != "twin" and supported(x, parts, quant):
+        return kernel_glu(x, parts, quant, scores, backend=name)
+    return twin_glu(x, parts, quant, scores)
+
+
+def supported(x, parts: dict, quant) -> bool:
+    """Whether the kernels handle these shapes and this quantization (else the twin runs)."""
+    import mlx.core as mx
+
+    n, I, _ = parts["gate_proj.weight"].shape
+    H = x.size
+    return (getattr(quant, "mode", "affine") == "affine" and quant.bits in SUPPORTED_BITS
+            and x.dtype in (mx.float32, mx.bfloat16, mx.float16)
+            and "gate_proj.biases" in parts and H % 32 == 0 and I % 32 == 0
+            and parts["down_proj.weight"].shape[1] == H
+            and I % ROWS["gate_up"] == 0 and H % ROWS["down"] == 0)
+
+
+def _swiglu_impl(gate, x):
+    import mlx.nn as nn
+
+    return nn.silu(gate) * x
+
+
+@lru_cache(maxsize=None)
+def _swiglu():
+    import mlx.core as mx
+
+    return mx.compile(_swiglu_impl, shapeless=True)  # as mlx-lm's swiglu, so the rounding matches
+
+
+def twin_glu(x, parts: dict, quant, scores=None):
+    """The pure-MLX twin: exactly mlx-lm's SwitchGLU arithmetic (three gather_qmm + SwiGLU)."""
+    import mlx.core as mx
+
+    n = parts["gate_proj.weight"].shape[0]
+    H = x.shape[-1]
+    x = x.reshape(1, 1, H)  # SwitchGLU's expand_dims(x, (-2, -3)) for one token
+    idx = mx.arange(n, dtype=mx.uint32)
+
+    def proj(name, v):
+        return mx.gather_qmm(v, parts[f"{name}.weight"], parts[f"{name}.scales"], parts.get(f"{name}.biases"),
+                             rhs_indices=idx, transpose=True, group_size=quant.group_size, bits=quant.bits,
+                             mode=getattr(quant, "mode", "affine"))
+
+    x_up = proj("up_proj", x)
+    x_gate = proj("gate_proj", x)
+    y = proj("down_proj", _swiglu()(x_gate, x_up)).squeeze(-2)  # [n, H]
+    if scores is None:
+        return y
+    return (y * scores.reshape(n)[:, None]).sum(axis=0)  # mlx-lm's block: (y * scores[..., None]).sum(axis=-2)
+
+
+@lru_cache(maxsize=None)
+def _kernel(backend: str, name: str):
+    import mlx.core as mx
+
+    sections = kernel_sections(backend)
+    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    return make(name=f"flash_moe_{name}", input_names=_INPUTS[name], output_names=_OUTPUTS[name],
+                source=sections[name], header=sections["header"])
+
+
+@lru_cache(maxsize=None)
+def _one(dtype):
+    import mlx.core as mx
+
+    return mx.ones((1,), dtype=dtype)  # the scores input of the unweighted down kernel (not read)
+
+
+def kernel_glu(x, parts: dict, quant, scores=None, *, backend: str = "cuda", rows=None, init_value=None):
+    """The fused kernels (CUDA or Metal). ``rows`` = (gate_up, down) rows per warp overrides ROWS;
+    ``init_value`` fills the outputs before launch (the checks poison them with NaN)."""
+    import mlx.core as mx
+
+    rows_gu, rows_dn = rows or (ROWS["gate_up"], ROWS["down"])
+    gw, gs, gb = (parts[f"gate_proj.{k}"] for k in ("weight", "scales", "biases"))
+    uw, us, ub = (parts[f"up_proj.{k}"] for k in ("weight", "scales", "biases"))
+    dw, ds, db = (parts[f"down_proj.{k}"] for k in ("weight", "scales", "biases"))
+    n, I, _ = gw.shape
+    H = x.size
+    x = x.reshape(H)
+    out_dtype = mx.result_type(x, gs)
+    common = [("BITS", quant.bits), ("GS", quant.group_size), ("H", H), ("I", I)]
+    extra = {} if init_value is None else {"init_value": init_value}
+    act = _kernel(backend, "gate_up")(
+        inputs=[x, gw, gs, gb, uw, us, ub],
+        template=[("T", x.dtype), ("S", gs.dtype), *common, ("ROWS", rows_gu)],
+        **_launch(n * I // rows_gu), output_shapes=[(n, I)], output_dtypes=[mx.float32], **extra)[0]
+    weighted = scores is not None
+    if weighted:
+        scores = scores.reshape(n)
+        out_dtype = mx.result_type(out_dtype, scores)
+        shape = (H,)
+    else:
+        scores = _one(mx.float32)
+        shape = (n, H)
+    return _kernel(backend, "down")(
+        inputs=[act, dw, ds, db, scores],
+        template=[("S", ds.dtype), *common, ("ROWS", rows_dn), ("WEIGHTED", weighted), ("O", out_dtype)],
+        **(_launch(H // rows_dn * 8, per_group=8) if weighted else _launch(n * H // rows_dn)),
+        output_shapes=[shape], output_dtypes=[out_dtype], **extra)[0]
+
+
+def _launch(warps: int, per_group: int = 0) -> dict:
+    """Exactly ``warps`` warps (the kernels have no bounds checks), ``per_group`` (else up to 8) per
+    threadgroup."""
+    per_group = per_group or next(w for w in (8, 4, 2, 1) if warps % w == 0)
+    return {"grid": (warps * 32, 1, 1), "threadgroup": (per_group * 32, 1, 1)}
