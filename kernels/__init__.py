@@ -79,17 +79,39 @@ def supported(x, parts: dict, quant) -> bool:
             and I % ROWS["gate_up"] == 0 and H % ROWS["down"] == 0)
 
 
-def _swiglu_impl(gate, x):
-    import mlx.nn as nn
+class _LoadedProjection(dict):
+    """mlx-lm's QuantizedSwitchLinear over loaded arrays (its own __call__, so its own arithmetic)."""
 
-    return nn.silu(gate) * x
+    def __init__(self, arrays: dict, quant):
+        from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+        super().__init__(arrays)
+        self.bits, self.group_size = quant.bits, quant.group_size
+        self.mode, self.global_scale = getattr(quant, "mode", "affine"), None
+        self._call = QuantizedSwitchLinear.__call__
+
+    def __call__(self, x, indices, sorted_indices=False):
+        return self._call(self, x, indices, sorted_indices)
 
 
-@lru_cache(maxsize=None)
-def _swiglu():
-    import mlx.core as mx
+class LoadedSwitchGLU:
+    """mlx-lm's SwitchGLU (its sorting for large batches, its SwiGLU) over experts held in ``parts``.
 
-    return mx.compile(_swiglu_impl, shapeless=True)  # as mlx-lm's swiglu, so the rounding matches
+    ``(x [..., H], indices [..., k] into the loaded experts) -> [..., k, H]``: the pure-MLX path for
+    any number of tokens, and the twin of the kernels.
+    """
+
+    def __init__(self, parts: dict, quant):
+        from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU
+
+        self._call = SwitchGLU.__call__
+        self.activation = SwiGLU()
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            arrays = {k: parts[f"{proj}.{k}"] for k in ("weight", "scales", "biases") if f"{proj}.{k}" in parts}
+            setattr(self, proj, _LoadedProjection(arrays, quant))
+
+    def __call__(self, x, indices):
+        return self._call(self, x, indices)
 
 
 def twin_glu(x, parts: dict, quant, scores=None):
@@ -98,19 +120,9 @@ def twin_glu(x, parts: dict, quant, scores=None):
 
     n = parts["gate_proj.weight"].shape[0]
     H = x.shape[-1]
-    x = x.reshape(1, 1, H)  # SwitchGLU's expand_dims(x, (-2, -3)) for one token
-    idx = mx.arange(n, dtype=mx.uint32)
-
-    def proj(name, v):
-        return mx.gather_qmm(v, parts[f"{name}.weight"], parts[f"{name}.scales"], parts.get(f"{name}.biases"),
-                             rhs_indices=idx, transpose=True, group_size=quant.group_size, bits=quant.bits,
-                             mode=getattr(quant, "mode", "affine"))
-
-    x_up = proj("up_proj", x)
-    x_gate = proj("gate_proj", x)
-    y = proj("down_proj", _swiglu()(x_gate, x_up)).squeeze(-2)  # [n, H]
+    y = LoadedSwitchGLU(parts, quant)(x.reshape(1, H), mx.arange(n, dtype=mx.uint32)[None])[0]
     if scores is None:
-        return y
+        return y  # [n, H]
     return (y * scores.reshape(n)[:, None]).sum(axis=0)  # mlx-lm's block: (y * scores[..., None]).sum(axis=-2)
 
 

@@ -1,0 +1,225 @@
+"""A prepared model with the 397B's exact per-layer shapes, synthesized directly in the flash layout.
+
+Quantizing 6.4 billion random weights per layer would take longer than the benchmark, so the expert
+records are written directly: random packed words with scales and biases that give zero-mean weights of
+a chosen spread. Resident weights are synthesized the same way, except three that shape the routing:
+
+- token embeddings mix a slow AR(1) walk along token ids (``s[t+1] = rho * s[t] + sqrt(1-rho^2) * noise``,
+  weight ``slow``) with fresh noise per token and a shared direction ``c``; the benchmark feeds tokens
+  0, 1, 2, ... so consecutive hidden states are partly correlated (the real model's reuse between
+  consecutive tokens) while the walk keeps moving (new experts keep being touched);
+- each router row gets a popularity term ``beta_e * c`` with ``beta_e ~ N(0, skew)``, so some experts are
+  chosen far more often than others (the real model's skew, which makes small LRU caches hit);
+- every other matrix is small (``gain``), so the residual stream stays close to the embedding and the
+  routing is governed by the two terms above.
+
+The benchmark measures the resulting statistics (reuse between consecutive tokens, share of a layer's
+experts touched over 30 tokens, LRU hit rates) and reports them next to the ranges published for the
+real model, so the realism of every run is visible rather than assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..flash_layout import (
+    EXPERTS_DIR, MANIFEST_NAME, RESIDENT_WEIGHTS_NAME, ExpertLayer, ExpertQuantization, Manifest, RecordLayout,
+    expert_file_name, record_checksum,
+)
+from .checkpoint import TinySpec, hf_config
+from .tokenizer import write_tokenizer
+
+QWEN397_VOCAB = 248320
+EXPERT_GAIN = 0.2
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How the synthetic routing is shaped (see the module docstring)."""
+
+    slow: float = 0.5  # share of the embedding's variance in the slow walk
+    rho: float = 0.97  # step correlation of the slow walk
+    skew: float = 1.0  # spread of expert popularity
+    shared: float = 0.3  # weight of the shared direction c in every embedding
+    gain: float = 0.05  # spread of every other matrix, relative to 1/sqrt(fan_in)
+
+
+def qwen397_spec(layers: int, experts_per_token: int = 10) -> TinySpec:
+    """Qwen3.5-397B-A17B's real dimensions, with ``layers`` decoder layers."""
+    return TinySpec(model_type="qwen3_5_moe", num_hidden_layers=layers, hidden_size=4096, num_experts=512,
+                    num_experts_per_tok=experts_per_token, moe_intermediate_size=1024,
+                    shared_expert_intermediate_size=1024, vocab_size=QWEN397_VOCAB, dtype="bfloat16",
+                    num_attention_heads=32, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+                    linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128)
+
+
+def _scales_for(in_dims: int, bits: int, gain: float):
+    """Scale and bias giving uniform zero-mean weights of std gain/sqrt(in_dims) from uniform codes."""
+    levels = 2 ** bits - 1
+    scale = gain / np.sqrt(in_dims) * np.sqrt(12.0) / levels
+    return scale, -scale * levels / 2
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (round to nearest even), as uint16."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_expert_file(path: Path, layout: RecordLayout, quant: ExpertQuantization, num_experts: int,
+                      rng: np.random.Generator, gain: float, progress=None) -> list:
+    """Random records for one layer; returns their checksums."""
+    checksums = []
+    with open(path, "wb") as f:
+        for _ in range(num_experts):
+            record = np.zeros(layout.record_size, dtype=np.uint8)
+            for part in layout.parts:
+                view = record[part.offset:part.offset + part.nbytes]
+                if part.name.endswith(".weight"):
+                    view.view(np.uint32)[:] = rng.integers(0, 2 ** 32, part.nbytes // 4, dtype=np.uint32)
+                else:
+                    in_dims = part.shape[-1] * quant.group_size
+                    scale, bias = _scales_for(in_dims, quant.bits, gain)
+                    value = scale if part.name.endswith(".scales") else bias
+                    jitter = 1 + 0.1 * rng.standard_normal(part.nbytes // 2).astype(np.float32)
+                    view.view(np.uint16)[:] = _bf16(value * jitter)
+            f.write(record.tobytes())
+            checksums.append(record_checksum(record.tobytes()))
+            if progress is not None:
+                progress.update(layout.record_size)
+    return checksums
+
+
+def _resident_value(key: str, array, quantized: set, routing: Routing, rng, shaped: dict):
+    """The synthetic value of one resident parameter (numpy, in the parameter's storage dtype).
+
+    ``shaped`` holds the routing-shaping rows (module -> {weight, scales, biases}) that go first.
+    """
+    import mlx.core as mx
+
+    shape, dtype = tuple(array.shape), array.dtype
+    module, name = key.rsplit(".", 1)
+    if module in shaped and shaped[module][name].shape == shape:
+        return shaped[module][name]
+    if name == "weight" and module in quantized:
+        value = rng.integers(0, 2 ** 32, shape, dtype=np.uint32)
+    elif name in ("scales", "biases"):
+        gain = 1.0 if module.endswith("lm_head") else routing.gain
+        scale, bias = _scales_for(shape[-1] * 64, 4, gain)
+        value = np.full(shape, scale if name == "scales" else bias, dtype=np.float32)
+    elif name == "A_log":
+        return np.log(rng.uniform(1, 16, shape)).astype(np.float32)
+    elif key.endswith("conv1d.weight"):
+        value = 0.1 * rng.standard_normal(shape).astype(np.float32)
+    elif name == "dt_bias" or key.endswith("norm.weight"):
+        value = np.ones(shape, dtype=np.float32)
+    else:
+        value = routing.gain * rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[-1])
+    if value.dtype != np.uint32:
+        value = _bf16(value) if dtype == mx.bfloat16 else value.astype(np.float32)
+    if module in shaped:  # the embedding: its first rows are shaped, the rest stay random
+        rows = shaped[module][name]
+        value[:rows.shape[0]] = rows
+    return value
+
+
+def _quantize_np(w: np.ndarray, bits: int, group_size: int = 64) -> dict:
+    import mlx.core as mx
+
+    q = mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=group_size, bits=bits)
+    mx.eval(q)
+    return {name: np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+            for name, a in zip(("weight", "scales", "biases"), q)}
+
+
+def write_synthetic_model(out: Path, layers: int = 4, bits: int = 4, group_size: int = 64,
+                          routing: Routing = Routing(), used_tokens: int = 4096, seed: int = 0,
+                          progress=None) -> Path:
+    """Write (or reuse, when one with the same settings exists) a synthetic prepared model at ``out``."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from ..conversion.resident import _cast, _empty_experts, _quantize
+    from ..conversion.safetensors_io import SafetensorsWriter
+    from ..mlx_model import build_model
+
+    out = Path(out)
+    experts = {"layers": layers, "bits": bits, "group_size": group_size, "seed": seed}
+    settings = {"synthetic": True, "experts": experts, "routing": asdict(routing), "used_tokens": used_tokens}
+    old = Manifest.load(out) if (out / MANIFEST_NAME).exists() else None
+    if old is not None and old.settings == settings:
+        return out
+    keep_experts = old is not None and old.settings.get("experts") == experts
+    if not keep_experts:
+        shutil.rmtree(out, ignore_errors=True)
+    (out / EXPERTS_DIR).mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    rng = np.random.default_rng(seed)
+    spec = qwen397_spec(layers)
+    config = hf_config(spec, QWEN397_VOCAB)
+    hidden, num_experts = spec.hidden_size, spec.num_experts
+
+    # Routing-shaping tensors: embeddings (AR(1) walk + shared direction) and router rows (+ popularity).
+    c = rng.standard_normal(hidden).astype(np.float32)
+    c /= np.linalg.norm(c) / np.sqrt(hidden)
+    walk = np.empty((used_tokens, hidden), dtype=np.float32)
+    walk[0] = rng.standard_normal(hidden)
+    for t in range(1, used_tokens):
+        walk[t] = routing.rho * walk[t - 1] + np.sqrt(1 - routing.rho ** 2) * rng.standard_normal(hidden)
+    walk = (np.sqrt(routing.slow) * walk + np.sqrt(1 - routing.slow) * rng.standard_normal(walk.shape)
+            + routing.shared * c)
+    shaped = {"language_model.model.embed_tokens": _quantize_np(walk.astype(np.float32), 4)}
+    del walk
+
+    model = build_model(config, _empty_experts)
+    _cast(model, "bfloat16")
+    model, out_config = _quantize(model, config, 4, 64, model.quant_predicate)
+    params = dict(tree_flatten(model.parameters()))
+    quantized = {k.rsplit(".", 1)[0] for k in params if k.endswith(".scales")}
+    for k in params:
+        if k.endswith("mlp.gate.weight"):
+            w = rng.standard_normal((num_experts, hidden)).astype(np.float32) / np.sqrt(hidden)
+            beta = routing.skew * rng.standard_normal(num_experts).astype(np.float32)
+            w += np.outer(beta, c) / hidden
+            shaped[k.rsplit(".", 1)[0]] = _quantize_np(w, 8)
+
+    names = {mx.bfloat16: "bfloat16", mx.float32: "float32", mx.uint32: "uint32"}
+    keys = sorted(params)
+    writer = SafetensorsWriter(out / RESIDENT_WEIGHTS_NAME,
+                               [(k, names[params[k].dtype], tuple(params[k].shape)) for k in keys],
+                               metadata={"format": "mlx"})
+    for k in keys:
+        writer.write(k, np.ascontiguousarray(
+            _resident_value(k, params[k], quantized, routing, rng, shaped)).reshape(-1).view(np.uint8))
+    writer.close()
+    del params, model
+
+    from mlx_lm.utils import save_config
+
+    save_config(dict(out_config), out / "config.json")
+    write_tokenizer(out, "tiny")
+    quant = ExpertQuantization(bits, group_size)
+    layout = RecordLayout.for_expert(hidden, spec.moe_intermediate_size, quant, "bfloat16")
+    expert_layers = []
+    for layer in range(layers):
+        entry = ExpertLayer(layer, expert_file_name(layer), num_experts, quant, layout)
+        if keep_experts:
+            entry.checksums = old.layer(layer).checksums
+        else:
+            entry.checksums = write_expert_file(out / entry.file, layout, quant, num_experts,
+                                                np.random.default_rng([seed, layer]), EXPERT_GAIN, progress)
+        expert_layers.append(entry)
+    size = (out / RESIDENT_WEIGHTS_NAME).stat().st_size
+    from ..conversion.resident import file_checksum
+
+    Manifest(name=out.name, source="synthetic", revision=None, model_type="qwen3_5_moe", config=out_config,
+             experts_per_token=10, expert_layers=expert_layers, resident_quantization=out_config["quantization"],
+             resident_files=[{"file": RESIDENT_WEIGHTS_NAME, "bytes": size,
+                              "checksum": file_checksum(out / RESIDENT_WEIGHTS_NAME)}],
+             settings=settings).write(out)
+    return out
