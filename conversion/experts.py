@@ -16,11 +16,12 @@ import numpy as np
 
 from ..errors import FlashMoeError
 from ..flash_layout import PROJECTIONS, ExpertLayer, ExpertQuantization, record_checksum
+from . import faults
 from .checkpoint import classify
 from .journal import Journal
 from .safetensors_io import TensorInfo, read_rows, read_tensor
 
-COMMIT_EVERY_BYTES = 256 << 20
+COMMIT_EVERY_BYTES = 256 << 20  # and at the end of every layer: a resumed run redoes less than this
 
 
 def to_mx(array: np.ndarray, mlx_dtype: str):
@@ -102,6 +103,15 @@ class ExpertRecordWriter:
         layout = self.layers[int(layer)].layout
         return sum(p.nbytes for p in layout.parts if p.name == name or p.name.startswith(name + "."))
 
+    def mark_intact(self, checksums: Dict[str, str]) -> None:
+        """Journal the records of ``checksums`` ("layer/expert" -> crc, verified intact) as done (repair)."""
+        units = []
+        for key in checksums:
+            layer, e = map(int, key.split("/"))
+            units += self.unit_names(layer, e)
+        self.journal.add({"units": units, "checksums": dict(checksums)})
+        self.commit()
+
     def remaining_units(self) -> List[str]:
         return [u for u in self.all_units() if u not in self.journal.done_units]
 
@@ -124,12 +134,13 @@ class ExpertRecordWriter:
                         continue
                     self._write(layer, e, parts)
                     self.journal.add({"units": [unit]})
+                    faults.point("unit")
                     wrote = True
                 if wrote:
                     self._checksum_if_complete(layer, e)
                 if self._unwritten >= COMMIT_EVERY_BYTES:
                     self.commit()
-        self.commit()
+            self.commit()
 
     def _produce(self, unit: str, index) -> Optional[Dict[str, np.ndarray]]:
         layer_s, expert_s, name = unit.split("/")
@@ -194,7 +205,7 @@ class ExpertRecordWriter:
                     n = os.pwrite(self.fds[layer.layer], view, offset)
                     view, offset = view[n:], offset + n
             except OSError as err:
-                raise _disk_error(err, layer.file)
+                raise disk_error(err, layer.file)
             self._unwritten += data.nbytes
             self.progress.update(data.nbytes)
 
@@ -229,11 +240,18 @@ class ExpertRecordWriter:
         self.fds.clear()
 
 
-def _disk_error(err: OSError, file: str) -> FlashMoeError:
+class DiskFullError(FlashMoeError):
+    """The disk filled up while writing ``file``; ``prepare`` adds how much space is still needed."""
+
+    def __init__(self, file: str):
+        super().__init__(f"the disk filled up while writing {file}")
+        self.file = file
+
+
+def disk_error(err: OSError, file: str) -> FlashMoeError:
     import errno
 
-    if err.errno == errno.ENOSPC:
-        return FlashMoeError(f"the disk filled up while writing {file}; free space and run the same command "
-                             "again to continue where it stopped")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(file)
     return FlashMoeError(f"cannot write {file}: {err.strerror}")
 

@@ -2,7 +2,10 @@
 
 ``<output>/.partial/`` holds ``plan.json`` (what is being converted, with which settings), a lock file,
 and ``journal.jsonl``: one JSON object per line, appended only after the bytes it describes were
-flushed to disk. A line cut short by a crash is ignored.
+flushed to disk. A line cut short by a crash is dropped (the file is cut back to its last complete
+line before anything is appended, so later runs' lines are never hidden behind it).
+
+The journal is read only once its lock is held: ``Journal(output).lock()`` before anything else.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Dict, List, Set
 
 from ..errors import FlashMoeError
 from ..flash_layout import write_json_atomic
+from . import faults
 
 PARTIAL_DIR = ".partial"
 
@@ -30,12 +34,26 @@ class Journal:
         self.staged: Dict[str, str] = {}  # tensor key -> staging file name
         self._pending: List[dict] = []
         self._lock_fd = None
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    self._apply(json.loads(line))
-                except ValueError:
-                    break  # a line cut short by a crash: everything after it is redone
+
+    def _load(self) -> None:
+        """Read the journal; cut a line left incomplete by a crash (and anything after it) off the file."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        good = 0
+        for line in data.splitlines(keepends=True):
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("cut short")
+                entry = json.loads(line)
+            except ValueError:
+                break  # a line cut short by a crash: what it described is redone
+            self._apply(entry)
+            good += len(line)
+        if good < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+                os.fsync(f.fileno())
 
     def _apply(self, entry: dict) -> None:
         if "units" in entry:
@@ -53,14 +71,28 @@ class Journal:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
             raise FlashMoeError(
-                f"another `llm flash-moe prepare` is writing {self.dir.parent}; wait for it to finish"
+                f"another `llm flash-moe prepare` is writing {self.dir.parent}; wait for it to finish "
+                "(or stop it), then run this command again"
             )
+        self._load()
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the lock
             self._lock_fd = None
+
+    def reset(self) -> None:
+        """Forget everything: the next conversion starts from the beginning (the lock stays held)."""
+        self.done_units.clear()
+        self.checksums.clear()
+        self.done_shards.clear()
+        self.staged.clear()
+        self._pending.clear()
+        self.path.unlink(missing_ok=True)
+        (self.dir / "plan.json").unlink(missing_ok=True)
 
     def check_plan(self, plan: dict) -> None:
         """Record the plan on the first run; on a re-run insist it is the same conversion."""
@@ -86,6 +118,7 @@ class Journal:
             return
         for fd in files_to_sync:
             os.fsync(fd)
+        faults.point("journal")
         with open(self.path, "a") as f:
             for entry in self._pending:
                 f.write(json.dumps(entry, separators=(",", ":")) + "\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,8 @@ from ..flash_layout import (
 )
 from ..mlx_model import build_model
 from .checkpoint import TOKENIZER_FILES, classify, conversion_dtype, quantization_of
-from .experts import ExpertRecordWriter, SourceQuantization
+from . import faults
+from .experts import DiskFullError, ExpertRecordWriter, SourceQuantization
 from .journal import PARTIAL_DIR, Journal
 from .resident import estimate_resident_bytes, resident_parameters, write_resident
 from .safetensors_io import DTYPES, TensorInfo, copy_tensors, read_header
@@ -39,6 +42,12 @@ class PrepareOptions:
     experts_per_token: Optional[int] = None
     delete_source: bool = False
     revision: Optional[str] = None
+    # What the manifest (and the settings a re-run must match) call the source, instead of its path:
+    # for a checkpoint written to a temporary directory (the demo), whose path means nothing later.
+    source_label: Optional[str] = None
+    # On a complete output with the same settings: verify it and rewrite only the damaged records
+    # (and the resident weights, config and tokenizer), instead of saying "already prepared".
+    repair: bool = False
 
 
 @dataclass
@@ -54,34 +63,104 @@ class Plan:
     dtype: Optional[str]
     tensor_meta: Dict[str, Tuple[str, tuple]]  # key -> (mlx dtype, shape), every source tensor
     settings: dict
+    source_label: str  # manifest.source
 
 
 def prepare(opts: PrepareOptions, echo: Callable[[str], None] = print) -> Manifest:
+    """Convert (or resume converting, or repair) one model; registers it only once it is complete.
+
+    Every failure is a FlashMoeError with one line saying what to do; the output keeps the work done
+    so far (``.partial/``) and the same command continues it.
+    """
     _check_options(opts)
     name = registry.check_name(opts.name or registry.name_from_source(opts.source))
     output = Path(opts.output).expanduser().resolve() if opts.output else registry.default_output(name)
-    existing = _existing_output(output)
-    source = resolve_source(opts.source, opts.revision, opts.delete_source)
-    plan = _plan(opts, name, output, source)
-    if existing is not None:
-        if existing.settings == plan.settings:
-            registry.register(name, output)
-            echo(f"{name} is already prepared in {output}")
-            return existing
-        raise FlashMoeError(
-            f"{output} already holds a different model ({existing.name} from {existing.source}); "
-            f"choose another --output or remove it with `llm flash-moe remove {existing.name}`"
-        )
-    journal = Journal(output)
-    journal.lock()
+    plan = None
     try:
-        journal.check_plan(plan.settings)
-        _check_disk_space(plan, journal)
-        manifest = _convert(plan, journal, opts.resident_bits, echo)
-    finally:
-        journal.unlock()
+        existing = _existing_output(output)
+        source = resolve_source(opts.source, opts.revision, opts.delete_source)
+        plan = _plan(opts, name, output, source)
+        damaged_manifest = existing is DAMAGED
+        if damaged_manifest:
+            existing = None
+        if existing is not None:
+            if existing.settings != plan.settings:
+                raise FlashMoeError(
+                    f"{output} already holds a different model ({existing.name} from {existing.source}); "
+                    f"choose another --output or remove it with `llm flash-moe remove {existing.name}`"
+                )
+            if not opts.repair:
+                _remove_leftovers(output)
+                registry.register(name, output)
+                echo(f"{name} is already prepared in {output} (`llm flash-moe verify {name}` checks it)")
+                return existing
+        journal = Journal(output)
+        journal.lock()
+        try:
+            if damaged_manifest:
+                echo(f"{output / MANIFEST_NAME} is damaged and nothing in {output} can be trusted: "
+                     "preparing it again from the start")
+                journal.reset()
+                (output / MANIFEST_NAME).unlink()
+            intact = None
+            if existing is not None:
+                intact = _start_repair(existing, plan, echo)
+                if intact is None:
+                    registry.register(name, output)
+                    return existing
+            journal.check_plan(plan.settings)
+            _check_disk_space(plan, journal)
+            manifest = _convert(plan, journal, opts.resident_bits, echo, intact)
+        finally:
+            journal.unlock()
+    except DiskFullError as e:
+        raise FlashMoeError(f"{e}: {_space_needed_message(plan)}; free some space and run the same command "
+                            "again to continue where it stopped") from None
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FlashMoeError(f"the disk filled up ({e.filename or output}): {_space_needed_message(plan)}; "
+                                "free some space and run the same command again to continue where it stopped"
+                                ) from None
+        raise FlashMoeError(f"cannot prepare {name} in {output}: {e.strerror or e} "
+                            f"({e.filename or 'during the conversion'})") from None
     registry.register(name, output)
     return manifest
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Remove the .partial/ of a run killed between writing the manifest and cleaning up (unless one runs)."""
+    if not (output / PARTIAL_DIR).exists():
+        return
+    journal = Journal(output)
+    try:
+        journal.lock()
+    except FlashMoeError:
+        return  # a `prepare --repair` is at work on it
+    try:
+        shutil.rmtree(output / PARTIAL_DIR, ignore_errors=True)
+    finally:
+        journal.unlock()
+
+
+def _start_repair(existing: Manifest, plan: Plan, echo) -> Optional[Dict[str, str]]:
+    """Verify a complete model: None when it is intact, else the checksums of its intact records.
+
+    The conversion that follows journals those records as done before it removes the manifest, so it
+    rewrites only the damaged records (plus the resident weights and metadata), and resumes like any
+    conversion when interrupted.
+    """
+    from ..verify import verify_model
+
+    report = verify_model(plan.output, existing, progress=True)
+    if report.ok:
+        echo(f"{plan.name} is intact: nothing to repair")
+        return None
+    for line in report.lines():
+        echo(line)
+    n = len(report.bad_experts)
+    echo(f"Repairing {plan.name}: rewriting {n} expert record{'s' * (n != 1)}, the resident weights and the metadata")
+    return {f"{layer.layer}/{e}": crc for layer in existing.expert_layers for e, crc in enumerate(layer.checksums)
+            if (layer.layer, e) not in report.bad_experts}
 
 
 def _check_options(opts: PrepareOptions) -> None:
@@ -93,9 +172,23 @@ def _check_options(opts: PrepareOptions) -> None:
         raise FlashMoeError(f"--resident-bits must be one of 4, 8, 16, not {opts.resident_bits}")
 
 
-def _existing_output(output: Path) -> Optional[Manifest]:
-    if (output / MANIFEST_NAME).exists():
-        return Manifest.load(output)
+DAMAGED = "damaged"  # _existing_output: a manifest that cannot be read (and is not from a newer version)
+
+
+def _existing_output(output: Path):
+    """The complete model in ``output`` (a Manifest), None, or DAMAGED (its manifest cannot be read)."""
+    path = output / MANIFEST_NAME
+    if path.exists():
+        try:
+            return Manifest.load(output)
+        except FlashMoeError:
+            try:
+                version = json.loads(path.read_text()).get("format_version")
+            except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+                version = None
+            if isinstance(version, int) and version > FORMAT_VERSION:
+                raise
+            return DAMAGED
     if output.exists() and any(output.iterdir()) and not (output / PARTIAL_DIR).exists():
         raise FlashMoeError(f"{output} is not empty and is not a flash-moe model; choose another --output")
     return None
@@ -165,37 +258,53 @@ def _plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> Plan
                                    if opts.source == registry.FLAGSHIP_SOURCE else native_k)
     if not 1 <= k <= num_experts:
         raise FlashMoeError(f"--experts-per-token must be between 1 and {num_experts}, not {k}")
-    settings = {"format_version": FORMAT_VERSION, "name": name, "source": source.id, "revision": source.revision,
+    label = opts.source_label or source.id
+    settings = {"format_version": FORMAT_VERSION, "name": name, "source": label, "revision": source.revision,
                 "bits": opts.bits, "group_size": opts.group_size, "resident_bits": opts.resident_bits,
                 "experts_per_token": k}
-    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings)
+    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings, label)
 
 
 def _fmt(n: int) -> str:
-    return f"{n / 1e9:,.1f} GB"
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
-def _check_disk_space(plan: Plan, journal: Journal) -> None:
-    """Refuse up front, with the numbers, when the output (and any download) cannot fit."""
+def _space_needed(plan: Plan, journal_done_shards=frozenset()) -> Tuple[int, int]:
+    """(bytes still to be written in the output and downloaded beside it, bytes free there)."""
     output = plan.output
     written = 0
     for layer in plan.layers:
         path = output / layer.file
         if path.exists():
-            written += path.stat().st_blocks * 512
+            written += min(path.stat().st_blocks * 512, layer.file_size)
     resident = estimate_resident_bytes(plan.source.config, plan.settings["resident_bits"])
     need = sum(layer.file_size for layer in plan.layers) - written + resident
     if plan.source.repo_id is not None:
         sizes = plan.source.shard_sizes
-        pending = [s for s in plan.source.shards if s not in journal.done_shards]
+        pending = [s for s in plan.source.shards if s not in journal_done_shards]
         download = (max((sizes.get(s, 0) for s in pending), default=0) if plan.source.delete_shards
                     else plan.source.missing_bytes())
         if os.stat(_existing_parent(plan.source.directory)).st_dev == os.stat(_existing_parent(output)).st_dev:
             need += download
-    free = shutil.disk_usage(_existing_parent(output)).free
+    return need, shutil.disk_usage(_existing_parent(output)).free
+
+
+def _space_needed_message(plan: Optional[Plan]) -> str:
+    if plan is None:
+        return "free some space"
+    try:
+        need, free = _space_needed(plan)
+    except OSError:
+        return f"{plan.name} needs more space in {plan.output}"
+    return f"{plan.name} needs about {_fmt(need)} more in {plan.output} and {_fmt(free)} is free"
+
+
+def _check_disk_space(plan: Plan, journal: Journal) -> None:
+    """Refuse up front, with the numbers, when the output (and any download) cannot fit."""
+    need, free = _space_needed(plan, journal.done_shards)
     if need > free:
         raise FlashMoeError(
-            f"not enough disk space for {plan.name}: it needs {_fmt(need)} more in {output} but only "
+            f"not enough disk space for {plan.name}: it needs {_fmt(need)} more in {plan.output} but only "
             f"{_fmt(free)} is free; free some space or choose --output on another disk"
         )
 
@@ -207,12 +316,17 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def _convert(plan: Plan, journal: Journal, resident_bits: int, echo) -> Manifest:
+def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
+             intact: Optional[Dict[str, str]] = None) -> Manifest:
+    """``intact`` (repair): "layer/expert" -> checksum of the records that are right; only the others are written."""
     from huggingface_hub.utils import tqdm
 
     output, source = plan.output, plan.source
     resident_estimate = estimate_resident_bytes(source.config, resident_bits)
     writer = ExpertRecordWriter(output, plan.layers, plan.source_quant, plan.dtype, journal, progress=None)
+    if intact is not None:
+        writer.mark_intact(intact)
+        (output / MANIFEST_NAME).unlink()  # from here on the model is incomplete until the new manifest
     done = sum(writer.unit_bytes(u) for u in journal.done_units)
     total = sum(writer.unit_bytes(u) for u in writer.all_units()) + resident_estimate
     with tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=f"Preparing {plan.name}") as progress:
@@ -241,13 +355,15 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo) -> Manifest
     for layer in plan.layers:
         layer.checksums = [journal.checksums[f"{layer.layer}/{e}"] for e in range(layer.num_experts)]
     manifest = Manifest(
-        name=plan.name, source=source.id, revision=source.revision, model_type=source.config["model_type"],
+        name=plan.name, source=plan.source_label, revision=source.revision, model_type=source.config["model_type"],
         config=out_config, experts_per_token=plan.experts_per_token, expert_layers=plan.layers,
         resident_quantization=out_config.get("quantization"),
         resident_files=[{"file": RESIDENT_WEIGHTS_NAME, "bytes": size, "checksum": checksum}],
         settings=plan.settings,
     )
+    faults.point("manifest")
     manifest.write(output)
+    faults.point("finish")
     shutil.rmtree(output / PARTIAL_DIR, ignore_errors=True)
     return manifest
 
@@ -265,6 +381,8 @@ def _convert_shards(plan: Plan, journal: Journal, writer: ExpertRecordWriter) ->
         writer.convert(available)
         return available
     pending = [s for s in source.shards if not (source.delete_shards and s in journal.done_shards)]
+    for shard in journal.done_shards:
+        source.release(shard)  # converted, but a crash came before it was deleted
     with ThreadPoolExecutor(max_workers=1) as downloader:  # the next shard downloads while this one converts
         futures = [downloader.submit(source.fetch, s) for s in pending[:1]]
         for i, shard in enumerate(pending):

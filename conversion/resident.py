@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 
 from ..errors import FlashMoeError
 from ..mlx_model import build_model
+from . import faults
 from .checkpoint import classify, conversion_dtype, quantization_of
 from .safetensors_io import SafetensorsWriter, TensorInfo
 
@@ -142,12 +143,13 @@ def write_resident(params: dict, path: Path, progress) -> Tuple[int, str]:
                 writer.write(k, data)
                 progress.update(data.nbytes)
             del arrays
+            faults.point("resident")
         writer.close()
     except OSError as err:
         writer.abort()
-        from .experts import _disk_error
+        from .experts import disk_error
 
-        raise _disk_error(err, path.name)
+        raise disk_error(err, path.name)
     except BaseException:
         writer.abort()
         raise

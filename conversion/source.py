@@ -55,6 +55,16 @@ class Source:
             blob.unlink(missing_ok=True)
 
 
+# Transport failures of the HTTP clients huggingface_hub has used (httpx, requests): no network, DNS, timeouts.
+_NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException",
+                   "NetworkError", "TransportError", "ProxyError", "RemoteProtocolError", "SSLError"}
+
+
+def is_network_error(e: BaseException) -> bool:
+    return isinstance(e, (ConnectionError, TimeoutError)) or any(
+        c.__name__ in _NETWORK_ERRORS for c in type(e).__mro__)
+
+
 @contextlib.contextmanager
 def hub_errors(repo_id: str):
     """Turn huggingface_hub's exceptions into one-line messages that say what to do."""
@@ -62,11 +72,14 @@ def hub_errors(repo_id: str):
 
     try:
         yield
+    except errors.HFValidationError:
+        raise FlashMoeError(f"{repo_id} is not a valid Hugging Face repo id (owner/name)")
     except errors.GatedRepoError:
         raise FlashMoeError(f"{repo_id} is gated: accept its terms on huggingface.co, then set HF_TOKEN")
     except errors.RepositoryNotFoundError:
         raise FlashMoeError(
-            f"{repo_id} was not found on the Hugging Face hub (if it is private, set HF_TOKEN)"
+            f"{repo_id} was not found on the Hugging Face hub (if it is private, set HF_TOKEN to a token "
+            "that can read it); a local checkpoint must be given as an existing directory"
         )
     except errors.RevisionNotFoundError:
         raise FlashMoeError(f"{repo_id} has no such revision")
@@ -77,6 +90,14 @@ def hub_errors(repo_id: str):
         )
     except errors.HfHubHTTPError as e:
         raise FlashMoeError(f"the Hugging Face hub refused {repo_id}: {str(e).splitlines()[0]}")
+    except Exception as e:
+        if is_network_error(e):
+            raise FlashMoeError(
+                f"cannot reach the Hugging Face hub for {repo_id} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else 'no details'}); check the network and run the same "
+                "command again (a download resumes where it stopped)"
+            ) from None
+        raise
 
 
 def resolve_source(source: str, revision: Optional[str] = None, delete_shards: bool = False) -> Source:
@@ -94,7 +115,7 @@ def resolve_source(source: str, revision: Optional[str] = None, delete_shards: b
                 raise FlashMoeError(f"shard {name} listed in the index is missing from {path}")
         return Source(str(path.resolve()), path.resolve(), shards, config)
     if not REPO_ID.fullmatch(source):
-        raise FlashMoeError(f"{source} is neither a directory nor a Hugging Face repo id (owner/name)")
+        raise FlashMoeError(f"{source} is neither a checkpoint directory nor a Hugging Face repo id (owner/name)")
     return _hub_source(source, revision, delete_shards)
 
 

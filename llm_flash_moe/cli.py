@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,13 +32,15 @@ DEMO_NOTE = ("The demo model has RANDOM weights: it checks the whole path (conve
 
 
 class FlashMoeGroup(click.Group):
-    """A click group whose commands report FlashMoeError as one line (``Error: ...``, exit 1)."""
+    """A click group whose commands report FlashMoeError (and OSError) as one line (``Error: ...``, exit 1)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except FlashMoeError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # a file the command needed could not be read or written
+            raise click.ClickException(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from None
 
 
 @click.group(name="flash-moe", cls=FlashMoeGroup)
@@ -86,8 +89,12 @@ def flash_moe():
               help="Build a small RANDOM-WEIGHT demo model of the real architecture (qwen3_5_moe) with the "
                    "real Qwen3.5 tokenizer, offline, and prepare it as `demo` (served as demo-flash). "
                    "It checks the whole path; its output is not language.")
+@click.option("--repair", is_flag=True,
+              help="For a model already prepared with these options: verify it (as `llm flash-moe verify`) and "
+                   "rewrite only the damaged expert records, plus the resident weights and metadata. "
+                   "Reads the source again.")
 def prepare(source, bits, group_size, resident_bits, experts_per_token, name, output, delete_source,
-            revision, demo):
+            revision, demo, repair):
     """Convert a checkpoint into the flash layout and register it as <name>-flash.
 
     SOURCE is a Hugging Face repo id or a local checkpoint directory (HF bf16 release or an MLX
@@ -96,7 +103,8 @@ def prepare(source, bits, group_size, resident_bits, experts_per_token, name, ou
     For the default flagship with the default options the prepared model takes about 223 GB
     (217 GB of 4-bit experts, 6 GB resident); the download takes another 223 GB unless
     --delete-source removes each shard once converted. Space is checked before anything is
-    written. An interrupted run resumes where it stopped when run again with the same options.
+    written. An interrupted run (Ctrl-C, a crash, a full disk) resumes where it stopped when run
+    again with the same options; a second run on the same output while one is at work is refused.
     """
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" advice
     from .conversion.prepare import PrepareOptions
@@ -104,7 +112,7 @@ def prepare(source, bits, group_size, resident_bits, experts_per_token, name, ou
     opts = PrepareOptions(
         source=source or registry.FLAGSHIP_SOURCE, name=name, output=output, bits=int(bits),
         group_size=int(group_size), resident_bits=int(resident_bits), experts_per_token=experts_per_token,
-        delete_source=delete_source, revision=revision,
+        delete_source=delete_source, revision=revision, repair=repair,
     )
     if demo:
         if source or delete_source or revision:
@@ -143,17 +151,16 @@ def prepare_demo(opts):
         if existing.source != DEMO_SOURCE:
             raise FlashMoeError(f"{output} already holds {existing.name} from {existing.source}; "
                                 "choose another --name or --output")
-        registry.register(opts.name, output)
-        click.echo(f"{opts.name} is already prepared in {output}; to rebuild it: "
-                   f"llm flash-moe remove {opts.name} --yes && llm flash-moe prepare --demo")
-        return existing
+        if not opts.repair:
+            registry.register(opts.name, output)
+            click.echo(f"{opts.name} is already prepared in {output}; to rebuild it: "
+                       f"llm flash-moe remove {opts.name} --yes && llm flash-moe prepare --demo")
+            return existing
+    opts.source_label = DEMO_SOURCE  # the temporary checkpoint will be gone: say what it was instead
     with tempfile.TemporaryDirectory(prefix="flash-moe-demo-") as tmp:
         click.echo("Writing the demo checkpoint (the real Qwen3.5 tokenizer takes a few seconds)...")
         opts.source = str(write_demo_checkpoint(Path(tmp) / "qwen3_5_moe-demo"))
-        manifest = _run_prepare(opts)
-    manifest.source = DEMO_SOURCE  # the temporary checkpoint is gone: say what it was instead
-    manifest.write(registry.model_dir(manifest.name))
-    return manifest
+        return _run_prepare(opts)
 
 
 def write_demo_checkpoint(directory: Path) -> Path:
@@ -257,6 +264,56 @@ def manifest_summary(m, path: Path) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------ verify
+
+
+@flash_moe.command()
+@click.argument("name")
+def verify(name):
+    """Check a prepared model against the checksums its manifest recorded.
+
+    Reads every expert record and the resident weights once (a progress bar shows the bytes), names
+    each damaged `layer L expert E` and each missing, truncated or damaged file, and exits with
+    status 1 on any damage, saying how to repair it. NAME is the model's name or model id.
+    """
+    from .flash_layout import Manifest
+    from .verify import verify_model
+
+    name = _strip_suffix(name)
+    path = registry.model_dir(name)
+    manifest = Manifest.load(path)
+    report = verify_model(path, manifest, progress=True)
+    if report.ok:
+        click.echo(f"{name} is intact: {report.records:,} expert records and the resident weights match their "
+                   f"checksums ({human_bytes(report.checked_bytes)} read)")
+        return
+    for line in report.lines():
+        click.echo(line)
+    raise FlashMoeError(f"{name} is damaged ({report.summary()}); repair it with `{repair_command(manifest, path)}` "
+                        "(it rewrites only the damaged parts, reading the source again)")
+
+
+def repair_command(manifest, path: Path) -> str:
+    """The `prepare --repair` command line that matches the options ``manifest`` was prepared with."""
+    s = manifest.settings
+    if manifest.source == DEMO_SOURCE:
+        args = ["llm", "flash-moe", "prepare", "--demo"]
+    else:
+        args = ["llm", "flash-moe", "prepare", manifest.source]
+        if s.get("revision"):
+            args += ["--revision", s["revision"]]
+    if manifest.name != (DEMO_NAME if manifest.source == DEMO_SOURCE else registry.name_from_source(manifest.source)):
+        args += ["--name", manifest.name]
+    for option, key, default in (("--bits", "bits", 4), ("--group-size", "group_size", 64),
+                                 ("--resident-bits", "resident_bits", 4)):
+        if s.get(key, default) != default:
+            args += [option, str(s[key])]
+    args += ["--experts-per-token", str(manifest.experts_per_token)]
+    if Path(path).resolve() != registry.default_output(manifest.name).resolve():
+        args += ["--output", str(path)]
+    return " ".join(shlex.quote(a) for a in args + ["--repair"])
+
+
 # ------------------------------------------------------------------------------ remove
 
 
@@ -283,11 +340,20 @@ def remove(name, yes):
     if not yes:
         size = human_bytes(directory_bytes(path)) if path.exists() else "already gone"
         click.confirm(f"Delete {name} ({path}, {size})?", abort=True)
+    from .conversion.journal import Journal
     from .plugin import unload
 
+    journal = None
+    if (path / ".partial").exists():
+        journal = Journal(path)
+        journal.lock()  # refuses while a `prepare` is writing it: never delete files under a running converter
     unload(path)
-    if path.exists():
-        shutil.rmtree(path)
+    try:
+        if path.exists():
+            shutil.rmtree(path)
+    finally:
+        if journal is not None:
+            journal.unlock()
     if name in registry.registered():
         registry.unregister(name)
     click.echo(f"Removed {name}")

@@ -12,6 +12,10 @@ from .flash_layout import Manifest
 from .mlx_model import moe_blocks, streaming_model_classes
 
 
+# A prepared model needs at least one of these for its tokenizer (copied from the source by prepare).
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "qwen.tiktoken")
+
+
 def _no_experts(index, block):
     import mlx.nn as nn
 
@@ -91,18 +95,28 @@ def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, c
 
     model_dir = Path(model_dir)
     manifest = Manifest.load(model_dir)
-    store = ExpertStore(model_dir, manifest, cache_bytes=cache_bytes, **store_options)
     dtype = activation_dtype(compute)
+    store = ExpertStore(model_dir, manifest, cache_bytes=cache_bytes, **store_options)
     try:
         model, config = load_resident_model(model_dir, lazy=True, make_experts=lambda i, b: StreamingExperts(i, store))
-    except (FileNotFoundError, ValueError) as e:
+        if dtype is not None:
+            _cast_floats(model, dtype)
+        mx.eval(model.parameters())  # reads the resident weights: a damaged file fails here, not mid-answer
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         store.close()
-        raise FlashMoeError(f"cannot load the resident weights of {model_dir}: {str(e).splitlines()[0]}; "
-                            "run `llm flash-moe verify` and `llm flash-moe prepare` again")
-    if dtype is not None:
-        _cast_floats(model, dtype)
-    mx.eval(model.parameters())
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id", None))
+        raise FlashMoeError(f"cannot load the resident weights of {model_dir}: "
+                            f"{(str(e) or type(e).__name__).splitlines()[0]}; {store.remedy}")
+    except BaseException:
+        store.close()
+        raise
+    try:
+        if not any((model_dir / f).exists() for f in TOKENIZER_VOCAB_FILES):
+            raise FileNotFoundError(f"none of {', '.join(TOKENIZER_VOCAB_FILES)} is there")
+        tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id", None))
+    except Exception as e:  # a missing or damaged tokenizer file: transformers raises many kinds
+        store.close()
+        raise FlashMoeError(f"cannot load the tokenizer of {model_dir}: "
+                            f"{(str(e) or type(e).__name__).splitlines()[0]}; {store.remedy}")
     flash = FlashModel(model_dir, manifest, model, tokenizer, store)
     flash.set_experts_per_token(experts_per_token or manifest.experts_per_token)
     return flash

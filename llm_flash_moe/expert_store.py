@@ -42,6 +42,11 @@ class StoreStats:
     def as_dict(self) -> dict:
         return {**asdict(self), "hit_rate": self.hit_rate}
 
+    def since(self, before: "StoreStats") -> "StoreStats":
+        """What happened between ``before`` (a copy taken earlier: ``replace(stats)``) and now."""
+        return StoreStats(self.bytes_read - before.bytes_read, self.reads - before.reads,
+                          self.cache_hits - before.cache_hits, self.read_seconds - before.read_seconds)
+
 
 class _SlotBuffers:
     """``slots`` experts' worth of each record part, as MLX arrays and writable numpy views of them."""
@@ -53,12 +58,17 @@ class _SlotBuffers:
         self.typed: Dict[str, "mx.array"] = {}
         self.iovecs: List[List[memoryview]] = [[] for _ in range(slots)]
         raw = {}
+        on_cuda = mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
         for part in layout.parts:
             buf = mx.zeros((slots, part.nbytes), dtype=mx.uint8)
             typed = buf.view(getattr(mx, part.dtype)).reshape(slots, *part.shape)
             mx.eval(buf, typed)
             raw[part.name] = np.array(buf, copy=False)
             self.typed[part.name] = typed
+            if on_cuda:  # the GPU reads the records where the reads put them, without page migration
+                from .cuda_memory import keep_on_host_for_gpu
+
+                keep_on_host_for_gpu(raw[part.name].ctypes.data, raw[part.name].nbytes)
         self._raw = raw
         gaps = []
         position = 0
@@ -89,6 +99,7 @@ class ExpertStore:
     def __init__(self, model_dir: Path, manifest: Manifest, cache_bytes: int = 0,
                  slots: int = DEFAULT_SLOTS, read_threads: int = DEFAULT_READ_THREADS):
         self.model_dir = Path(model_dir)
+        self.name = manifest.name
         self.layers: Dict[int, ExpertLayer] = {layer.layer: layer for layer in manifest.expert_layers}
         self.slots = min(slots, max(layer.num_experts for layer in manifest.expert_layers))
         self.stats = StoreStats()
@@ -105,16 +116,19 @@ class ExpertStore:
         path = self.model_dir / layer.file
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise FlashMoeError(f"expert file {path} is missing; run `llm flash-moe prepare` again")
+        except OSError as e:
+            what = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({e.strerror})"
+            raise FlashMoeError(f"expert file {path} is {what}; {self.remedy}")
         size = os.fstat(fd).st_size
         if size != layer.file_size:
             os.close(fd)
-            raise FlashMoeError(
-                f"expert file {path} has {size:,} bytes, expected {layer.file_size:,}; run "
-                "`llm flash-moe verify` and `llm flash-moe prepare` again"
-            )
+            raise FlashMoeError(f"expert file {path} has {size:,} bytes, expected {layer.file_size:,}; {self.remedy}")
         return fd
+
+    @property
+    def remedy(self) -> str:
+        return (f"run `llm flash-moe verify {self.name}`, then the `llm flash-moe prepare ... --repair` "
+                "it prints")
 
     def buffers(self, layer: int) -> _SlotBuffers:
         layout = self.layers[layer].layout
@@ -165,10 +179,13 @@ class ExpertStore:
 
     def _read(self, info: ExpertLayer, buffers: _SlotBuffers, slot: int, expert: int) -> None:
         size = info.layout.record_size
-        n = os.preadv(self._fds[info.layer], buffers.iovecs[slot], expert * size)
+        try:
+            n = os.preadv(self._fds[info.layer], buffers.iovecs[slot], expert * size)
+        except OSError as e:
+            raise FlashMoeError(f"cannot read expert {expert} from {self.model_dir / info.file} "
+                                f"({e.strerror}); {self.remedy}")
         if n != size:
-            raise FlashMoeError(f"{self.model_dir / info.file} is truncated at expert {expert}; "
-                                "run `llm flash-moe verify` and `llm flash-moe prepare` again")
+            raise FlashMoeError(f"{self.model_dir / info.file} is truncated at expert {expert}; {self.remedy}")
         with self._lock:
             self.stats.bytes_read += n
             self.stats.reads += 1

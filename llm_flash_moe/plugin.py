@@ -6,8 +6,9 @@ Nothing here imports mlx / mlx_lm at module level: llm imports every plugin on e
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -23,6 +24,7 @@ DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 20
 DEFAULT_MIN_P = 0.0
 DEFAULT_CACHE_GB = 0.0  # the OS page cache is the only cache unless cache_gb asks for more
+CACHE_MEMORY_SHARE = 0.75  # cache_gb may use this share of the machine's memory, less the resident weights
 
 # What `llm flash-moe prepare` (flagship defaults: 4-bit experts, group 64, 4-bit resident) writes,
 # and what it downloads first (the MLX 4-bit release) unless --delete-source drops each shard once used.
@@ -236,19 +238,63 @@ def pick(value, default):
     return default if value is None else value
 
 
-def resolve_settings(options, manifest, model_dir: Path, model_id: str, has_thinking: bool) -> Settings:
+def total_memory() -> Optional[int]:
+    """Bytes of physical memory of this machine, or None when it cannot be told."""
+    import subprocess
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:  # macOS
+        return int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def cache_budget(cache_gb: float, resident_bytes: int, memory: Optional[int]) -> Tuple[int, Optional[str]]:
+    """(bytes, warning): the in-memory cache budget for ``-o cache_gb``, clamped to what the machine has."""
+    want = cache_gb * 1e9
+    if memory is None:
+        return int(min(want, 1 << 62)), None
+    limit = max(0, int(memory * CACHE_MEMORY_SHARE) - resident_bytes)
+    if want <= limit:
+        return int(round(want)), None
+    return limit, (f"-o cache_gb {cache_gb:g} is more than this machine can hold ({memory / 1e9:.1f} GB of memory, "
+                   f"{resident_bytes / 1e9:.1f} GB of it for the resident weights); using {limit / 1e9:.2f} GB")
+
+
+def vocab_size(config: dict) -> Optional[int]:
+    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
+def warn(message: str) -> None:
+    import click
+
+    click.echo(f"Warning: {message}", err=True)
+
+
+def resolve_settings(options, manifest, model_dir: Path, model_id: str, has_thinking: bool,
+                     cache_bytes: Optional[int] = None, vocab_size: Optional[int] = None) -> Settings:
+    """``cache_bytes``: the clamped cache budget (see ``cache_budget``); ``vocab_size`` bounds top_k."""
     defaults = generation_defaults(model_dir)
-    cache_gb = pick(options.cache_gb, DEFAULT_CACHE_GB)
+    if cache_bytes is None:
+        cache_bytes = int(round(pick(options.cache_gb, DEFAULT_CACHE_GB) * 1e9))
+    top_k = int(pick(options.top_k, defaults["top_k"]))
+    if vocab_size is not None and top_k >= vocab_size:
+        top_k = 0  # every token: the same as no top-k (mlx-lm refuses a top_k as large as the vocabulary)
     return Settings(
         max_tokens=pick(options.max_tokens, DEFAULT_MAX_TOKENS),
         temperature=float(pick(options.temperature, defaults["temperature"])),
         top_p=float(pick(options.top_p, defaults["top_p"])),
-        top_k=int(pick(options.top_k, defaults["top_k"])),
+        top_k=top_k,
         min_p=float(pick(options.min_p, DEFAULT_MIN_P)),
         seed=options.seed,
         experts_per_token=check_experts(options.experts, manifest, model_id),
         thinking=bool(pick(options.thinking, has_thinking)),
-        cache_bytes=int(round(cache_gb * 1e9)),
+        cache_bytes=cache_bytes,
     )
 
 
@@ -260,7 +306,11 @@ def load(model_dir: Path, cache_bytes: int = 0):
     from . import engine
 
     model_dir = Path(model_dir)
-    key = (str(model_dir), (model_dir / "manifest.json").stat().st_mtime_ns)
+    try:
+        key = (str(model_dir), (model_dir / "manifest.json").stat().st_mtime_ns)
+    except FileNotFoundError:
+        raise FlashMoeError(f"{model_dir} has no manifest.json any more (is a `prepare --repair` running?); "
+                            "run `llm flash-moe models`")
     flash = _LOADED.get(key)
     if flash is None:
         unload(model_dir)
@@ -291,16 +341,16 @@ class FlashMoeModel(llm.Model):
                               "-1: no limit)", ge=-1)
         temperature: Optional[float] = Field(
             None, description=f"Sampling temperature; 0 is greedy (default: the model's generation_config.json, "
-                              f"{DEFAULT_TEMPERATURE} for Qwen3.5)", ge=0)
+                              f"{DEFAULT_TEMPERATURE} for Qwen3.5)", ge=0, allow_inf_nan=False)
         top_p: Optional[float] = Field(
             None, description=f"Nucleus sampling top-p (default: the model's, {DEFAULT_TOP_P} for Qwen3.5)",
-            ge=0, le=1)
+            ge=0, le=1, allow_inf_nan=False)
         top_k: Optional[int] = Field(
             None, description=f"Sample from the k most likely tokens; 0 is off (default: the model's, "
                               f"{DEFAULT_TOP_K} for Qwen3.5)", ge=0)
         min_p: Optional[float] = Field(
-            None, description=f"Min-p sampling (default {DEFAULT_MIN_P})", ge=0, le=1)
-        seed: Optional[int] = Field(None, description="Random seed, for repeatable sampling")
+            None, description=f"Min-p sampling (default {DEFAULT_MIN_P})", ge=0, le=1, allow_inf_nan=False)
+        seed: Optional[int] = Field(None, description="Random seed, for repeatable sampling", ge=0, le=2**64 - 1)
         experts: Optional[int] = Field(
             None, description="Experts per token, 1 to the model's expert count (default: chosen at prepare time; "
                               "4 for qwen397). Fewer is faster and reads less, at some cost in quality", ge=1)
@@ -309,7 +359,8 @@ class FlashMoeModel(llm.Model):
                               "(default: on when the model can think)")
         cache_gb: Optional[float] = Field(
             None, description=f"In-memory expert cache budget in GB, on top of the OS page cache "
-                              f"(default {DEFAULT_CACHE_GB:g})", ge=0)
+                              f"(default {DEFAULT_CACHE_GB:g}; at most {CACHE_MEMORY_SHARE:.0%} of the machine's "
+                              "memory less the resident weights)", ge=0, allow_inf_nan=False)
 
         @field_validator("max_tokens")
         @classmethod
@@ -347,23 +398,27 @@ class FlashMoeModel(llm.Model):
         tokenizer = flash.tokenizer
         text = render_prompt(tokenizer, chat_messages(prompt.messages), settings.thinking)
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        if not prompt_ids:
+            raise FlashMoeError(f"the tokenizer of {self.model_id} turned the prompt into no tokens; "
+                                f"run `llm flash-moe verify {self.name}`")
         splitter = ThinkSplitter(tokenizer.think_start, tokenizer.think_end,
                                  in_reasoning=prompt_opens_reasoning(text, tokenizer))
         if settings.seed is not None:
             mx.random.seed(settings.seed)
         sampler = make_sampler(settings.temperature, settings.top_p, settings.min_p, top_k=settings.top_k)
-        stats_before = flash.store.stats.as_dict()
+        stats_before = replace(flash.store.stats)
         mx.reset_peak_memory()
         last = None
         try:
             for last in mlx_lm.stream_generate(flash.model, tokenizer, prompt_ids,
                                                max_tokens=settings.max_tokens, sampler=sampler):
+                check_finite(last, self.name)
                 for kind, chunk in splitter.feed(last.text):
                     yield StreamEvent(type=kind, chunk=chunk)
             for kind, chunk in splitter.finish():
                 yield StreamEvent(type=kind, chunk=chunk)
         finally:
-            record_usage(response, last, len(prompt_ids), settings, stats_before, flash.store.stats.as_dict())
+            record_usage(response, last, len(prompt_ids), settings, flash.store.stats.since(stats_before))
 
     def _ready(self, options):
         """The loaded model, set up for this response's options, and the resolved settings."""
@@ -372,20 +427,44 @@ class FlashMoeModel(llm.Model):
         model_dir = self.model_dir()
         manifest = Manifest.load(model_dir)
         check_experts(options.experts, manifest, self.model_id)  # a bad value fails before the slow load
-        flash = load(model_dir, cache_bytes=int(round(pick(options.cache_gb, DEFAULT_CACHE_GB) * 1e9)))
-        settings = resolve_settings(options, manifest, model_dir, self.model_id, flash.tokenizer.has_thinking)
+        cache_bytes, warning = cache_budget(pick(options.cache_gb, DEFAULT_CACHE_GB), manifest.resident_bytes,
+                                            total_memory())
+        if warning:
+            warn(warning)
+        flash = load(model_dir, cache_bytes=cache_bytes)
+        settings = resolve_settings(options, manifest, model_dir, self.model_id, flash.tokenizer.has_thinking,
+                                    cache_bytes=cache_bytes, vocab_size=vocab_size(manifest.config))
         flash.set_experts_per_token(settings.experts_per_token)
         if flash.store.cache_bytes != settings.cache_bytes:
             flash.store.set_cache_bytes(settings.cache_bytes)
         return flash, settings
 
 
-def record_usage(response, last, prompt_tokens: int, settings: Settings, before: dict, after: dict) -> None:
-    """Token usage and ``response_json``: what this run cost (also after an interrupted one)."""
+def check_finite(step, name: str) -> None:
+    """Stop before a token sampled from NaN or infinite logits reaches the user (damaged weights).
+
+    Any NaN in the logits makes every log-probability NaN, the sampled token's included; one scalar
+    check per token (already computed by mlx-lm) catches it.
+    """
+    logprobs = getattr(step, "logprobs", None)
+    if logprobs is None:
+        return
+    value = logprobs.reshape(-1)[step.token].item()
+    if not math.isfinite(value):
+        raise FlashMoeError(
+            f"{model_id_for(name)} produced non-finite values (NaN or infinity) at token "
+            f"{step.generation_tokens}: its weights are damaged; run `llm flash-moe verify {name}`"
+        )
+
+
+def record_usage(response, last, prompt_tokens: int, settings: Settings, stats) -> None:
+    """Token usage and ``response_json``: what this run cost (also after an interrupted one).
+
+    ``stats``: the expert store's StoreStats for this response alone (``stats.since(before)``).
+    """
     generated = last.generation_tokens if last is not None else 0
     response.set_usage(input=prompt_tokens, output=generated)
-    reads = after["reads"] - before["reads"]
-    hits = after["cache_hits"] - before["cache_hits"]
+    reads, hits = stats.reads, stats.cache_hits
     response.response_json = {
         "finish_reason": getattr(last, "finish_reason", None) or "interrupted",
         "prompt_tokens": prompt_tokens,
@@ -393,10 +472,10 @@ def record_usage(response, last, prompt_tokens: int, settings: Settings, before:
         "prompt_tps": round(last.prompt_tps, 3) if last is not None else None,
         "generation_tps": round(last.generation_tps, 3) if last is not None else None,
         "experts_per_token": settings.experts_per_token,
-        "bytes_read": after["bytes_read"] - before["bytes_read"],
+        "bytes_read": stats.bytes_read,
         "expert_reads": reads,
         "cache_hits": hits,
         "cache_hit_rate": round(hits / (reads + hits), 4) if reads + hits else 0.0,
-        "read_seconds": round(after["read_seconds"] - before["read_seconds"], 4),
+        "read_seconds": round(stats.read_seconds, 4),
         "peak_memory_gb": round(last.peak_memory, 3) if last is not None else None,
     }

@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
 from pathlib import Path
 from typing import Dict
@@ -60,16 +63,29 @@ def registered() -> Dict[str, Path]:
         return {}
 
 
-def register(name: str, path: Path) -> None:
-    models = {k: str(v) for k, v in registered().items()}
-    models[name] = str(Path(path).resolve())
+@contextlib.contextmanager
+def _locked():
+    """Serialize read-modify-write of the registry between processes (two prepares finishing at once)."""
     _registry_path().parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(_registry_path(), {"models": dict(sorted(models.items()))})
+    fd = os.open(_registry_path().with_name("models.json.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def register(name: str, path: Path) -> None:
+    with _locked():
+        models = {k: str(v) for k, v in registered().items()}
+        models[name] = str(Path(path).resolve())
+        write_json_atomic(_registry_path(), {"models": dict(sorted(models.items()))})
 
 
 def unregister(name: str) -> None:
-    models = {k: str(v) for k, v in registered().items() if k != name}
-    write_json_atomic(_registry_path(), {"models": models})
+    with _locked():
+        models = {k: str(v) for k, v in registered().items() if k != name}
+        write_json_atomic(_registry_path(), {"models": models})
 
 
 def prepared() -> Dict[str, Path]:
