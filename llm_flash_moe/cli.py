@@ -1,4 +1,4 @@
-"""``llm flash-moe``: prepare, list, inspect and remove flash models.
+"""``llm flash-moe``: prepare, list, inspect, verify, benchmark and remove flash models.
 
 Imported on every llm command (``register_commands``): the converter, mlx and numpy are imported
 inside the commands that need them.
@@ -315,6 +315,40 @@ def repair_command(manifest, path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------ remove
+
+
+@flash_moe.command()
+@click.option("--layers", type=click.IntRange(min=4), default=4, show_default=True,
+              help="Decoder layers of the synthetic model (at least 4: one full-attention layer).")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), multiple=True,
+              help="Expert bits to measure (repeatable; default 2 and 4).")
+@click.option("--experts", type=click.IntRange(min=1, max=512), multiple=True,
+              help="Experts per token to measure (repeatable; default 4 and 10).")
+@click.option("--tokens", type=click.IntRange(min=2), default=16, show_default=True,
+              help="Decoded tokens per measurement.")
+@click.option("--prompt-tokens", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Prompt length for the prefill measurement (0 skips it; slow on the CPU backend).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the synthetic models are built and kept (~3.6 GB per layer at 4 bits). "
+                   "Default: flash-moe/bench under llm's user directory.")
+@click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
+def bench(layers, bits, experts, tokens, prompt_tokens, directory, json_):
+    """Measure decode speed against the I/O and compute floors and against mlx-lm.
+
+    Builds once (and then reuses) a synthetic model with Qwen3.5-397B-A17B's exact per-layer shapes
+    and realistic routing, then measures for each bits/experts setting: plain reads of exactly the
+    records needed (cold and warm), the same tokens with the experts in memory, the engine cold and
+    warm, mlx-lm with all experts resident where they fit, a prefill, peak memory, and projections
+    to the real 60 layers. See docs/PERFORMANCE.md for results and how to read them.
+    """
+    from .benchmark import BenchOptions, run
+
+    defaults = BenchOptions()
+    opts = BenchOptions(layers=layers, bits=tuple(int(b) for b in bits) or defaults.bits,
+                        experts=tuple(experts) or defaults.experts, tokens=tokens,
+                        prompt_tokens=prompt_tokens, directory=directory)
+    result = run(opts, log=(lambda line: None) if json_ else (lambda line: click.echo(line, err=True)))
+    click.echo(json.dumps(result, indent=None if json_ else 1))
 
 
 @flash_moe.command()
