@@ -143,6 +143,7 @@ def write_resident(params: dict, path: Path, progress) -> Tuple[int, str]:
                 writer.write(k, data)
                 progress.update(data.nbytes)
             del arrays
+            mx.clear_cache()  # else mlx's buffer cache keeps every freed tensor: RSS would grow to the whole model
             faults.point("resident")
         writer.close()
     except OSError as err:

@@ -22,7 +22,7 @@ import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -262,16 +262,27 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
               "record_bytes": record_size, "decode_tokens": opts.tokens}
 
     trace = Trace(store)
+    flash.set_prefetch(False)
     cold = evict(files)
     before = store.stats.bytes_read
-    decode_cold = decode_ms(flash, tokens)
+    plain_cold = decode_ms(flash, tokens)
     decode_calls = trace.calls[len(manifest.expert_layers):]  # the timed tokens only
-    bytes_per_token = (store.stats.bytes_read - before) / len(tokens)
+    exact_bytes = (store.stats.bytes_read - before) / len(tokens)
     distinct = sum(len(e) for _, e in trace.calls) / len(tokens)
-    log(f"  {result['bits']}-bit k={k}: engine cold {decode_cold:.1f} ms/token")
-    decode_warm = decode_ms(flash, tokens)
-    log(f"  {result['bits']}-bit k={k}: engine warm {decode_warm:.1f} ms/token")
     result["routing"] = routing_stats(Trace.per_layer(trace))
+    plain_warm = decode_ms(flash, tokens)
+    store.load = trace._load  # stop tracing
+    log(f"  {result['bits']}-bit k={k}: engine without prefetch cold {plain_cold:.1f} warm {plain_warm:.1f} ms/token")
+
+    flash.set_prefetch(True)
+    evict(files)
+    before = replace(store.stats)
+    decode_cold = decode_ms(flash, tokens)
+    prefetch = store.stats.since(before)
+    decode_warm = decode_ms(flash, tokens)
+    log(f"  {result['bits']}-bit k={k}: engine with prefetch cold {decode_cold:.1f} warm {decode_warm:.1f} ms/token, "
+        f"prediction hit rate {prefetch.prefetch_hit_rate:.2f}")
+    bytes_per_token = prefetch.bytes_read / len(tokens)
 
     io_cold = io_floor_ms(model_dir, manifest, decode_calls, opts.tokens, opts.read_threads) if evict(files) else None
     io_warm = io_floor_ms(model_dir, manifest, decode_calls, opts.tokens, opts.read_threads)
@@ -280,7 +291,6 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     union = {}
     for layer, experts in trace.calls:
         union.setdefault(layer, set()).update(experts)
-    store.load = trace._load  # stop tracing
     restore = with_resident_experts(flash, {l: sorted(e) for l, e in union.items()})
     compute = decode_ms(flash, tokens)
     restore()
@@ -299,7 +309,10 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
         "io_floor_ms": {"cold": _r(io_cold), "warm": _r(io_warm)},
         "compute_floor_ms": _r(compute),
         "decode_ms_per_token": {"cold": _r(decode_cold) if cold else None, "warm": _r(decode_warm)},
+        "decode_without_prefetch_ms": {"cold": _r(plain_cold) if cold else None, "warm": _r(plain_warm)},
+        "prefetch_hit_rate": round(prefetch.prefetch_hit_rate, 3),
         "bytes_read_per_token": int(bytes_per_token),
+        "bytes_read_per_token_without_prefetch": int(exact_bytes),
         "expected_bytes_per_token": int(distinct * record_size),
         "hit_rate": round(store.stats.hit_rate, 3),
         "mlx_lm_ms_per_token": _r(mlx_lm),

@@ -48,6 +48,12 @@ class FlashModel:
         for _, block in moe_blocks(self.model):
             block.top_k = k
 
+    def set_prefetch(self, enabled: bool) -> None:
+        """Let each MoE layer predict the next layer's experts with that layer's router and read them ahead."""
+        blocks = [block for _, block in moe_blocks(self.model)]
+        for block, following in zip(blocks, blocks[1:] + [None]):
+            object.__setattr__(block.switch_mlp, "next_block", following if enabled else None)
+
     def resident_bytes(self) -> int:
         """Bytes of every array the model holds (the expert buffers belong to the store, not the model)."""
         from mlx.utils import tree_flatten
@@ -85,8 +91,9 @@ def _cast_floats(model, dtype) -> None:
 
 
 def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, cache_bytes: int = 0,
-                     compute: str = "auto", **store_options) -> FlashModel:
-    """Load a prepared model. ``compute``: "auto", "model" (bit-identical to mlx-lm) or "float32"."""
+                     compute: str = "auto", prefetch: bool = True, **store_options) -> FlashModel:
+    """Load a prepared model. ``compute``: "auto", "model" (bit-identical to mlx-lm) or "float32";
+    ``prefetch``: read the next layer's predicted experts while this layer computes (see set_prefetch)."""
     import mlx.core as mx
 
     from mlx_lm.utils import load_tokenizer
@@ -119,4 +126,5 @@ def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, c
                             f"{(str(e) or type(e).__name__).splitlines()[0]}; {store.remedy}")
     flash = FlashModel(model_dir, manifest, model, tokenizer, store)
     flash.set_experts_per_token(experts_per_token or manifest.experts_per_token)
+    flash.set_prefetch(prefetch)
     return flash

@@ -22,7 +22,7 @@ import numpy as np
 from .errors import FlashMoeError
 from .flash_layout import ExpertLayer, Manifest, RecordLayout, split_record
 
-DEFAULT_SLOTS = 64
+DEFAULT_SLOTS = 32  # per buffer set; two sets (alternate MoE layers) so one fills while the other computes
 DEFAULT_READ_THREADS = 8
 _MX_DTYPES = ("uint32", "bfloat16", "float16", "float32")
 
@@ -33,19 +33,26 @@ class StoreStats:
     reads: int = 0  # records read from the layer files
     cache_hits: int = 0  # records served by the in-memory cache
     read_seconds: float = 0.0  # wall time spent waiting for records
+    prefetch_hits: int = 0  # records a layer needed that the previous layer's prediction had read
+    prefetch_misses: int = 0  # records a layer needed beyond the prediction
+    prefetch_wasted: int = 0  # predicted records the layer did not need (read for nothing)
 
     @property
     def hit_rate(self) -> float:
         total = self.reads + self.cache_hits
         return self.cache_hits / total if total else 0.0
 
+    @property
+    def prefetch_hit_rate(self) -> float:
+        total = self.prefetch_hits + self.prefetch_misses
+        return self.prefetch_hits / total if total else 0.0
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "hit_rate": self.hit_rate}
+        return {**asdict(self), "hit_rate": self.hit_rate, "prefetch_hit_rate": self.prefetch_hit_rate}
 
     def since(self, before: "StoreStats") -> "StoreStats":
         """What happened between ``before`` (a copy taken earlier: ``replace(stats)``) and now."""
-        return StoreStats(self.bytes_read - before.bytes_read, self.reads - before.reads,
-                          self.cache_hits - before.cache_hits, self.read_seconds - before.read_seconds)
+        return StoreStats(**{k: getattr(self, k) - getattr(before, k) for k in asdict(self)})
 
 
 class _SlotBuffers:
@@ -106,10 +113,14 @@ class ExpertStore:
         self._fds: Dict[int, int] = {}
         for layer in manifest.expert_layers:
             self._fds[layer.layer] = self._open(layer)
-        self._buffers: Dict[RecordLayout, _SlotBuffers] = {}
+        order = sorted(self.layers)
+        self._parity = {layer: i % 2 for i, layer in enumerate(order)}
+        self.next_layer = dict(zip(order, order[1:]))
+        self._buffers: Dict[tuple, _SlotBuffers] = {}
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="flash-moe-read")
         self._cache = RecordCache(cache_bytes)
-        self._busy = {}  # layout -> arrays computed from its buffers, evaluated before the buffers are reused
+        self._busy = {}  # buffer set -> arrays computed from it, evaluated before the set is refilled
+        self._prefetched: Dict[int, tuple] = {}  # layer -> (experts, futures) read ahead into its buffer set
         self._lock = threading.Lock()
 
     def _open(self, layer: ExpertLayer) -> int:
@@ -130,40 +141,75 @@ class ExpertStore:
         return (f"run `llm flash-moe verify {self.name}`, then the `llm flash-moe prepare ... --repair` "
                 "it prints")
 
+    def _key(self, layer: int) -> tuple:
+        return self.layers[layer].layout, self._parity[layer]
+
     def buffers(self, layer: int) -> _SlotBuffers:
-        layout = self.layers[layer].layout
-        if layout not in self._buffers:
-            self._buffers[layout] = _SlotBuffers(layout, self.slots)
-        return self._buffers[layout]
+        """The buffer set of ``layer``: one per record layout and per parity of the layer's position."""
+        key = self._key(layer)
+        if key not in self._buffers:
+            self._buffers[key] = _SlotBuffers(key[0], self.slots)
+        return self._buffers[key]
 
-    def load(self, layer: int, experts: Sequence[int]) -> Dict[str, "mx.array"]:
-        """Bring ``experts`` (at most ``slots`` of them) of ``layer`` into the slot buffers, in that order.
-
-        Returns each part as an array [len(experts), ...], a view of the buffers valid until the next
-        ``load`` that uses the same record layout.
-        """
+    def _claim(self, layer: int) -> _SlotBuffers:
+        """The layer's buffer set, once whatever was computed from its previous contents is done."""
         import mlx.core as mx
 
+        pending = self._busy.pop(self._key(layer), None)
+        if pending is not None:
+            mx.eval(pending)
+        return self.buffers(layer)
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Start reading ``experts`` of ``layer`` in the background (a prediction; ``load`` uses what it needs)."""
+        if layer in self._prefetched or 2 * len(experts) > self.slots:
+            return
+        buffers, info = self._claim(layer), self.layers[layer]
+        experts = [int(e) for e in experts]
+        futures = [self._pool.submit(self._fetch, info, buffers, slot, e) for slot, e in enumerate(experts)]
+        self._prefetched[layer] = (experts, futures)
+
+    def load(self, layer: int, experts: Sequence[int]):
+        """Bring ``experts`` (at most ``slots`` of them) of ``layer`` into its buffer set.
+
+        Returns ``(parts, slots)``: each part as an array [n, ...] (a view of the buffers, valid until the
+        set is refilled) and, for each requested expert, the index of its slot in those arrays. Without a
+        prefetch the experts fill slots 0, 1, ... in the order given.
+        """
         if len(experts) > self.slots:
             raise ValueError(f"{len(experts)} experts do not fit {self.slots} slots")
-        buffers = self.buffers(layer)
-        pending = self._busy.pop(buffers.layout, None)
-        if pending is not None:
-            mx.eval(pending)  # the previous user of these buffers must be done with them
         start = time.perf_counter()
         info = self.layers[layer]
-        misses = []
-        for slot, e in enumerate(experts):
-            record = self._cache.get((layer, int(e)))
-            if record is None:
-                misses.append((slot, int(e)))
-            else:
-                buffers.fill_from_record(slot, record)
-                self.stats.cache_hits += 1
-        if misses:
-            list(self._pool.map(lambda m: self._read(info, buffers, *m), misses))
+        experts = [int(e) for e in experts]
+        predicted, futures = self._prefetched.pop(layer, ((), ()))
+        buffers = self.buffers(layer) if futures else self._claim(layer)
+        slot_of = {e: slot for slot, e in enumerate(predicted)}
+        hits = sum(e in slot_of for e in experts)
+        if futures:
+            self.stats.prefetch_hits += hits
+            self.stats.prefetch_misses += len(experts) - hits
+            self.stats.prefetch_wasted += len(predicted) - hits
+        misses = [e for e in experts if e not in slot_of]
+        for e in misses:
+            slot_of[e] = len(slot_of)
+        try:
+            list(self._pool.map(lambda e: self._fetch(info, buffers, slot_of[e], e), misses))
+        finally:
+            for future in futures:  # a prefetch may still be writing into this set: let it finish
+                future.result()
         self.stats.read_seconds += time.perf_counter() - start
-        return buffers.views(len(experts))
+        slots = np.array([slot_of[e] for e in experts], dtype=np.uint32)
+        return buffers.views(int(slots.max()) + 1 if len(slots) else 0), slots
+
+    def _fetch(self, info: ExpertLayer, buffers: _SlotBuffers, slot: int, expert: int) -> None:
+        """One record into one slot: from the in-memory cache if it holds it, else from the file."""
+        record = self._cache.get((info.layer, expert))
+        if record is None:
+            self._read(info, buffers, slot, expert)
+        else:
+            buffers.fill_from_record(slot, record)
+            with self._lock:
+                self.stats.cache_hits += 1
 
     @property
     def cache_bytes(self) -> int:
@@ -175,7 +221,7 @@ class ExpertStore:
 
     def retain(self, layer: int, result) -> None:
         """Record an array computed from the buffers of ``layer``; it is evaluated before they are refilled."""
-        self._busy[self.layers[layer].layout] = result
+        self._busy[self._key(layer)] = result
 
     def _read(self, info: ExpertLayer, buffers: _SlotBuffers, slot: int, expert: int) -> None:
         size = info.layout.record_size
@@ -198,6 +244,10 @@ class ExpertStore:
             self._cache.put((info.layer, expert), record)
 
     def close(self) -> None:
+        for _, futures in self._prefetched.values():
+            for future in futures:
+                future.exception()
+        self._prefetched.clear()
         self._pool.shutdown(wait=True)
         for fd in self._fds.values():
             os.close(fd)

@@ -17,28 +17,49 @@ from . import kernels
 from .expert_store import ExpertStore
 
 
+def route(block, x: mx.array) -> mx.array:
+    """The experts mlx-lm's MoE ``block`` would choose for ``x`` (its router: softmax, then top-k)."""
+    gates = mx.softmax(block.gate(x), axis=-1, precise=True)
+    return mx.argpartition(gates, kth=-block.top_k, axis=-1)[..., -block.top_k:]
+
+
 class StreamingExperts(nn.Module):
-    """Drop-in for ``block.switch_mlp``: ``(x [..., H], indices [..., k]) -> [..., k, H]``."""
+    """Drop-in for ``block.switch_mlp``: ``(x [..., H], indices [..., k]) -> [..., k, H]``.
+
+    With ``next_block`` set (the next MoE block), a decoded token also runs that block's router on this
+    layer's input and starts reading the experts it predicts, so the next layer's reads overlap this
+    layer's compute; the store counts how many predictions were right.
+    """
 
     def __init__(self, layer: int, store: ExpertStore):
         super().__init__()
         self.layer = layer
         self.store = store
+        self.next_block = None  # a plain attribute (set with object.__setattr__): not a child module
 
     @property
     def quant(self):
         return self.store.layers[self.layer].quantization
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        chosen = np.array(indices)  # the one host synchronization per layer: which experts to read
-        if chosen.size == chosen.shape[-1] <= self.store.slots:  # one token: k distinct experts, router order
-            y = kernels.expert_glu(x, self.store.load(self.layer, chosen.reshape(-1)), self.quant)
-            y = y.astype(x.dtype).reshape(*chosen.shape, x.shape[-1])
+        one_token = indices.size == indices.shape[-1] <= self.store.slots
+        if one_token and self.next_block is not None:
+            predicted = route(self.next_block, x)
+            mx.eval(indices, predicted)  # one host synchronization for both
+            self.store.prefetch(self.store.next_layer[self.layer], np.array(predicted).reshape(-1))
+        chosen = np.array(indices)  # the host synchronization per layer: which experts to read
+        if one_token:  # k distinct experts
+            parts, slots = self.store.load(self.layer, chosen.reshape(-1))
+            if np.array_equal(slots, np.arange(len(slots))):  # in router order: the fused kernel applies
+                y = kernels.expert_glu(x, parts, self.quant).astype(x.dtype)
+            else:
+                y = kernels.LoadedSwitchGLU(parts, self.quant)(x.reshape(1, -1), mx.array(slots)[None])
+            y = y.reshape(*chosen.shape, x.shape[-1])
         else:
             unique, local = np.unique(chosen, return_inverse=True)
             if len(unique) <= self.store.slots:
-                glu = kernels.LoadedSwitchGLU(self.store.load(self.layer, unique), self.quant)
-                y = glu(x, mx.array(local.reshape(chosen.shape).astype(np.uint32)))
+                parts, slots = self.store.load(self.layer, unique)
+                y = kernels.LoadedSwitchGLU(parts, self.quant)(x, mx.array(slots[local].reshape(chosen.shape)))
             else:
                 y = self._in_groups(x, chosen, unique)
         self.store.retain(self.layer, y)
@@ -54,8 +75,8 @@ class StreamingExperts(nn.Module):
         for start in range(0, len(unique), slots):
             group = unique[start:start + slots]
             pairs = np.nonzero(np.isin(flat, group))[0]
-            slot_of[group] = np.arange(len(group), dtype=np.uint32)
-            glu = kernels.LoadedSwitchGLU(self.store.load(self.layer, group), self.quant)
+            parts, slot_of[group] = self.store.load(self.layer, group)
+            glu = kernels.LoadedSwitchGLU(parts, self.quant)
             out = glu(flat_x[mx.array(pairs // k)], mx.array(slot_of[flat[pairs]])[:, None])
             y = y.at[mx.array(pairs)].add(out[:, 0, :])
             self.store.retain(self.layer, y)  # evaluated before the next group refills the buffers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import struct
 from pathlib import Path
@@ -110,7 +111,9 @@ class RoutingRecorder:
 
 
 def test_reads_exactly_the_records_the_router_chose(models):
-    reference, tokenizer, flash = pair(models, compute="model")
+    """Without speculative prefetch, exactly the chosen records are read (prefetch's extra reads are
+    accounted in test_prefetch_changes_reads_not_results)."""
+    reference, tokenizer, flash = pair(models, compute="model", prefetch=False)
     recorder = RoutingRecorder(reference)
     record_size = flash.manifest.expert_layers[0].layout.record_size
     ids = tokenizer.encode(PROMPT)
@@ -200,3 +203,29 @@ def test_damaged_files_stop_with_one_line(models, tmp_path):
     (newer / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(FlashMoeError, match="newer than this plugin"):
         load_flash_model(newer)
+
+
+def test_prefetch_changes_reads_not_results(models):
+    """Predicting the next layer's experts overlaps reads with compute; the output is the same, and the
+    store accounts for every prediction (hits + misses = records needed; wasted reads are counted)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    prepared = models.prepared(models.hf("float32"))
+    plain = load_flash_model(prepared, prefetch=False)
+    ahead = load_flash_model(prepared, prefetch=True)
+    ids = plain.tokenizer.encode(PROMPT)
+    assert greedy_tokens(ahead.model, ahead.tokenizer, ids) == greedy_tokens(plain.model, plain.tokenizer, ids)
+    stats = ahead.store.stats
+    assert stats.prefetch_hits > 0 and stats.prefetch_hits + stats.prefetch_misses > 0
+    moe_layers = len(ahead.manifest.expert_layers)
+    k = ahead.experts_per_token
+    before = replace(stats)
+    cache = make_prompt_cache(ahead.model)
+    ahead.model(mx.array(ids)[None], cache=cache)  # prompt chunk: no prediction
+    token = mx.array([[ids[-1]]])
+    mid = replace(ahead.store.stats)
+    mx.eval(ahead.model(token, cache=cache))
+    delta = ahead.store.stats.since(mid)
+    assert delta.prefetch_hits + delta.prefetch_misses == (moe_layers - 1) * k  # every layer but the first
+    assert delta.reads == moe_layers * k + delta.prefetch_wasted  # a prediction read for nothing is counted
+    assert delta.bytes_read == delta.reads * ahead.manifest.expert_layers[0].layout.record_size
