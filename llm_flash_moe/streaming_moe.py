@@ -50,10 +50,10 @@ class StreamingExperts(nn.Module):
         chosen = np.array(indices)  # the host synchronization per layer: which experts to read
         if one_token:  # k distinct experts
             parts, slots = self.store.load(self.layer, chosen.reshape(-1))
-            if np.array_equal(slots, np.arange(len(slots))):  # in router order: the fused kernel applies
-                y = kernels.expert_glu(x, parts, self.quant).astype(x.dtype)
-            else:
+            if kernels.backend() == "twin" or not kernels.supported(x, parts, self.quant):
                 y = kernels.LoadedSwitchGLU(parts, self.quant)(x.reshape(1, -1), mx.array(slots)[None])
+            else:  # the fused kernel computes every loaded slot (prefetched ones too); keep the chosen
+                y = kernels.expert_glu(x, parts, self.quant)[mx.array(slots)].astype(x.dtype)
             y = y.reshape(*chosen.shape, x.shape[-1])
         else:
             unique, local = np.unique(chosen, return_inverse=True)
