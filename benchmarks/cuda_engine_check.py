@@ -42,10 +42,14 @@ def run(model_dir: Path, prefetch: bool, twin: bool, tokens=None):
 
 def main(root: Path):
     registry.register = lambda *args, **kwargs: None  # no llm here: do not register
-    hf = write_hf_checkpoint(root / "hf", TinySpec(dtype="bfloat16"))
+    spec = TinySpec(dtype=os.environ.get("CHECK_DTYPE", "bfloat16"), hidden_size=int(os.environ.get("CHECK_HIDDEN", 64)))
+    hf = write_hf_checkpoint(root / "hf", spec)
+    print("checkpoint written", flush=True)
     prepared = root / "prepared"
     prepare(PrepareOptions(source=str(hf), name="cuda-check", output=prepared), echo=lambda _: None)
+    print("prepared", flush=True)
     reference, tokens, _ = run(prepared, prefetch=False, twin=True)
+    print("twin done", flush=True)
     result = {"device": str(mx.default_device())}
     ok = True
     for prefetch in (False, True):

@@ -12,13 +12,14 @@ hookimpl = pluggy.HookimplMarker("llm")
 
 @hookimpl
 def register_models(register):
-    """``qwen397-flash`` always (it explains how to prepare it), and ``<name>-flash`` per prepared model."""
+    """``qwen397-flash`` always (it explains how to prepare it), and ``<name>-flash`` per prepared model,
+    each with its async twin (llm's async API, ``llm --async``)."""
     from . import registry
-    from .plugin import FlashMoeModel
+    from .plugin import FlashMoeAsyncModel, FlashMoeModel
 
     names = [registry.FLAGSHIP_NAME] + sorted(set(registry.prepared()) - {registry.FLAGSHIP_NAME})
     for name in names:
-        register(FlashMoeModel(name))
+        register(FlashMoeModel(name), FlashMoeAsyncModel(name))
 
 
 @hookimpl

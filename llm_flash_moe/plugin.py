@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -141,16 +143,182 @@ def _partial_tag_length(text: str, tag: str) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ tool calls
+
+
+class ToolCallFilter:
+    """Splits answer text into text and tool calls (``<tool_call>...</tool_call>``, Qwen's format).
+
+    ``feed(text)`` returns ``[(kind, chunk), ...]`` with kind "text" or "call" (the text between the
+    tags, for the tokenizer's tool parser); ``finish()`` flushes, an unterminated call as kind
+    "open_call". Tags split across chunks are recognised. Whitespace before a call and after one is
+    dropped: the chat template puts its own back when it renders the call in the history.
+    """
+
+    def __init__(self, start: str = "<tool_call>", end: str = "</tool_call>"):
+        self.start, self.end = start, end
+        self.buffer = ""
+        self.in_call = False
+        self.after_call = False
+
+    def feed(self, text: str) -> List[Tuple[str, str]]:
+        self.buffer += text
+        events: List[Tuple[str, str]] = []
+        while self.buffer and self._step(events):
+            pass
+        return [(kind, chunk) for kind, chunk in events if chunk]
+
+    def finish(self) -> List[Tuple[str, str]]:
+        rest, self.buffer = self.buffer, ""
+        if self.in_call:
+            self.in_call = False
+            return [("open_call", rest)]
+        return [("text", rest)] if rest else []
+
+    def _step(self, events: List[Tuple[str, str]]) -> bool:
+        if self.in_call:
+            i = self.buffer.find(self.end)
+            if i < 0:
+                return False
+            events.append(("call", self.buffer[:i]))
+            self.buffer = self.buffer[i + len(self.end):]
+            self.in_call, self.after_call = False, True
+            return True
+        if self.after_call:
+            self.buffer = self.buffer.lstrip()
+            if not self.buffer:
+                return False
+            self.after_call = False
+            return True
+        i = self.buffer.find(self.start)
+        if i >= 0:
+            events.append(("text", self.buffer[:i].rstrip()))
+            self.buffer = self.buffer[i + len(self.start):]
+            self.in_call = True
+            return True
+        head = self.buffer[:len(self.buffer) - _partial_tag_length(self.buffer, self.start)]
+        body = head.rstrip()  # trailing whitespace waits: it is dropped if a call follows
+        events.append(("text", body))
+        self.buffer = self.buffer[len(body):]
+        return False
+
+
+def template_tools(tools) -> Optional[List[dict]]:
+    """llm Tools -> the OpenAI-style function list that chat templates (and mlx-lm's parsers) expect."""
+    out = []
+    for tool in tools or []:
+        if isinstance(tool, llm.Tool):
+            schema = tool.input_schema or {"type": "object", "properties": {}}
+            out.append({"type": "function", "function": {"name": tool.name, "description": tool.description or "",
+                                                         "parameters": schema}})
+    return out or None
+
+
+def parse_tool_call(tokenizer, text: str, tools: Optional[List[dict]]) -> Optional[Tuple[str, dict]]:
+    """(name, arguments) from the text between the tool-call tags, by the tokenizer's own parser
+    (mlx-lm picks Qwen3.5's ``qwen3_coder`` from its chat template); None if it is not a call."""
+    parser = getattr(tokenizer, "tool_parser", None)
+    if parser is None:
+        return None
+    try:
+        parsed = parser(text.strip(), tools)
+    except Exception:  # the parsers raise ValueError, JSONDecodeError, KeyError...: not a well-formed call
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    name, arguments = parsed.get("name"), parsed.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+        return None
+    return name, arguments
+
+
+class Answer:
+    """The response as llm will store it (reasoning, text, tool calls), built from the model's text.
+
+    ``route(events)`` turns ThinkSplitter events into llm StreamEvents; with tools, answer text goes
+    through a ToolCallFilter and each parsed call is emitted (``tool_call_name``/``tool_call_args``
+    events and ``response.add_tool_call``). ``message()`` is the assistant Message of the next turn's
+    history, for the prompt cache's look-ahead.
+    """
+
+    def __init__(self, tokenizer, tools: Optional[List[dict]], response):
+        self.tokenizer, self.tools, self.response = tokenizer, tools, response
+        self.calls = (ToolCallFilter(tokenizer.tool_call_start, tokenizer.tool_call_end)
+                      if tools and getattr(tokenizer, "tool_call_start", None) else None)
+        self.reasoning: List[str] = []
+        self.text: List[str] = []
+        self.tool_calls: List[llm.ToolCall] = []
+
+    def route(self, events, final: bool = False) -> Iterator:
+        from llm.parts import StreamEvent
+
+        for kind, chunk in events:
+            if kind == "reasoning":
+                self.reasoning.append(chunk)
+                yield StreamEvent(type="reasoning", chunk=chunk)
+            elif self.calls is None:
+                self.text.append(chunk)
+                yield StreamEvent(type="text", chunk=chunk)
+            else:
+                yield from self._answer(self.calls.feed(chunk))
+        if final and self.calls is not None:
+            yield from self._answer(self.calls.finish())
+
+    def _answer(self, events) -> Iterator:
+        import uuid
+
+        from llm.parts import StreamEvent
+
+        for kind, chunk in events:
+            if kind == "text":
+                self.text.append(chunk)
+                yield StreamEvent(type="text", chunk=chunk)
+                continue
+            parsed = parse_tool_call(self.tokenizer, chunk, self.tools)
+            if parsed is None:  # not a call after all: show it as the model wrote it
+                raw = self.calls.start + chunk + (self.calls.end if kind == "call" else "")
+                self.text.append(raw)
+                yield StreamEvent(type="text", chunk=raw)
+                continue
+            name, arguments = parsed
+            call = llm.ToolCall(name=name, arguments=arguments, tool_call_id=f"call_{uuid.uuid4().hex[:24]}")
+            self.tool_calls.append(call)
+            yield StreamEvent(type="tool_call_name", chunk=name, tool_call_id=call.tool_call_id)
+            yield StreamEvent(type="tool_call_args", chunk=json.dumps(arguments), tool_call_id=call.tool_call_id)
+            self.response.add_tool_call(call)
+
+    def message(self):
+        from llm.parts import Message, ReasoningPart, TextPart, ToolCallPart
+
+        parts = []
+        if "".join(self.reasoning):
+            parts.append(ReasoningPart(text="".join(self.reasoning)))
+        if "".join(self.text):
+            parts.append(TextPart(text="".join(self.text)))
+        parts += [ToolCallPart(name=c.name, arguments=c.arguments, tool_call_id=c.tool_call_id)
+                  for c in self.tool_calls]
+        return Message(role="assistant", parts=parts)
+
+
 # ------------------------------------------------------------------------------ prompt rendering
+
+PROBE = "x"  # stand-in content for the look-ahead renderings of the next turn
 
 
 def chat_messages(messages) -> List[dict]:
     """llm Messages (``prompt.messages``: system, history, new turn) -> chat-template messages.
 
-    Only text reaches the template: earlier reasoning is left out (Qwen's template drops it
-    from history anyway). All system text is merged into one leading system message.
+    Text, reasoning (as ``reasoning_content``), tool calls and tool results reach the template.
+    Qwen's template shows an assistant turn's reasoning only while it is part of the current tool-calling
+    exchange (after the last user message) and drops it from older history. All system text is merged
+    into one leading system message.
     """
-    from llm.parts import TextPart, ToolResultPart
+    from llm.parts import ReasoningPart, TextPart, ToolCallPart, ToolResultPart
 
     system: List[str] = []
     out: List[dict] = []
@@ -158,28 +326,90 @@ def chat_messages(messages) -> List[dict]:
         if message.role == "tool":
             for part in message.parts:
                 if isinstance(part, ToolResultPart):
-                    out.append({"role": "tool", "content": part.output})
+                    result = {"role": "tool", "content": part.output, "name": part.name}
+                    if part.tool_call_id:
+                        result["tool_call_id"] = part.tool_call_id
+                    out.append(result)
             continue
         text = "".join(p.text for p in message.parts if isinstance(p, TextPart))
         if message.role == "system":
             if text:
                 system.append(text)
-        else:
-            out.append({"role": message.role, "content": text})
+            continue
+        entry = {"role": message.role, "content": text}
+        if message.role == "assistant":
+            reasoning = "".join(p.text for p in message.parts if isinstance(p, ReasoningPart) and not p.redacted)
+            if reasoning:
+                entry["reasoning_content"] = reasoning
+            calls = [p for p in message.parts if isinstance(p, ToolCallPart) and not p.server_executed]
+            if calls:
+                entry["tool_calls"] = [{"type": "function", "id": p.tool_call_id,
+                                        "function": {"name": p.name, "arguments": dict(p.arguments or {})}}
+                                       for p in calls]
+        out.append(entry)
     if system:
         out.insert(0, {"role": "system", "content": "\n\n".join(system)})
     return out
 
 
-def render_prompt(tokenizer, messages: List[dict], thinking: bool) -> str:
-    """The prompt text the model sees, through the model's own chat template."""
+def render_prompt(tokenizer, messages: List[dict], thinking: bool, tools: Optional[List[dict]] = None,
+                  generation_prompt: bool = True) -> str:
+    """The prompt text the model sees, through the model's own chat template (tools included)."""
     if not getattr(tokenizer, "has_chat_template", False):
+        if tools:
+            raise FlashMoeError("this model has no chat template, so it cannot be given tools")
         return "\n\n".join(m["content"] for m in messages)
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
                                              enable_thinking=thinking, tokenize=False)
     except Exception as e:  # jinja's TemplateError and friends: the template refused these messages
         raise FlashMoeError(f"the chat template rejected this conversation: {str(e).splitlines()[0]}")
+
+
+def history_ids(tokenizer, messages: List[dict], tools, thinking: bool) -> Optional[List[int]]:
+    """Token ids of ``messages`` rendered as history (no generation prompt); None if the template refuses."""
+    try:
+        text = render_prompt(tokenizer, messages, thinking, tools, generation_prompt=False)
+    except FlashMoeError:
+        return None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def reuse_point(tokenizer, messages: List[dict], tools, thinking: bool, prompt_ids: List[int]) -> Optional[int]:
+    """How much of this prompt the *next* turn will start with: where this prompt and the rendering of
+    this conversation plus one more exchange part ways, if inside the prompt.
+
+    With Qwen3.5's template that is right after this turn's ``<|im_start|>assistant\\n``: the
+    generation prompt goes on with ``<think>\\n`` (or an empty think block), while history shows the
+    answer without its reasoning.
+    """
+    from .prompt_cache import common_prefix
+
+    probe = history_ids(tokenizer, messages + [{"role": "assistant", "content": PROBE},
+                                               {"role": "user", "content": PROBE}], tools, thinking)
+    if probe is None:
+        return None
+    n = common_prefix(prompt_ids, probe)
+    return n if 0 < n < len(prompt_ids) else None
+
+
+def next_turns(tokenizer, history, answer, tools, thinking: bool) -> List[List[int]]:
+    """Token ids of the conversation as the next turn will render it: after a user message, and (when
+    the answer called tools) after the tool results. What the prompt cache may keep is judged by them."""
+    from llm.parts import Message, TextPart, ToolCallPart, ToolResultPart
+
+    base = list(history) + [answer]
+    probes = [base + [Message(role="user", parts=[TextPart(text=PROBE)])]]
+    calls = [p for p in answer.parts if isinstance(p, ToolCallPart)]
+    if calls:
+        probes.append(base + [Message(role="tool", parts=[
+            ToolResultPart(name=c.name, output=PROBE, tool_call_id=c.tool_call_id) for c in calls])])
+    out = []
+    for probe in probes:
+        ids = history_ids(tokenizer, chat_messages(probe), tools, thinking)
+        if ids is not None:
+            out.append(ids)
+    return out
 
 
 def prompt_opens_reasoning(prompt_text: str, tokenizer) -> bool:
@@ -206,6 +436,7 @@ class Settings:
     experts_per_token: int
     thinking: bool
     cache_bytes: int
+    prompt_cache: bool = True
 
 
 def generation_defaults(model_dir: Path) -> dict:
@@ -277,8 +508,10 @@ def warn(message: str) -> None:
 
 
 def resolve_settings(options, manifest, model_dir: Path, model_id: str, has_thinking: bool,
-                     cache_bytes: Optional[int] = None, vocab_size: Optional[int] = None) -> Settings:
-    """``cache_bytes``: the clamped cache budget (see ``cache_budget``); ``vocab_size`` bounds top_k."""
+                     cache_bytes: Optional[int] = None, vocab_size: Optional[int] = None,
+                     thinking: Optional[bool] = None) -> Settings:
+    """``cache_bytes``: the clamped cache budget (see ``cache_budget``); ``vocab_size`` bounds top_k;
+    ``thinking``: the conversation's earlier choice, used when ``-o thinking`` is not given."""
     defaults = generation_defaults(model_dir)
     if cache_bytes is None:
         cache_bytes = int(round(pick(options.cache_gb, DEFAULT_CACHE_GB) * 1e9))
@@ -293,8 +526,9 @@ def resolve_settings(options, manifest, model_dir: Path, model_id: str, has_thin
         min_p=float(pick(options.min_p, DEFAULT_MIN_P)),
         seed=options.seed,
         experts_per_token=check_experts(options.experts, manifest, model_id),
-        thinking=bool(pick(options.thinking, has_thinking)),
+        thinking=bool(pick(options.thinking, pick(thinking, has_thinking))),
         cache_bytes=cache_bytes,
+        prompt_cache=bool(pick(options.prompt_cache, True)),
     )
 
 
@@ -327,13 +561,108 @@ def unload(model_dir: Optional[Path] = None) -> None:
             _LOADED.pop(key).close()
 
 
-# ------------------------------------------------------------------------------ the model
+# ------------------------------------------------------------------------------ one pass through the model
+
+PREFILL_STEP = 2048  # mlx-lm's generate_step default (prefill_step_size)
+
+# One generation at a time per process: the sync and the async model share the loaded model.
+_GENERATION_LOCK = threading.RLock()
 
 
-class FlashMoeModel(llm.Model):
-    """A prepared Mixture-of-Experts model, experts streamed from disk (``<name>-flash``)."""
+def prefill(model, cache, tokens: List[int]) -> None:
+    """Run ``tokens`` through the model into ``cache`` (as mlx-lm's generate_step prefills)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generation_stream
+
+    with mx.stream(generation_stream):
+        for i in range(0, len(tokens), PREFILL_STEP):
+            model(mx.array(tokens[i:i + PREFILL_STEP])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+            mx.clear_cache()
+
+
+class Turn:
+    """One response's pass through the model, continuing from the longest cached prefix of its prompt.
+
+    ``steps()`` looks the prompt up in ``store`` (a PromptCache, or None for a full prefill), processes
+    the prompt up to ``checkpoint`` (see ``reuse_point``) and snapshots the state there, then lets
+    mlx-lm's ``stream_generate`` process the rest and generate. ``save(next_turns)`` keeps the snapshots
+    the next turn can use: the state after prompt + generated tokens when the next turn's rendering
+    starts with exactly those tokens (Qwen3.5: a tool call continued by its results), and the state at
+    the checkpoint when the next turn goes on from there (Qwen3.5: a new user message; the history shows
+    the previous answer without its reasoning, so the answer's tokens are processed again).
+    """
+
+    def __init__(self, flash, prompt_ids: List[int], store=None, checkpoint: Optional[int] = None):
+        self.flash, self.prompt_ids, self.store, self.checkpoint = flash, list(prompt_ids), store, checkpoint
+        self.cached = 0
+        self.source: Optional[str] = None
+        self.generated: List[int] = []
+        self.finished = False
+        self.prompt_seconds: Optional[float] = None
+        self.saved: List[int] = []
+        self._cache = None
+        self._mid = None
+
+    @property
+    def processed(self) -> int:
+        return len(self.prompt_ids) - self.cached
+
+    def steps(self, max_tokens: int, sampler) -> Iterator:
+        import mlx_lm
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from . import prompt_cache
+
+        started = time.perf_counter()
+        hit = self.store.lookup(self.prompt_ids) if self.store is not None else None
+        if hit is not None:
+            cache, self.cached, self.source = hit.caches, hit.length, hit.source
+        else:
+            cache = make_prompt_cache(self.flash.model)
+        self._cache = cache
+        position = self.cached
+        if self.store is not None and self.checkpoint is not None and position < self.checkpoint:
+            prefill(self.flash.model, cache, self.prompt_ids[position:self.checkpoint])
+            self._mid = prompt_cache.freeze(cache)
+            position = self.checkpoint
+        for response in mlx_lm.stream_generate(self.flash.model, self.flash.tokenizer, self.prompt_ids[position:],
+                                               max_tokens=max_tokens, sampler=sampler, prompt_cache=cache):
+            if self.prompt_seconds is None:
+                self.prompt_seconds = time.perf_counter() - started
+            self.generated.append(response.token)
+            yield response
+        self.finished = True
+
+    def save(self, next_turns: List[List[int]]) -> None:
+        from . import prompt_cache
+
+        if self.store is None or not self.finished:
+            return
+        full = self.prompt_ids + self.generated
+        reach = [prompt_cache.common_prefix(full, ids) for ids in next_turns]
+        # The cache holds prompt + every generated token (mlx-lm feeds each sampled token before
+        # yielding it); checked, so a state is never filed under tokens it did not see.
+        end_saved = False
+        if len(full) in reach and prompt_cache.kv_length(self._cache) in (None, len(full)):
+            self.store.save(full, prompt_cache.freeze(self._cache))
+            end_saved = True
+            self.saved.append(len(full))
+        if self._mid is not None and any(r >= self.checkpoint and not (end_saved and r == len(full))
+                                         for r in reach):
+            self.store.save(self.prompt_ids[:self.checkpoint], self._mid)
+            self.saved.append(self.checkpoint)
+        self._cache = self._mid = None
+
+
+# ------------------------------------------------------------------------------ the models
+
+
+class _FlashMoe:
+    """What the sync and the async ``<name>-flash`` models share."""
 
     can_stream = True
+    supports_tools = True
 
     class Options(llm.Options):
         max_tokens: Optional[int] = Field(
@@ -356,11 +685,14 @@ class FlashMoeModel(llm.Model):
                               "4 for qwen397). Fewer is faster and reads less, at some cost in quality", ge=1)
         thinking: Optional[bool] = Field(
             None, description="Let the model think before answering; its thinking is shown as reasoning "
-                              "(default: on when the model can think)")
+                              "(default: the conversation's earlier choice, else on when the model can think)")
         cache_gb: Optional[float] = Field(
             None, description=f"In-memory expert cache budget in GB, on top of the OS page cache "
                               f"(default {DEFAULT_CACHE_GB:g}; at most {CACHE_MEMORY_SHARE:.0%} of the machine's "
                               "memory less the resident weights)", ge=0, allow_inf_nan=False)
+        prompt_cache: Optional[bool] = Field(
+            None, description="Reuse the model state of the conversation so far (kept in memory and on disk) "
+                              "so a follow-up only processes its new tokens (default on)")
 
         @field_validator("max_tokens")
         @classmethod
@@ -382,45 +714,63 @@ class FlashMoeModel(llm.Model):
             raise llm.ModelError(not_prepared_message(self.name))
         return path
 
-    def execute(self, prompt, stream, response, conversation) -> Iterator:
+    def _events(self, prompt, response, conversation) -> Iterator:
         try:
-            yield from self._generate(prompt, response)
+            with _GENERATION_LOCK:
+                yield from self._generate(prompt, response, conversation)
         except FlashMoeError as e:
             raise llm.ModelError(str(e)) from None
 
-    def _generate(self, prompt, response) -> Iterator:
+    def _generate(self, prompt, response, conversation) -> Iterator:
         import mlx.core as mx
-        import mlx_lm
-        from llm.parts import StreamEvent
-        from mlx_lm.sample_utils import make_sampler
 
-        flash, settings = self._ready(prompt.options)
+        from . import prompt_cache
+
+        conversation_id = getattr(conversation, "id", None)
+        flash, settings = self._ready(prompt.options, prompt_cache.recall(conversation_id).get("thinking"))
         tokenizer = flash.tokenizer
-        text = render_prompt(tokenizer, chat_messages(prompt.messages), settings.thinking)
+        tools = template_tools(prompt.tools)
+        if tools and not getattr(tokenizer, "has_tool_calling", False):
+            raise FlashMoeError(f"{self.model_id} cannot call tools: its chat template has no tool-call format")
+        messages = chat_messages(prompt.messages)
+        text = render_prompt(tokenizer, messages, settings.thinking, tools)
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
         if not prompt_ids:
             raise FlashMoeError(f"the tokenizer of {self.model_id} turned the prompt into no tokens; "
                                 f"run `llm flash-moe verify {self.name}`")
         splitter = ThinkSplitter(tokenizer.think_start, tokenizer.think_end,
                                  in_reasoning=prompt_opens_reasoning(text, tokenizer))
+        answer = Answer(tokenizer, tools, response)
+        store = self._prompt_cache(flash) if settings.prompt_cache else None
+        checkpoint = reuse_point(tokenizer, messages, tools, settings.thinking, prompt_ids) if store else None
+        turn = Turn(flash, prompt_ids, store, checkpoint)
         if settings.seed is not None:
             mx.random.seed(settings.seed)
-        sampler = make_sampler(settings.temperature, settings.top_p, settings.min_p, top_k=settings.top_k)
+        sampler = make_sampler(settings)
         stats_before = replace(flash.store.stats)
         mx.reset_peak_memory()
         last = None
         try:
-            for last in mlx_lm.stream_generate(flash.model, tokenizer, prompt_ids,
-                                               max_tokens=settings.max_tokens, sampler=sampler):
+            for last in turn.steps(settings.max_tokens, sampler):
                 check_finite(last, self.name)
-                for kind, chunk in splitter.feed(last.text):
-                    yield StreamEvent(type=kind, chunk=chunk)
-            for kind, chunk in splitter.finish():
-                yield StreamEvent(type=kind, chunk=chunk)
+                yield from answer.route(splitter.feed(last.text))
+            yield from answer.route(splitter.finish(), final=True)
+            turn.save(next_turns(tokenizer, prompt.messages, answer.message(), tools, settings.thinking))
         finally:
-            record_usage(response, last, len(prompt_ids), settings, flash.store.stats.since(stats_before))
+            record_usage(response, last, turn, settings, flash.store.stats.since(stats_before))
+        prompt_cache.remember(conversation_id, thinking=settings.thinking)
 
-    def _ready(self, options):
+    def _prompt_cache(self, flash):
+        """This model's PromptCache for its current settings, or None if its cache types are unknown to us."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from . import prompt_cache
+
+        if not prompt_cache.supported(make_prompt_cache(flash.model)):
+            return None
+        return prompt_cache.PromptCache(self.name, prompt_cache.identity(flash))
+
+    def _ready(self, options, thinking: Optional[bool] = None):
         """The loaded model, set up for this response's options, and the resolved settings."""
         from .flash_layout import Manifest
 
@@ -433,11 +783,73 @@ class FlashMoeModel(llm.Model):
             warn(warning)
         flash = load(model_dir, cache_bytes=cache_bytes)
         settings = resolve_settings(options, manifest, model_dir, self.model_id, flash.tokenizer.has_thinking,
-                                    cache_bytes=cache_bytes, vocab_size=vocab_size(manifest.config))
+                                    cache_bytes=cache_bytes, vocab_size=vocab_size(manifest.config),
+                                    thinking=thinking)
         flash.set_experts_per_token(settings.experts_per_token)
         if flash.store.cache_bytes != settings.cache_bytes:
             flash.store.set_cache_bytes(settings.cache_bytes)
         return flash, settings
+
+
+class FlashMoeModel(_FlashMoe, llm.Model):
+    """A prepared Mixture-of-Experts model, experts streamed from disk (``<name>-flash``)."""
+
+    def execute(self, prompt, stream, response, conversation) -> Iterator:
+        yield from self._events(prompt, response, conversation)
+
+
+class FlashMoeAsyncModel(_FlashMoe, llm.AsyncModel):
+    """The same model for llm's async API: generation runs in one worker thread (the model is shared
+    with the sync model, one generation at a time) and streams through an asyncio queue; the thread is
+    joined before ``execute`` returns, also when the consumer stops early."""
+
+    async def execute(self, prompt, stream, response, conversation):
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                pass
+
+        def work() -> None:
+            events = self._events(prompt, response, conversation)
+            try:
+                for event in events:
+                    put(("event", event))
+                    if stop.is_set():
+                        break
+            except BaseException as e:  # handed to the consumer, raised there
+                put(("error", e))
+            finally:
+                events.close()
+                put(("done", None))
+
+        thread = threading.Thread(target=work, name=f"flash-moe-{self.model_id}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "event":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join)
+
+
+def make_sampler(settings: Settings):
+    """mlx-lm's sampler for these settings (tests replace it to steer the model's output)."""
+    from mlx_lm.sample_utils import make_sampler as mlx_make_sampler
+
+    return mlx_make_sampler(settings.temperature, settings.top_p, settings.min_p, top_k=settings.top_k)
 
 
 def check_finite(step, name: str) -> None:
@@ -457,19 +869,28 @@ def check_finite(step, name: str) -> None:
         )
 
 
-def record_usage(response, last, prompt_tokens: int, settings: Settings, stats) -> None:
+def record_usage(response, last, turn: Turn, settings: Settings, stats) -> None:
     """Token usage and ``response_json``: what this run cost (also after an interrupted one).
 
     ``stats``: the expert store's StoreStats for this response alone (``stats.since(before)``).
     """
     generated = last.generation_tokens if last is not None else 0
+    prompt_tokens = len(turn.prompt_ids)
     response.set_usage(input=prompt_tokens, output=generated)
     reads, hits = stats.reads, stats.cache_hits
+    prompt_tps = None
+    if turn.prompt_seconds is not None:
+        prompt_tps = round(turn.processed / max(turn.prompt_seconds, 1e-9), 3)
     response.response_json = {
         "finish_reason": getattr(last, "finish_reason", None) or "interrupted",
         "prompt_tokens": prompt_tokens,
+        "prompt_tokens_cached": turn.cached,
+        "prompt_tokens_processed": turn.processed,
+        "prompt_cache": turn.source,
+        "prompt_cache_saved": list(turn.saved),
         "generation_tokens": generated,
-        "prompt_tps": round(last.prompt_tps, 3) if last is not None else None,
+        "thinking": settings.thinking,
+        "prompt_tps": prompt_tps,
         "generation_tps": round(last.generation_tps, 3) if last is not None else None,
         "experts_per_token": settings.experts_per_token,
         "bytes_read": stats.bytes_read,

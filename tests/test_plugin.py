@@ -77,20 +77,31 @@ def tokenizer(tiny_model):
     return load_tokenizer(tiny_model)
 
 
+@pytest.fixture(autouse=True)
+def fresh_prompt_cache():
+    """Snapshots kept in memory by earlier tests (same model, same process) must not serve this one."""
+    from llm_flash_moe import prompt_cache
+
+    prompt_cache.MEMORY.clear()
+    yield
+    prompt_cache.MEMORY.clear()
+
+
 @pytest.fixture
 def spy(monkeypatch):
-    """Records what reaches mlx_lm.stream_generate: the prompt ids and the responses it yields."""
+    """Records each pass through the model: the whole prompt (cached part included), the prompt cache's
+    share of it, and the responses mlx_lm.stream_generate yields."""
     calls = []
-    real = mlx_lm.stream_generate
+    real = plugin.Turn.steps
 
-    def stream_generate(model, tokenizer, prompt, **kwargs):
-        call = {"prompt": list(prompt), "tokenizer": tokenizer, "responses": [], "kwargs": kwargs}
+    def steps(turn, max_tokens, sampler):
+        call = {"prompt": list(turn.prompt_ids), "tokenizer": turn.flash.tokenizer, "responses": [], "turn": turn}
         calls.append(call)
-        for response in real(model, tokenizer, prompt, **kwargs):
+        for response in real(turn, max_tokens, sampler):
             call["responses"].append(response)
             yield response
 
-    monkeypatch.setattr(mlx_lm, "stream_generate", stream_generate)
+    monkeypatch.setattr(plugin.Turn, "steps", steps)
     return calls
 
 
@@ -278,8 +289,9 @@ def test_usage_and_response_json_logged(user_path, spy, tokenizer):
 
 
 def test_options_apply_per_response(user_path):
-    """experts and the store statistics belong to each response, not to the loaded model's lifetime."""
-    args = ["-m", MODEL, "hi", *GREEDY, "-o", "max_tokens", "4", *NO_THINK]
+    """experts and the store statistics belong to each response, not to the loaded model's lifetime.
+    (The prompt cache is off: with it the second run would process only what the first did not keep.)"""
+    args = ["-m", MODEL, "hi", *GREEDY, "-o", "max_tokens", "4", *NO_THINK, "-o", "prompt_cache", "0"]
     for extra in ([], [], ["-o", "experts", "1"], []):
         assert run(*args, *extra).exit_code == 0
     first, second, one_expert, back = (json.loads(t["response_json"]) for t in turns(user_path))
@@ -435,17 +447,12 @@ def test_no_reasoning_when_thinking_off(user_path, monkeypatch, spy):
     assert json.loads(run("logs", "--json", "-n", "1").output)[0]["reasoning"] is None
 
 
-def test_history_leaves_reasoning_out(user_path, monkeypatch):
-    calls = []
-
-    def stream_generate(model, tokenizer, prompt, **kwargs):
-        calls.append(tokenizer.decode(list(prompt)))
-        yield from scripted(THOUGHT)(model, tokenizer, prompt, **kwargs)
-
-    monkeypatch.setattr(mlx_lm, "stream_generate", stream_generate)
+def test_history_leaves_reasoning_out(user_path, monkeypatch, spy):
+    monkeypatch.setattr(mlx_lm, "stream_generate", scripted(THOUGHT))
     assert run("-m", MODEL, "2+2?").exit_code == 0
     assert run("-c", "and 3+3?").exit_code == 0
-    assert "The answer is 4." in calls[1] and "Let me think" not in calls[1]
+    second = decoded_prompt(spy[1])
+    assert "The answer is 4." in second and "Let me think" not in second
 
 
 # ------------------------------------------------------------------------------ llm flash-moe commands
