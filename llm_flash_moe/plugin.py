@@ -60,7 +60,23 @@ def not_prepared_message(name: str) -> str:
 # ------------------------------------------------------------------------------ reasoning split
 
 
-class ThinkSplitter:
+class _StreamSplitter:
+    """Splits streamed text as its ``_step`` decides; ``feed`` returns ``[(kind, chunk), ...]``."""
+
+    buffer = ""
+
+    def feed(self, text: str) -> List[Tuple[str, str]]:
+        self.buffer += text
+        events: List[Tuple[str, str]] = []
+        while self.buffer and self._step(events):
+            pass
+        return [(kind, chunk) for kind, chunk in events if chunk]
+
+    def _step(self, events: List[Tuple[str, str]]) -> bool:
+        raise NotImplementedError
+
+
+class ThinkSplitter(_StreamSplitter):
     """Splits streamed model text into reasoning (``<think>...</think>``) and answer.
 
     ``feed(text)`` returns ``[(kind, chunk), ...]`` with kind "reasoning" or "text"; ``finish()``
@@ -81,13 +97,6 @@ class ThinkSplitter:
     @property
     def in_reasoning(self) -> bool:
         return self.mode in (self.REASONING_START, self.REASONING)
-
-    def feed(self, text: str) -> List[Tuple[str, str]]:
-        self.buffer += text
-        events: List[Tuple[str, str]] = []
-        while self.buffer and self._step(events):
-            pass
-        return [(kind, chunk) for kind, chunk in events if chunk]
 
     def finish(self) -> List[Tuple[str, str]]:
         """Everything still held back: a partial tag is text, trailing reasoning whitespace is dropped."""
@@ -146,7 +155,7 @@ def _partial_tag_length(text: str, tag: str) -> int:
 # ------------------------------------------------------------------------------ tool calls
 
 
-class ToolCallFilter:
+class ToolCallFilter(_StreamSplitter):
     """Splits answer text into text and tool calls (``<tool_call>...</tool_call>``, Qwen's format).
 
     ``feed(text)`` returns ``[(kind, chunk), ...]`` with kind "text" or "call" (the text between the
@@ -160,13 +169,6 @@ class ToolCallFilter:
         self.buffer = ""
         self.in_call = False
         self.after_call = False
-
-    def feed(self, text: str) -> List[Tuple[str, str]]:
-        self.buffer += text
-        events: List[Tuple[str, str]] = []
-        while self.buffer and self._step(events):
-            pass
-        return [(kind, chunk) for kind, chunk in events if chunk]
 
     def finish(self) -> List[Tuple[str, str]]:
         rest, self.buffer = self.buffer, ""

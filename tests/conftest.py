@@ -89,3 +89,22 @@ class ModelFactory:
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> ModelFactory:
     return ModelFactory(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny prepared model (tiny tokenizer) for the plugin tests; registered by each test's user dir."""
+    from llm_flash_moe.conversion.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    source = write_hf_checkpoint(root / "source", TinySpec(), tokenizer="tiny")
+    saved = os.environ.get("LLM_USER_PATH")
+    os.environ["LLM_USER_PATH"] = str(root / "prepare-user-dir")  # prepare registers it there; ignored
+    try:
+        prepare(PrepareOptions(source=str(source), name="tiny", output=root / "flash"), echo=lambda s: None)
+    finally:
+        if saved is None:
+            os.environ.pop("LLM_USER_PATH", None)
+        else:
+            os.environ["LLM_USER_PATH"] = saved
+    return root / "flash"

@@ -38,26 +38,6 @@ GREEDY = ["-o", "temperature", "0"]
 # ------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny model prepared once: its flash directory (registered per test by ``user_path``)."""
-    from llm_flash_moe.conversion.prepare import PrepareOptions, prepare
-    from llm_flash_moe.synthetic.checkpoint import TinySpec, write_hf_checkpoint
-
-    root = tmp_path_factory.mktemp("tiny-model")
-    source = write_hf_checkpoint(root / "source", TinySpec(), tokenizer="tiny")
-    saved = os.environ.get("LLM_USER_PATH")
-    os.environ["LLM_USER_PATH"] = str(root / "prepare-user-dir")  # prepare registers it there; ignored
-    try:
-        prepare(PrepareOptions(source=str(source), name=NAME, output=root / "flash"), echo=lambda s: None)
-    finally:
-        if saved is None:
-            os.environ.pop("LLM_USER_PATH")
-        else:
-            os.environ["LLM_USER_PATH"] = saved
-    return root / "flash"
-
-
 @pytest.fixture
 def user_path(tmp_path, monkeypatch, tiny_model) -> Path:
     """A fresh llm user directory with the tiny model registered."""
