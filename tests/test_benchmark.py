@@ -1,0 +1,35 @@
+"""The benchmark's own pieces: its floors compute and read what the engine does, its statistics are right."""
+
+import mlx.core as mx
+
+from llm_flash_moe.benchmark import io_floor_ms, routing_stats, with_resident_experts
+from llm_flash_moe.engine import load_flash_model
+
+
+def test_routing_statistics():
+    layer = [{0, 1}, {1, 2}, {2, 3}, {0, 1}]
+    stats = routing_stats({0: layer})
+    assert stats["reuse_consecutive"] == round((0.5 + 0.5 + 0.0) / 3, 3)
+    assert stats["touched_over_30_tokens"] == round(4 / 512, 3)
+    # an LRU of 16 entries misses each expert once (4 of 8 selections), then hits
+    assert stats["lru_hit_rate"]["16"] == 0.5
+
+
+def test_compute_floor_runs_the_engine_arithmetic(models):
+    """The compute floor (experts held in memory, mlx-lm's SwitchGLU) gives the engine's logits exactly."""
+    flash = load_flash_model(models.prepared(models.hf("float32")), prefetch=False)
+    ids = mx.array(flash.tokenizer.encode("The quick brown fox jumps over the lazy dog."))[None]
+    streamed = flash.model(ids)
+    layers = {l.layer: list(range(l.num_experts)) for l in flash.manifest.expert_layers}
+    restore = with_resident_experts(flash, layers)
+    resident = flash.model(ids)
+    restore()
+    assert mx.array_equal(streamed, resident)
+    assert mx.array_equal(flash.model(ids), streamed)  # restored
+
+
+def test_io_floor_reads_the_given_records(models):
+    prepared = models.prepared(models.hf("float32"))
+    flash = load_flash_model(prepared)
+    calls = [(layer.layer, (0, 1)) for layer in flash.manifest.expert_layers]
+    assert io_floor_ms(prepared, flash.manifest, calls, tokens=1, threads=2) > 0
