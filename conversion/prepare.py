@@ -9,13 +9,13 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 from .. import registry
 from ..errors import FlashMoeError
 from ..flash_layout import (
-    FORMAT_VERSION, MANIFEST_NAME, RESIDENT_WEIGHTS_NAME, ExpertLayer, ExpertQuantization, Manifest,
-    RecordLayout, expert_file_name,
+    EXPERT_BITS, FORMAT_VERSION, MANIFEST_NAME, RESIDENT_WEIGHTS_NAME, BitsRule, ExpertLayer, ExpertQuantization,
+    Manifest, RecordLayout, canonical_bits, expert_file_name,
 )
 from ..mlx_model import build_model
 from .checkpoint import TOKENIZER_FILES, classify, conversion_dtype, quantization_of
@@ -26,8 +26,7 @@ from .resident import estimate_resident_bytes, resident_parameters, write_reside
 from .safetensors_io import DTYPES, TensorInfo, copy_tensors, read_header
 from .source import Source, hub_errors, resolve_source
 
-EXPERT_BITS = (2, 3, 4, 8)
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (32, 64, 128)  # EXPERT_BITS (imported above) lives in flash_layout, where BitsRule checks it
 RESIDENT_BITS = (4, 8, 16)
 
 
@@ -36,7 +35,8 @@ class PrepareOptions:
     source: str = registry.FLAGSHIP_SOURCE
     name: Optional[str] = None
     output: Optional[Path] = None
-    bits: int = 4
+    # Expert bits: an int for every layer, or a per-layer rule such as "3,first=4,last=4" (flash_layout.BitsRule)
+    bits: Union[int, str] = 4
     group_size: int = 64
     resident_bits: int = 4
     experts_per_token: Optional[int] = None
@@ -164,8 +164,7 @@ def _start_repair(existing: Manifest, plan: Plan, echo) -> Optional[Dict[str, st
 
 
 def _check_options(opts: PrepareOptions) -> None:
-    if opts.bits not in EXPERT_BITS:
-        raise FlashMoeError(f"--bits must be one of {', '.join(map(str, EXPERT_BITS))}, not {opts.bits}")
+    BitsRule.parse(opts.bits)  # one line saying what is wrong with it
     if opts.group_size not in GROUP_SIZES:
         raise FlashMoeError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {opts.group_size}")
     if opts.resident_bits not in RESIDENT_BITS:
@@ -232,7 +231,7 @@ def _plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> Plan
     if not shapes:
         raise FlashMoeError(f"{source.id} has no routed experts to stream")
     source_q = quantization_of(config)
-    quant = ExpertQuantization(opts.bits, opts.group_size)
+    bits = BitsRule.parse(opts.bits).resolve(list(shapes))
     sq = {}
     if source_q is not None:
         scales = [m for k, m in tensor_meta.items() if (c := classify(k)) and c.part == "scales"]
@@ -250,6 +249,7 @@ def _plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> Plan
         scale_dtype = conversion_dtype(config) or weights[0][0]
     layers = []
     for index, (num_experts, intermediate, hidden, _) in sorted(shapes.items()):
+        quant = ExpertQuantization(bits[index], opts.group_size)
         layout = RecordLayout.for_expert(hidden, intermediate, quant, scale_dtype)
         layers.append(ExpertLayer(index, expert_file_name(index), num_experts, quant, layout))
     num_experts = layers[0].num_experts
@@ -260,7 +260,7 @@ def _plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> Plan
         raise FlashMoeError(f"--experts-per-token must be between 1 and {num_experts}, not {k}")
     label = opts.source_label or source.id
     settings = {"format_version": FORMAT_VERSION, "name": name, "source": label, "revision": source.revision,
-                "bits": opts.bits, "group_size": opts.group_size, "resident_bits": opts.resident_bits,
+                "bits": canonical_bits(bits), "group_size": opts.group_size, "resident_bits": opts.resident_bits,
                 "experts_per_token": k}
     return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings, label)
 

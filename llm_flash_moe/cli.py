@@ -31,6 +31,21 @@ DEMO_NOTE = ("The demo model has RANDOM weights: it checks the whole path (conve
              "chat template, the real Qwen3.5 tokenizer) but its output is not language.")
 
 
+class BitsRuleParam(click.ParamType):
+    """``--bits``: one of EXPERT_BITS, or a per-layer rule (flash_layout.BitsRule); an int when it is one width."""
+
+    name = "BITS"
+
+    def convert(self, value, param, ctx):
+        from .flash_layout import BitsRule
+
+        try:
+            rule = BitsRule.parse(value)
+        except FlashMoeError as e:
+            self.fail(str(e).split("--bits", 1)[-1].lstrip(": "), param, ctx)
+        return rule.default if not rule.overrides else str(value).replace(" ", "")
+
+
 class FlashMoeGroup(click.Group):
     """A click group whose commands report FlashMoeError (and OSError) as one line (``Error: ...``, exit 1)."""
 
@@ -66,9 +81,12 @@ def flash_moe():
 
 @flash_moe.command()
 @click.argument("source", required=False)
-@click.option("--bits", type=click.Choice(EXPERT_BITS), default="4", show_default=True,
-              help="Bits per expert weight. For the flagship's experts: 8 = 411 GB, 4 = 217 GB, 3 = 169 GB, "
-                   "2 = 121 GB. 4 keeps quality; 2 is faster but breaks JSON and tool calls.")
+@click.option("--bits", type=BitsRuleParam(), default="4", show_default=True,
+              help="Bits per expert weight (2, 3, 4 or 8), for every layer or per layer: 3,first=4,last=4 "
+                   "is 4 bits for the first and last layers, 3 elsewhere (LAYERS=BITS overrides: a layer "
+                   "number, negative from the end, a range A..B, first, last). For the flagship's experts: "
+                   "8 = 411 GB, 4 = 217 GB, 3 = 169 GB, 2 = 121 GB. 4 keeps quality; 2 is faster but breaks "
+                   "JSON and tool calls. `llm flash-moe eval` measures what a choice costs.")
 @click.option("--group-size", type=click.Choice(GROUP_SIZES), default="64", show_default=True,
               help="Quantization group size of the experts.")
 @click.option("--resident-bits", type=click.Choice(RESIDENT_BITS), default="4", show_default=True,
@@ -110,7 +128,7 @@ def prepare(source, bits, group_size, resident_bits, experts_per_token, name, ou
     from .conversion.prepare import PrepareOptions
 
     opts = PrepareOptions(
-        source=source or registry.FLAGSHIP_SOURCE, name=name, output=output, bits=int(bits),
+        source=source or registry.FLAGSHIP_SOURCE, name=name, output=output, bits=bits,
         group_size=int(group_size), resident_bits=int(resident_bits), experts_per_token=experts_per_token,
         delete_source=delete_source, revision=revision, repair=repair,
     )
@@ -258,7 +276,7 @@ def manifest_summary(m, path: Path) -> dict:
         "expert_record_bytes": record,
         "expert_bytes": m.expert_bytes,
         "resident_bytes": m.resident_bytes,
-        "read_per_token_bytes": record * len(layers) * m.experts_per_token,
+        "read_per_token_bytes": sum(layer.layout.record_size for layer in layers) * m.experts_per_token,
         "format_version": m.format_version,
         "settings": m.settings,
     }
@@ -349,6 +367,71 @@ def bench(layers, bits, experts, tokens, prompt_tokens, directory, json_):
                         prompt_tokens=prompt_tokens, directory=directory)
     result = run(opts, log=(lambda line: None) if json_ else (lambda line: click.echo(line, err=True)))
     click.echo(json.dumps(result, indent=None if json_ else 1))
+
+
+@flash_moe.command(name="eval")
+@click.argument("name")
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="UTF-8 text to score (e.g. the WikiText-2 test set, or your own documents).")
+@click.option("--experts", type=click.IntRange(min=1), multiple=True,
+              help="Experts per token to measure (repeatable; default: the model's served default).")
+@click.option("--against", help="Compare with this prepared model (e.g. a 4-bit copy of a 2-bit NAME) at its own "
+                                "experts per token, instead of NAME at its own experts per token.")
+@click.option("--window", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Tokens per window; each window is scored on its own.")
+@click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens of the text.")
+@click.option("--compute", type=click.Choice(["auto", "model", "float32"]), default="auto", show_default=True,
+              help="Activation dtype: float32 on the CPU backend, the weights' own elsewhere (auto); 'model' "
+                   "reproduces mlx-lm bit for bit.")
+@click.option("json_", "--json", is_flag=True, help="Print the results as JSON.")
+def eval_command(name, text_file, experts, against, window, max_tokens, compute, json_):
+    """Measure what experts per token and expert bits cost in quality, on your text.
+
+    Runs NAME over the text in windows, streaming experts from disk as generation does, once for the
+    reference (NAME at the model's own experts per token, or the --against model) and once per --experts
+    setting, and reports each one's perplexity, its top-1 agreement with the reference and the mean
+    KL(reference || setting) per token, with the bytes of experts read. For example:
+
+    \b
+        llm flash-moe eval qwen397 --text wiki.test.raw --experts 10 --experts 4 --max-tokens 4096
+        llm flash-moe eval qwen397-2bit --against qwen397 --experts 10 --text wiki.test.raw
+    """
+    from .engine import load_flash_model
+    from .evaluate import Configuration, evaluate, format_report, native_experts_per_token, tokenize, windows_of
+
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FlashMoeError(f"{text_file} is not UTF-8 text ({e.reason} at byte {e.start})")
+    name = _strip_suffix(name)
+    flash = load_flash_model(registry.model_dir(name), compute=compute)
+    other = None
+    try:
+        if against:
+            against = _strip_suffix(against)
+            other = flash if against == name else load_flash_model(registry.model_dir(against), compute=compute)
+            reference = Configuration(against, other, native_experts_per_token(other.manifest))
+        else:
+            reference = Configuration(name, flash, native_experts_per_token(flash.manifest))
+        configurations = [Configuration(name, flash, k) for k in dict.fromkeys(experts or [flash.experts_per_token])]
+        for config in configurations:
+            if config.experts > flash.manifest.num_experts:
+                raise FlashMoeError(
+                    f"--experts must be between 1 and {flash.manifest.num_experts}, not {config.experts}")
+        ids = tokenize(text, [reference] + configurations)[:max_tokens]
+        from huggingface_hub.utils import tqdm
+
+        scored = sum(len(w) - 1 for w in windows_of(ids, window))
+        with tqdm(total=scored, unit="tok", desc=f"Evaluating {name}") as bar:
+            report = evaluate(configurations, reference, ids, window, progress=bar.update)
+    finally:
+        flash.close()
+        if other is not None and other is not flash:
+            other.close()
+    if json_:
+        click.echo(json.dumps({"text": str(text_file), **report.as_dict()}, indent=1))
+    else:
+        click.echo(format_report(report, text_file.name))
 
 
 @flash_moe.command()

@@ -58,6 +58,111 @@ class ExpertQuantization:
         return self.mode == "affine"
 
 
+EXPERT_BITS = (2, 3, 4, 8)
+BITS_RULE_HELP = ("BITS, or BITS followed by ,LAYERS=BITS overrides: LAYERS is a layer number (negative counts "
+                  "from the last: -1 is the last), a range A..B (inclusive), first or last; later overrides win. "
+                  "E.g. 3,first=4,last=4 or 4,10..49=3")
+
+
+@dataclass(frozen=True)
+class BitsRule:
+    """Expert bits per MoE layer: ``default`` everywhere except the ``overrides`` (first, last, bits).
+
+    Written ``3`` (every layer) or ``3,0=4,-1=4`` / ``3,first=4,last=4`` (4 bits for the first and the last
+    layer, 3 elsewhere) or ``4,10..49=3``. Layer numbers are the decoder layer numbers of the manifest and
+    ``info``; negative ones count from the last layer. A prepared model records the resolved bits of every
+    layer in its manifest; ``canonical_bits`` writes them back as the shortest rule of this syntax.
+    """
+
+    default: int
+    overrides: Tuple[Tuple[int, int, int], ...] = ()
+
+    @classmethod
+    def parse(cls, text) -> "BitsRule":
+        if isinstance(text, int) and not isinstance(text, bool):
+            return cls(_check_bits(text))
+        items = [item.strip() for item in str(text).split(",")]
+        try:
+            default = _check_bits(int(items[0]))
+        except ValueError:
+            raise FlashMoeError(f"--bits {text!r} is not a bit width or rule; write {BITS_RULE_HELP}") from None
+        overrides = []
+        for item in items[1:]:
+            layers, sep, bits = item.partition("=")
+            try:
+                if not sep:
+                    raise ValueError
+                first, dots, last = layers.strip().partition("..")
+                first = _layer_number(first)
+                overrides.append((first, _layer_number(last) if dots else first, _check_bits(int(bits))))
+            except ValueError:
+                raise FlashMoeError(f"--bits: cannot read {item!r} in {text!r}; write {BITS_RULE_HELP}") from None
+        return cls(default, tuple(overrides))
+
+    def resolve(self, layers: Sequence[int]) -> Dict[int, int]:
+        """Bits of each of ``layers`` (the model's MoE layer numbers). Names no layer the model lacks."""
+        layers = sorted(layers)
+        count = layers[-1] + 1 if layers else 0
+        bits = {layer: self.default for layer in layers}
+        for given_first, given_last, b in self.overrides:
+            first, last = (n + count if n < 0 else n for n in (given_first, given_last))
+            span = [layer for layer in layers if first <= layer <= last]
+            if first < 0 or last >= count or first > last or not span:
+                name = (f"layer {given_first}" if given_first == given_last
+                        else f"layers {given_first}..{given_last}")
+                raise FlashMoeError(f"--bits: {name} names no layer with experts; this model's expert layers "
+                                    f"are {_ranges(layers)}")
+            for layer in span:
+                bits[layer] = b
+        return bits
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in EXPERT_BITS:
+        raise FlashMoeError(f"--bits must be one of {', '.join(map(str, EXPERT_BITS))}, not {bits}")
+    return bits
+
+
+def _layer_number(text: str) -> int:
+    text = text.strip().lower()
+    return {"first": 0, "last": -1}.get(text) if text in ("first", "last") else int(text)
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    runs, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            runs.append(f"{start}" if start == layer else f"{start}..{layer}")
+            start = None
+    return ", ".join(runs)
+
+
+def canonical_bits(bits_by_layer: Dict[int, int]):
+    """The bits of every layer as the shortest rule: an int when all are equal, else e.g. "3,0=4,59=4".
+
+    The most common width is the default; each run of consecutive layers with another width is one
+    override, with absolute layer numbers. ``BitsRule.parse(canonical_bits(b)).resolve(b) == b``.
+    """
+    values = sorted(set(bits_by_layer.values()))
+    if len(values) <= 1:
+        return values[0] if values else None
+    counts = {b: list(bits_by_layer.values()).count(b) for b in values}
+    default = max(values, key=lambda b: (counts[b], b))
+    layers = sorted(bits_by_layer)
+    items, i = [str(default)], 0
+    while i < len(layers):
+        b = bits_by_layer[layers[i]]
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1 and bits_by_layer[layers[j + 1]] == b:
+            j += 1
+        if b != default:
+            items.append(f"{layers[i]}={b}" if i == j else f"{layers[i]}..{layers[j]}={b}")
+        i = j + 1
+    return ",".join(items)
+
+
 @dataclass(frozen=True)
 class RecordPart:
     """One array inside an expert record, e.g. ``up_proj.scales``."""
