@@ -108,3 +108,23 @@ def tiny_model(tmp_path_factory) -> Path:
         else:
             os.environ["LLM_USER_PATH"] = saved
     return root / "flash"
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records each pass through the plugin's model: the whole prompt (cached part included), the
+    tokenizer, the Turn, and the responses mlx_lm.stream_generate yielded."""
+    from llm_flash_moe import plugin
+
+    calls = []
+    real = plugin.Turn.steps
+
+    def steps(turn, max_tokens, sampler):
+        call = {"prompt": list(turn.prompt_ids), "tokenizer": turn.flash.tokenizer, "responses": [], "turn": turn}
+        calls.append(call)
+        for response in real(turn, max_tokens, sampler):
+            call["responses"].append(response)
+            yield response
+
+    monkeypatch.setattr(plugin.Turn, "steps", steps)
+    return calls

@@ -60,23 +60,6 @@ def flash(tiny_model):
     return plugin.load(tiny_model)
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Each pass through the model: the whole prompt, the Turn, and the responses it yielded."""
-    calls = []
-    real = plugin.Turn.steps
-
-    def steps(turn, max_tokens, sampler):
-        call = {"prompt": list(turn.prompt_ids), "turn": turn, "responses": []}
-        calls.append(call)
-        for response in real(turn, max_tokens, sampler):
-            call["responses"].append(response)
-            yield response
-
-    monkeypatch.setattr(plugin.Turn, "steps", steps)
-    return calls
-
-
 def run(*args, input=None):
     result = CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
     assert result.exit_code == 0, result.output

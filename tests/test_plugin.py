@@ -67,24 +67,6 @@ def fresh_prompt_cache():
     prompt_cache.MEMORY.clear()
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Records each pass through the model: the whole prompt (cached part included), the prompt cache's
-    share of it, and the responses mlx_lm.stream_generate yields."""
-    calls = []
-    real = plugin.Turn.steps
-
-    def steps(turn, max_tokens, sampler):
-        call = {"prompt": list(turn.prompt_ids), "tokenizer": turn.flash.tokenizer, "responses": [], "turn": turn}
-        calls.append(call)
-        for response in real(turn, max_tokens, sampler):
-            call["responses"].append(response)
-            yield response
-
-    monkeypatch.setattr(plugin.Turn, "steps", steps)
-    return calls
-
-
 def run(*args, input=None):
     return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
 
