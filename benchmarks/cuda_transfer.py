@@ -2,8 +2,9 @@
 
 MLX arrays live in CUDA managed memory; a record the CPU just wrote there migrates to the GPU page by
 page on first touch. Compared, for k records of the 397B's 4-bit size read from the page cache:
-  managed    preadv straight into MLX buffers (the engine's path), then a GPU op on them
+  managed    preadv straight into MLX buffers, then a GPU op on them (pages migrate on first touch)
   prefetch   the same, plus cudaMemPrefetchAsync of the buffers to the GPU before the op
+  advised    buffers advised host-resident and GPU-mapped (llm_flash_moe.cuda_memory; the engine's path)
   copy       preadv into numpy (pageable host memory), then mx.array(...) and a GPU op
 """
 
@@ -67,23 +68,22 @@ def main(k=10, repeats=20, path="/tmp/records.bin"):
     out["managed_ms"] = timed(lambda: (fill(view), gpu_touch(buf)))
     out["gpu_op_resident_ms"] = timed(lambda: gpu_touch(buf))
     if lib is not None:
-        dev = ctypes.c_int(0)
-        lib.cudaGetDevice(ctypes.byref(dev))
-        prefetch = getattr(lib, "cudaMemPrefetchAsync_v2", None)
+        class Location(ctypes.Structure):  # cudaMemLocation (CUDA 13)
+            _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
 
-        def hint():
-            if prefetch is not None:  # CUDA 13: (ptr, size, cudaMemLocation{type=device, id}, flags, stream)
-                class Loc(ctypes.Structure):
-                    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-                return prefetch(ctypes.c_void_p(ptr), ctypes.c_size_t(k * RECORD), Loc(1, dev.value),
-                                ctypes.c_uint(0), ctypes.c_void_p(0))
-            return lib.cudaMemPrefetchAsync(ctypes.c_void_p(ptr), ctypes.c_size_t(k * RECORD), dev, ctypes.c_void_p(0))
+        def hint():  # CUDA 13: cudaMemPrefetchAsync(ptr, size, location, flags, stream)
+            return lib.cudaMemPrefetchAsync(ctypes.c_void_p(ptr), ctypes.c_size_t(k * RECORD), Location(1, 0),
+                                            ctypes.c_uint(0), ctypes.c_void_p(0))
 
         out["prefetch_status"] = int(hint())
         out["prefetch_ms"] = timed(lambda: (fill(view), hint(), gpu_touch(buf)))
+        from llm_flash_moe.cuda_memory import keep_on_host_for_gpu
+
+        out["advise_ok"] = keep_on_host_for_gpu(ptr, k * RECORD)
+        out["advised_ms"] = timed(lambda: (fill(view), gpu_touch(buf)))
     host = np.empty((k, RECORD // 4), dtype=np.uint32)
     out["copy_ms"] = timed(lambda: (fill(host), gpu_touch(mx.array(host))))
-    for key in ("managed_ms", "prefetch_ms", "copy_ms"):
+    for key in ("managed_ms", "prefetch_ms", "advised_ms", "copy_ms"):
         if key in out:
             out[key.replace("_ms", "_gbps")] = round(k * RECORD / out[key] / 1e6, 2)
     print(json.dumps(out, indent=1))
