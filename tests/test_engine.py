@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-import os
 import struct
 from pathlib import Path
 
@@ -219,7 +218,6 @@ def test_prefetch_changes_reads_not_results(models):
     assert stats.prefetch_hits > 0 and stats.prefetch_hits + stats.prefetch_misses > 0
     moe_layers = len(ahead.manifest.expert_layers)
     k = ahead.experts_per_token
-    before = replace(stats)
     cache = make_prompt_cache(ahead.model)
     ahead.model(mx.array(ids)[None], cache=cache)  # prompt chunk: no prediction
     token = mx.array([[ids[-1]]])

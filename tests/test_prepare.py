@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,7 +13,6 @@ from llm_flash_moe.conversion import experts as experts_module
 from llm_flash_moe.conversion import prepare as prepare_module
 from llm_flash_moe.conversion.prepare import PrepareOptions, prepare
 from llm_flash_moe.engine import load_resident_model
-from llm_flash_moe.errors import FlashMoeError
 from llm_flash_moe.flash_layout import (
     MANIFEST_NAME, RECORD_ALIGNMENT, Manifest, record_checksum, split_record,
 )

@@ -20,7 +20,6 @@ real model, so the realism of every run is visible rather than assumed.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
