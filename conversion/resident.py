@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import zlib
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from ..errors import FlashMoeError
-from ..mlx_model import build_model
+from ..flash_layout import file_checksum
+from ..mlx_model import build_model, cast_floats, no_experts
 from . import faults
 from .checkpoint import classify, conversion_dtype, quantization_of
 from .safetensors_io import SafetensorsWriter, TensorInfo
@@ -22,24 +22,12 @@ from .safetensors_io import SafetensorsWriter, TensorInfo
 RESIDENT_GROUP_SIZE = 64
 
 
-def _empty_experts(index, block):
-    import mlx.nn as nn
-
-    return nn.Module()
-
-
 def _cast(model, dtype: Optional[str]) -> None:
     """Cast floating parameters as mlx-lm's converter does (honouring the model's cast predicate)."""
     import mlx.core as mx
-    from mlx.utils import tree_map_with_path
 
-    if dtype is None:
-        return
-    target = getattr(mx, dtype)
-    keep = getattr(model, "cast_predicate", lambda _: True)
-    model.update(tree_map_with_path(
-        lambda k, v: v.astype(target) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v,
-        model.parameters()))
+    if dtype is not None:
+        cast_floats(model, getattr(mx, dtype), getattr(model, "cast_predicate", lambda _: True))
 
 
 def _quantize(model, config: dict, bits: int, group_size: int, predicate):
@@ -71,7 +59,7 @@ def resident_parameters(config: dict, tensors: Dict[str, TensorInfo], expert_sha
     for key, (dtype, shape) in expert_shapes.items():
         weights[key] = mx.zeros(shape, dtype=getattr(mx, dtype))
 
-    model = build_model(config, _empty_experts)
+    model = build_model(config, no_experts)
     weights = {k: v for k, v in model.sanitize(weights).items() if classify(k) is None}
 
     source_quant = quantization_of(config)
@@ -100,7 +88,7 @@ def estimate_resident_bytes(config: dict, resident_bits: int) -> int:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    model = build_model(config, _empty_experts)
+    model = build_model(config, no_experts)
     source_quant = quantization_of(config)
     if source_quant is not None:
         per_layer = {k: v for k, v in source_quant.items() if isinstance(v, dict)}
@@ -155,11 +143,3 @@ def write_resident(params: dict, path: Path, progress) -> Tuple[int, str]:
         writer.abort()
         raise
     return writer.size, file_checksum(path)
-
-
-def file_checksum(path: Path, chunk: int = 16 << 20) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return f"{crc & 0xFFFFFFFF:08x}"

@@ -9,20 +9,14 @@ from typing import Optional
 from .errors import FlashMoeError
 from .expert_store import ExpertStore
 from .flash_layout import Manifest
-from .mlx_model import moe_blocks, streaming_model_classes
+from .mlx_model import cast_floats, moe_blocks, no_experts, streaming_model_classes
 
 
 # A prepared model needs at least one of these for its tokenizer (copied from the source by prepare).
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "qwen.tiktoken")
 
 
-def _no_experts(index, block):
-    import mlx.nn as nn
-
-    return nn.Module()
-
-
-def load_resident_model(model_dir: Path, lazy: bool = False, make_experts=_no_experts):
+def load_resident_model(model_dir: Path, lazy: bool = False, make_experts=no_experts):
     """mlx-lm's ``load_model`` (strict), with each block's experts replaced by ``make_experts(layer, block)``."""
     from mlx_lm.utils import load_model
 
@@ -82,14 +76,6 @@ def activation_dtype(compute: str):
     return mx.float32 if compute == "float32" else None
 
 
-def _cast_floats(model, dtype) -> None:
-    import mlx.core as mx
-    from mlx.utils import tree_map
-
-    model.update(tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v,
-                          model.parameters()))
-
-
 def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, cache_bytes: int = 0,
                      compute: str = "auto", prefetch: bool = True, **store_options) -> FlashModel:
     """Load a prepared model. ``compute``: "auto", "model" (bit-identical to mlx-lm) or "float32";
@@ -107,7 +93,7 @@ def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, c
     try:
         model, config = load_resident_model(model_dir, lazy=True, make_experts=lambda i, b: StreamingExperts(i, store))
         if dtype is not None:
-            _cast_floats(model, dtype)
+            cast_floats(model, dtype)
         mx.eval(model.parameters())  # reads the resident weights: a damaged file fails here, not mid-answer
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         store.close()

@@ -47,6 +47,19 @@ def record_checksum(record: bytes) -> str:
     return f"{zlib.crc32(record) & 0xFFFFFFFF:08x}"
 
 
+def file_checksum(path, on_chunk=None, chunk: int = 16 << 20) -> str:
+    """The checksum stored in the manifest for a whole file (CRC-32), read a chunk at a time;
+    ``on_chunk(nbytes)`` is called after each chunk (progress)."""
+    crc = 0
+    buf = memoryview(bytearray(chunk))
+    with open(path, "rb") as f:
+        while got := f.readinto(buf):
+            crc = zlib.crc32(buf[:got], crc)
+            if on_chunk is not None:
+                on_chunk(got)
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
 @dataclass(frozen=True)
 class ExpertQuantization:
     bits: int

@@ -23,6 +23,23 @@ def model_classes(config: dict):
         )
 
 
+def no_experts(index, block):
+    """A ``make_experts`` that leaves the experts out (an empty module: no parameters)."""
+    import mlx.nn as nn
+
+    return nn.Module()
+
+
+def cast_floats(model, dtype, cast=lambda path: True) -> None:
+    """Cast the model's floating parameters to ``dtype`` (an mlx dtype), those whose path ``cast`` accepts."""
+    import mlx.core as mx
+    from mlx.utils import tree_map_with_path
+
+    model.update(tree_map_with_path(
+        lambda k, v: v.astype(dtype) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v,
+        model.parameters()))
+
+
 def moe_blocks(model) -> List[Tuple[int, object]]:
     """(layer index, sparse MoE block) for every decoder layer whose MLP has routed experts."""
     return [(i, layer.mlp) for i, layer in enumerate(model.layers) if hasattr(layer.mlp, "switch_mlp")]

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from .flash_layout import Manifest, record_checksum
+from .flash_layout import Manifest, file_checksum, record_checksum
 
 CHUNK_BYTES = 64 << 20
 CHECKSUM_THREADS = min(8, os.cpu_count() or 1)  # zlib.crc32 releases the GIL: records are checked in parallel
@@ -133,26 +132,24 @@ def _verify_layer(model_dir: Path, layer, report: Report, bar) -> None:
 
 def _verify_resident(model_dir: Path, entry: dict, report: Report, bar) -> None:
     path = model_dir / entry["file"]
+
+    def progress(got):
+        report.checked_bytes += got
+        bar.update(got)
+
     try:
-        f = open(path, "rb", buffering=0)
-    except OSError as e:
-        report.problems.append(f"resident weights {entry['file']} are {_missing(e)}")
-        bar.update(entry["bytes"])
-        return
-    with f:
-        actual = os.fstat(f.fileno()).st_size
+        actual = os.stat(path).st_size
         if actual != entry["bytes"]:
             report.problems.append(f"resident weights {entry['file']} have {actual:,} bytes, "
                                    f"expected {entry['bytes']:,}")
             bar.update(entry["bytes"])
             return
-        crc = 0
-        buf = memoryview(bytearray(CHUNK_BYTES))
-        while got := f.readinto(buf):
-            crc = zlib.crc32(buf[:got], crc)
-            report.checked_bytes += got
-            bar.update(got)
-    if f"{crc & 0xFFFFFFFF:08x}" != entry["checksum"]:
+        checksum = file_checksum(path, progress, CHUNK_BYTES)
+    except OSError as e:
+        report.problems.append(f"resident weights {entry['file']} are {_missing(e)}")
+        bar.update(entry["bytes"])
+        return
+    if checksum != entry["checksum"]:
         report.problems.append(f"resident weights {entry['file']}: checksum mismatch (damaged)")
 
 

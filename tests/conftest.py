@@ -128,3 +128,19 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(plugin.Turn, "steps", steps)
     return calls
+
+
+@pytest.fixture
+def user_path(tmp_path, monkeypatch, tiny_model) -> Path:
+    """A fresh llm user directory with the tiny model registered as "tiny", no prompt-cache state."""
+    from llm_flash_moe import prompt_cache, registry
+
+    path = tmp_path / "llm-user"
+    path.mkdir()
+    monkeypatch.setenv("LLM_USER_PATH", str(path))
+    monkeypatch.delenv("LLM_RAISE_ERRORS", raising=False)
+    monkeypatch.delenv(prompt_cache.DISK_ENV, raising=False)
+    registry.register("tiny", tiny_model)
+    prompt_cache.MEMORY.clear()
+    yield path
+    prompt_cache.MEMORY.clear()

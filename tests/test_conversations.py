@@ -42,19 +42,6 @@ WEATHER = 'def get_weather(city: str) -> str:\n    "The weather in a city"\n    
 
 
 @pytest.fixture
-def user_path(tmp_path, monkeypatch, tiny_model) -> Path:
-    path = tmp_path / "llm-user"
-    path.mkdir()
-    monkeypatch.setenv("LLM_USER_PATH", str(path))
-    monkeypatch.delenv("LLM_RAISE_ERRORS", raising=False)
-    monkeypatch.delenv(prompt_cache.DISK_ENV, raising=False)
-    registry.register(NAME, tiny_model)
-    prompt_cache.MEMORY.clear()
-    yield path
-    prompt_cache.MEMORY.clear()
-
-
-@pytest.fixture
 def flash(tiny_model):
     """The plugin's loaded model (the same object the plugin generates with)."""
     return plugin.load(tiny_model)

@@ -59,10 +59,10 @@ def test_fp32_activations_on_fp32_weights_identical(models):
 
 def test_cpu_default_runs_in_float32_like_mlx_lm_cast_to_float32(models):
     """On the CPU the default computes in fp32 (10x faster there); it equals mlx-lm's model cast to fp32."""
-    from llm_flash_moe.engine import _cast_floats
+    from llm_flash_moe.mlx_model import cast_floats
 
     reference, tokenizer, flash = pair(models, "bfloat16", 4)
-    _cast_floats(reference, mx.float32)
+    cast_floats(reference, mx.float32)
     ids = tokenizer.encode(PROMPT)
     logits = flash.model(mx.array(ids)[None])
     assert logits.dtype == mx.float32

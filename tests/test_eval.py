@@ -99,11 +99,11 @@ def test_perplexity_agreement_and_kl_equal_a_direct_mlx_lm_computation(models):
 
 
 def test_float32_default_equals_mlx_lm_cast_to_float32(models):
-    from llm_flash_moe.engine import _cast_floats
+    from llm_flash_moe.mlx_model import cast_floats
 
     hf = models.hf("bfloat16")
     reference, tokenizer = mlx_lm.load(str(models.reference(hf, bits=4)))
-    _cast_floats(reference, mx.float32)
+    cast_floats(reference, mx.float32)
     flash = load_flash_model(models.prepared(hf, bits=4))  # compute="auto": float32 on the CPU
     ids = tokenizer.encode(TEXT)
     report = evaluate([], Configuration("m", flash, 2), ids, window=32)
@@ -309,7 +309,7 @@ def test_trained_model_lower_bits_and_fewer_experts_raise_perplexity(models):
 def test_training_script_writes_what_mlx_lm_loads(tmp_path):
     """trained.py's export (mlx-lm's sanitize, inverted) gives back the model it trained, and the shipped
     checkpoint is that script's architecture."""
-    from llm_flash_moe.engine import _cast_floats
+    from llm_flash_moe.mlx_model import cast_floats
     from llm_flash_moe.synthetic.trained import TRAINED_SPEC, hf_config_for, new_model, write_checkpoint
 
     model = new_model(TRAINED_SPEC, seed=1)
@@ -320,5 +320,5 @@ def test_training_script_writes_what_mlx_lm_loads(tmp_path):
     shipped = json.loads((TRAINED / "config.json").read_text())
     assert shipped == hf_config_for(TRAINED_SPEC)
     reference, _ = mlx_lm.load(str(TRAINED))
-    _cast_floats(reference, mx.float32)
+    cast_floats(reference, mx.float32)
     assert math.exp(float(nn.losses.cross_entropy(reference(x[:, :-1]), x[:, 1:]).mean())) < 20

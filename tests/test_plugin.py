@@ -38,17 +38,6 @@ GREEDY = ["-o", "temperature", "0"]
 # ------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture
-def user_path(tmp_path, monkeypatch, tiny_model) -> Path:
-    """A fresh llm user directory with the tiny model registered."""
-    path = tmp_path / "llm-user"
-    path.mkdir()
-    monkeypatch.setenv("LLM_USER_PATH", str(path))
-    monkeypatch.delenv("LLM_RAISE_ERRORS", raising=False)
-    registry.register(NAME, tiny_model)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model):
     """The tiny model's tokenizer, loaded independently of the plugin."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..flash_layout import (
     EXPERTS_DIR, MANIFEST_NAME, RESIDENT_WEIGHTS_NAME, ExpertLayer, ExpertQuantization, Manifest, RecordLayout,
-    expert_file_name, record_checksum,
+    expert_file_name, file_checksum, record_checksum,
 )
 from .checkpoint import TinySpec, hf_config
 from .tokenizer import write_tokenizer
@@ -143,9 +143,9 @@ def write_synthetic_model(out: Path, layers: int = 4, bits: int = 4, group_size:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from ..conversion.resident import _cast, _empty_experts, _quantize
+    from ..conversion.resident import _cast, _quantize
     from ..conversion.safetensors_io import SafetensorsWriter
-    from ..mlx_model import build_model
+    from ..mlx_model import build_model, no_experts
 
     out = Path(out)
     experts = {"layers": layers, "bits": bits, "group_size": group_size, "seed": seed}
@@ -175,7 +175,7 @@ def write_synthetic_model(out: Path, layers: int = 4, bits: int = 4, group_size:
     shaped = {"language_model.model.embed_tokens": _quantize_np(walk.astype(np.float32), 4)}
     del walk
 
-    model = build_model(config, _empty_experts)
+    model = build_model(config, no_experts)
     _cast(model, "bfloat16")
     model, out_config = _quantize(model, config, 4, 64, model.quant_predicate)
     params = dict(tree_flatten(model.parameters()))
@@ -214,8 +214,6 @@ def write_synthetic_model(out: Path, layers: int = 4, bits: int = 4, group_size:
                                                 np.random.default_rng([seed, layer]), EXPERT_GAIN, progress)
         expert_layers.append(entry)
     size = (out / RESIDENT_WEIGHTS_NAME).stat().st_size
-    from ..conversion.resident import file_checksum
-
     Manifest(name=out.name, source="synthetic", revision=None, model_type="qwen3_5_moe", config=out_config,
              experts_per_token=10, expert_layers=expert_layers, resident_quantization=out_config["quantization"],
              resident_files=[{"file": RESIDENT_WEIGHTS_NAME, "bytes": size,
