@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 from .. import registry
 from ..errors import FlashMoeError
 from ..flash_layout import (
-    EXPERT_BITS, FORMAT_VERSION, MANIFEST_NAME, RESIDENT_WEIGHTS_NAME, BitsRule, ExpertLayer, ExpertQuantization,
+    EXPERT_BITS, FORMAT_VERSION, GROUP_SIZES, RESIDENT_BITS, MANIFEST_NAME, RESIDENT_WEIGHTS_NAME, BitsRule, ExpertLayer, ExpertQuantization,
     Manifest, RecordLayout, canonical_bits, expert_file_name,
 )
 from ..mlx_model import build_model
@@ -26,8 +26,6 @@ from .resident import estimate_resident_bytes, resident_parameters, write_reside
 from .safetensors_io import DTYPES, TensorInfo, copy_tensors, read_header
 from .source import Source, hub_errors, resolve_source
 
-GROUP_SIZES = (32, 64, 128)  # EXPERT_BITS (imported above) lives in flash_layout, where BitsRule checks it
-RESIDENT_BITS = (4, 8, 16)
 
 
 @dataclass

@@ -16,14 +16,12 @@ from typing import List, Optional
 
 import click
 
-from . import registry
+from . import flash_layout, registry
 from .errors import FlashMoeError
 
-# Mirrors of llm_flash_moe.conversion.prepare's EXPERT_BITS / GROUP_SIZES / RESIDENT_BITS (importing
-# the converter here would import numpy on every llm command; a test keeps them equal).
-EXPERT_BITS = ("2", "3", "4", "8")
-GROUP_SIZES = ("32", "64", "128")
-RESIDENT_BITS = ("4", "8", "16")
+# The format module imports no numpy or mlx, so its choices can be read on every llm command.
+EXPERT_BITS, GROUP_SIZES, RESIDENT_BITS = (tuple(map(str, choices)) for choices in (
+    flash_layout.EXPERT_BITS, flash_layout.GROUP_SIZES, flash_layout.RESIDENT_BITS))
 
 DEMO_NAME = "demo"
 DEMO_SOURCE = "demo: random weights, qwen3_5_moe architecture, real Qwen3.5 tokenizer"

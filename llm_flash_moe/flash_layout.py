@@ -71,7 +71,9 @@ class ExpertQuantization:
         return self.mode == "affine"
 
 
-EXPERT_BITS = (2, 3, 4, 8)
+EXPERT_BITS = (2, 3, 4, 8)  # what `prepare` offers: expert bits, group sizes, resident bits
+GROUP_SIZES = (32, 64, 128)
+RESIDENT_BITS = (4, 8, 16)
 BITS_RULE_HELP = ("BITS, or BITS followed by ,LAYERS=BITS overrides: LAYERS is a layer number (negative counts "
                   "from the last: -1 is the last), a range A..B (inclusive), first or last; later overrides win. "
                   "E.g. 3,first=4,last=4 or 4,10..49=3")

@@ -194,9 +194,10 @@ def test_models_options(user_path):
 def test_prepare_choices_match_the_converter():
     from llm_flash_moe.conversion import prepare as conv
 
+    options = {o.name: o for o in flash_cli.prepare.params}
+    assert options["group_size"].type.choices == tuple(map(str, conv.GROUP_SIZES))
+    assert options["resident_bits"].type.choices == tuple(map(str, conv.RESIDENT_BITS))
     assert flash_cli.EXPERT_BITS == tuple(map(str, conv.EXPERT_BITS))
-    assert flash_cli.GROUP_SIZES == tuple(map(str, conv.GROUP_SIZES))
-    assert flash_cli.RESIDENT_BITS == tuple(map(str, conv.RESIDENT_BITS))
 
 
 # ------------------------------------------------------------------------------ prompts
