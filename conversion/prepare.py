@@ -62,6 +62,7 @@ class Plan:
     tensor_meta: Dict[str, Tuple[str, tuple]]  # key -> (mlx dtype, shape), every source tensor
     settings: dict
     source_label: str  # manifest.source
+    resident_estimate: int  # bytes of the resident weights, from shapes
 
 
 def prepare(opts: PrepareOptions, echo: Callable[[str], None] = print) -> Manifest:
@@ -260,7 +261,8 @@ def _plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> Plan
     settings = {"format_version": FORMAT_VERSION, "name": name, "source": label, "revision": source.revision,
                 "bits": canonical_bits(bits), "group_size": opts.group_size, "resident_bits": opts.resident_bits,
                 "experts_per_token": k}
-    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings, label)
+    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings, label,
+                estimate_resident_bytes(config, opts.resident_bits))
 
 
 def _fmt(n: int) -> str:
@@ -275,8 +277,7 @@ def _space_needed(plan: Plan, journal_done_shards=frozenset()) -> Tuple[int, int
         path = output / layer.file
         if path.exists():
             written += min(path.stat().st_blocks * 512, layer.file_size)
-    resident = estimate_resident_bytes(plan.source.config, plan.settings["resident_bits"])
-    need = sum(layer.file_size for layer in plan.layers) - written + resident
+    need = sum(layer.file_size for layer in plan.layers) - written + plan.resident_estimate
     if plan.source.repo_id is not None:
         sizes = plan.source.shard_sizes
         pending = [s for s in plan.source.shards if s not in journal_done_shards]
@@ -320,13 +321,12 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
     from huggingface_hub.utils import tqdm
 
     output, source = plan.output, plan.source
-    resident_estimate = estimate_resident_bytes(source.config, resident_bits)
     writer = ExpertRecordWriter(output, plan.layers, plan.source_quant, plan.dtype, journal, progress=None)
     if intact is not None:
         writer.mark_intact(intact)
         (output / MANIFEST_NAME).unlink()  # from here on the model is incomplete until the new manifest
     done = sum(writer.unit_bytes(u) for u in journal.done_units)
-    total = sum(writer.unit_bytes(u) for u in writer.all_units()) + resident_estimate
+    total = sum(writer.unit_bytes(u) for u in writer.all_units()) + plan.resident_estimate
     with tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=f"Preparing {plan.name}") as progress:
         writer.progress = progress
         try:
