@@ -6,12 +6,15 @@ page on first touch. Compared, for k records of the 397B's 4-bit size read from 
   prefetch   the same, plus cudaMemPrefetchAsync of the buffers to the GPU before the op
   advised    buffers advised host-resident and GPU-mapped (llm_flash_moe.cuda_memory; the engine's path)
   copy       preadv into numpy (pageable host memory), then mx.array(...) and a GPU op
+  staged     preadv into pinned host staging, cudaMemcpyAsync into MLX buffers advised to stay in GPU
+             memory (llm_flash_moe.cuda_memory.DeviceCopies), then the GPU op reads GPU memory
 """
 
 import ctypes
 import ctypes.util
 import glob
 import json
+import mmap
 import os
 import sys
 import time
@@ -81,9 +84,23 @@ def main(k=10, repeats=20, path="/tmp/records.bin"):
 
         out["advise_ok"] = keep_on_host_for_gpu(ptr, k * RECORD)
         out["advised_ms"] = timed(lambda: (fill(view), gpu_touch(buf)))
+        from llm_flash_moe.cuda_memory import DeviceCopies, keep_on_device
+
+        device_buf = mx.zeros((k, RECORD // 4), dtype=mx.uint32)
+        mx.eval(device_buf)
+        device_ptr = np.array(device_buf, copy=False).ctypes.data
+        out["keep_on_device_ok"] = keep_on_device(device_ptr, k * RECORD)
+        staging = np.frombuffer(mmap.mmap(-1, k * RECORD), dtype=np.uint32).reshape(k, RECORD // 4)
+        copies = DeviceCopies()
+        copies.pin(staging.ctypes.data, k * RECORD)
+        pairs = [(device_ptr + i * RECORD, staging.ctypes.data + i * RECORD, RECORD) for i in range(k)]
+        out["staged_copy_only_ms"] = timed(lambda: copies.copy(pairs))
+        out["staged_ms"] = timed(lambda: (fill(staging), copies.copy(pairs), gpu_touch(device_buf)))
+        out["gpu_op_after_staging_ms"] = timed(lambda: gpu_touch(device_buf))
+        out["staged_matches"] = bool(np.array_equal(np.array(device_buf), staging))
     host = np.empty((k, RECORD // 4), dtype=np.uint32)
     out["copy_ms"] = timed(lambda: (fill(host), gpu_touch(mx.array(host))))
-    for key in ("managed_ms", "prefetch_ms", "advised_ms", "copy_ms"):
+    for key in ("managed_ms", "prefetch_ms", "advised_ms", "staged_ms", "staged_copy_only_ms", "copy_ms"):
         if key in out:
             out[key.replace("_ms", "_gbps")] = round(k * RECORD / out[key] / 1e6, 2)
     print(json.dumps(out, indent=1))

@@ -44,6 +44,11 @@ class BenchOptions:
     directory: Optional[Path] = None
     read_threads: int = 8
     cache_gb: float = 0.0
+    levers: bool = False  # also measure the engine's settings one at a time (see ``levers``)
+
+
+LEVER_READ_THREADS = (2, 4, 16)  # against the default 8
+LEVER_CACHE_GB = 4.0
 
 
 # ------------------------------------------------------------------------------ measuring helpers
@@ -110,11 +115,15 @@ def evict(paths) -> bool:
     return True
 
 
-def io_floor_ms(model_dir: Path, manifest, calls, tokens: int, threads: int) -> float:
-    """Plain parallel preads of exactly the records in ``calls``, per token."""
-    fds = {layer.layer: os.open(model_dir / layer.file, os.O_RDONLY) for layer in manifest.expert_layers}
+def io_floor_ms(model_dir: Path, manifest, calls, tokens: int, threads: int, direct: bool = False) -> float:
+    """Plain parallel preads of exactly the records in ``calls``, per token (``direct``: with O_DIRECT,
+    bypassing the page cache, into page-aligned buffers; records are 16 KiB multiples)."""
+    import mmap
+
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fds = {layer.layer: os.open(model_dir / layer.file, flags) for layer in manifest.expert_layers}
     size = manifest.expert_layers[0].layout.record_size
-    buffers = [bytearray(size) for _ in range(max(len(e) for _, e in calls))]
+    buffers = [mmap.mmap(-1, size) for _ in range(max(len(e) for _, e in calls))]
     try:
         with ThreadPoolExecutor(threads) as pool:
             start = time.perf_counter()
@@ -177,6 +186,22 @@ def decode_ms(flash, tokens: List[int]) -> float:
     for t in tokens[1:]:
         mx.eval(flash.model(mx.array([[t]]), cache=cache))
     return (time.perf_counter() - start) * 1000 / (len(tokens) - 1)
+
+
+def decode_logits(flash, tokens: List[int]) -> np.ndarray:
+    """The logits of a teacher-forced decode of ``tokens`` (float32, one row per token)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(flash.model)
+    rows = [np.array(flash.model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)) for t in tokens]
+    return np.stack(rows)
+
+
+def agreement(engine: np.ndarray, reference: np.ndarray) -> dict:
+    """How closely the engine's logits follow the reference's, token by token."""
+    return {"max_abs_diff_vs_max_abs": float(np.abs(engine - reference).max() / np.abs(reference).max()),
+            "top1_agreement": float(np.mean(engine.argmax(axis=1) == reference.argmax(axis=1)))}
 
 
 def with_resident_experts(flash, experts_by_layer: Dict[int, List[int]]):
@@ -296,6 +321,12 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     restore()
     log(f"  {result['bits']}-bit k={k}: compute floor {compute:.1f} ms/token")
 
+    engine_logits = decode_logits(flash, tokens)
+    restore = with_resident_experts(flash, {l: sorted(e) for l, e in union.items()})
+    result["agreement_with_mlx_lm"] = agreement(engine_logits, decode_logits(flash, tokens))
+    restore()
+    log(f"  {result['bits']}-bit k={k}: logits vs mlx-lm's SwitchGLU {result['agreement_with_mlx_lm']}")
+
     mlx_lm = None
     memory = machine()["memory_gb"]
     if memory and manifest.expert_bytes < memory * 1e9 / 2:
@@ -340,6 +371,15 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
                              "union_bytes": union_records * record_size}
         log(f"  {result['bits']}-bit k={k}: prefill {opts.prompt_tokens} tokens {elapsed:.1f} s")
 
+    if opts.levers:
+        try:
+            direct = evict(files) and io_floor_ms(model_dir, manifest, decode_calls, opts.tokens, opts.read_threads,
+                                                  direct=True)
+        except (OSError, AttributeError):  # a file system without O_DIRECT (tmpfs), or an OS without it
+            direct = None
+        result["levers"] = {"io_floor_o_direct_ms": _r(direct), **engine_levers(model_dir, k, tokens, files, opts)}
+        log(f"  {result['bits']}-bit k={k}: levers {result['levers']}")
+
     head = head_ms(flash)
     per_layer = {m: None if v is None else (v - head) / opts.layers for m, v in result["decode_ms_per_token"].items()}
     projected = {m: None if v is None else head + REAL_LAYERS * v for m, v in per_layer.items()}
@@ -353,6 +393,24 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     result["peak_mlx_gb"] = round(mx.get_peak_memory() / 1e9, 2)
     flash.close()
     return result
+
+
+def engine_levers(model_dir: Path, k: int, tokens: List[int], files, opts: BenchOptions) -> dict:
+    """The engine (with prefetch) cold and warm under other settings, one at a time."""
+    from .engine import load_flash_model
+
+    variants = {f"read_threads_{n}": {"read_threads": n} for n in LEVER_READ_THREADS}
+    variants[f"record_cache_{LEVER_CACHE_GB:g}gb"] = {"cache_bytes": int(LEVER_CACHE_GB * 1e9),
+                                                       "read_threads": opts.read_threads}
+    out = {}
+    for name, settings in variants.items():
+        flash = load_flash_model(model_dir, experts_per_token=k, **settings)
+        try:
+            cold = decode_ms(flash, tokens) if evict(files) else None
+            out[name] = {"cold": _r(cold), "warm": _r(decode_ms(flash, tokens))}
+        finally:
+            flash.close()
+    return out
 
 
 def _r(v):

@@ -347,8 +347,11 @@ def repair_command(manifest, path: Path) -> str:
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
               help="Where the synthetic models are built and kept (~3.6 GB per layer at 4 bits). "
                    "Default: flash-moe/bench under llm's user directory.")
+@click.option("--levers", is_flag=True,
+              help="Also measure the engine with other read-thread counts and a record cache, and the I/O floor "
+                   "with O_DIRECT (slower: reloads the model per setting).")
 @click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
-def bench(layers, bits, experts, tokens, prompt_tokens, directory, json_):
+def bench(layers, bits, experts, tokens, prompt_tokens, directory, levers, json_):
     """Measure decode speed against the I/O and compute floors and against mlx-lm.
 
     Builds once (and then reuses) a synthetic model with Qwen3.5-397B-A17B's exact per-layer shapes
@@ -362,7 +365,7 @@ def bench(layers, bits, experts, tokens, prompt_tokens, directory, json_):
     defaults = BenchOptions()
     opts = BenchOptions(layers=layers, bits=tuple(int(b) for b in bits) or defaults.bits,
                         experts=tuple(experts) or defaults.experts, tokens=tokens,
-                        prompt_tokens=prompt_tokens, directory=directory)
+                        prompt_tokens=prompt_tokens, directory=directory, levers=levers)
     result = run(opts, log=(lambda line: None) if json_ else (lambda line: click.echo(line, err=True)))
     click.echo(json.dumps(result, indent=None if json_ else 1))
 

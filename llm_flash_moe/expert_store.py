@@ -1,13 +1,16 @@
 """The expert store: reads the records the router picked straight into preallocated MLX buffers.
 
 One ``os.preadv`` per expert scatters its record into per-part slot buffers (gate/up/down weight,
-scales, biases), so the arrays handed to the matmuls are views of memory the read filled, with no copy.
-Several reads are in flight at once (preadv releases the GIL); by default the OS page cache is the only
-cache, and an optional in-memory LRU of whole records can be given a byte budget.
+scales, biases). With unified memory (Metal, CPU) the arrays handed to the matmuls are views of the
+memory the read filled, with no copy; on CUDA the read fills pinned host staging and the same thread
+DMAs the record into GPU memory (``cuda_memory.DeviceCopies``), so reads and copies both run beside
+the GPU's work. Several reads are in flight at once (preadv releases the GIL); by default the OS page
+cache is the only cache, and an optional in-memory LRU of whole records can be given a byte budget.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -56,27 +59,42 @@ class StoreStats:
 
 
 class _SlotBuffers:
-    """``slots`` experts' worth of each record part, as MLX arrays and writable numpy views of them."""
+    """``slots`` experts' worth of each record part: the MLX arrays the matmuls read, and where reads land.
 
-    def __init__(self, layout: RecordLayout, slots: int):
+    Without ``copies`` the reads land in the MLX arrays themselves (unified memory: Metal, CPU). With
+    ``copies`` (CUDA) they land in pinned host staging laid out the same way, and ``publish`` copies a
+    slot into the MLX arrays, which are advised to stay in GPU memory (cuda_memory.DeviceCopies).
+    """
+
+    def __init__(self, layout: RecordLayout, slots: int, copies=None):
         import mlx.core as mx
 
-        self.layout, self.slots = layout, slots
+        self.layout, self.slots, self.copies = layout, slots, copies
         self.typed: Dict[str, "mx.array"] = {}
         self.iovecs: List[List[memoryview]] = [[] for _ in range(slots)]
-        raw = {}
-        on_cuda = mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+        device, staged = {}, {}
+        if copies is not None:
+            self._staging = mmap.mmap(-1, slots * sum(p.nbytes for p in layout.parts))  # page-aligned
+            copies.pin(np.frombuffer(self._staging, dtype=np.uint8).ctypes.data, len(self._staging))
+        position = 0
         for part in layout.parts:
             buf = mx.zeros((slots, part.nbytes), dtype=mx.uint8)
             typed = buf.view(getattr(mx, part.dtype)).reshape(slots, *part.shape)
             mx.eval(buf, typed)
-            raw[part.name] = np.array(buf, copy=False)
+            device[part.name] = np.array(buf, copy=False)
             self.typed[part.name] = typed
-            if on_cuda:  # the GPU reads the records where the reads put them, without page migration
-                from .cuda_memory import keep_on_host_for_gpu
+            if copies is None:
+                staged[part.name] = device[part.name]
+            else:
+                staged[part.name] = np.frombuffer(self._staging, dtype=np.uint8, count=slots * part.nbytes,
+                                                  offset=position).reshape(slots, part.nbytes)
+                position += slots * part.nbytes
+                from .cuda_memory import keep_on_device
 
-                keep_on_host_for_gpu(raw[part.name].ctypes.data, raw[part.name].nbytes)
-        self._raw = raw
+                keep_on_device(device[part.name].ctypes.data, device[part.name].nbytes)
+        self._staged = staged
+        self._copy_plan = [[(device[p.name][s].ctypes.data, staged[p.name][s].ctypes.data, p.nbytes)
+                            for p in layout.parts] for s in range(slots)] if copies is not None else None
         gaps = []
         position = 0
         for part in layout.parts:
@@ -89,17 +107,37 @@ class _SlotBuffers:
             for gap, part in zip(gaps, layout.parts):
                 if gap:
                     vecs.append(memoryview(self._scratch[s, :gap]))
-                vecs.append(memoryview(raw[part.name][s]))
+                vecs.append(memoryview(staged[part.name][s]))
             if tail:
                 vecs.append(memoryview(self._scratch[s, :tail]))
             self.iovecs[s] = vecs
 
     def fill_from_record(self, slot: int, record: np.ndarray) -> None:
         for name, view in split_record(record, self.layout).items():
-            self._raw[name][slot] = view.reshape(-1).view(np.uint8)
+            self._staged[name][slot] = view.reshape(-1).view(np.uint8)
+
+    def publish(self, slot: int) -> None:
+        """Make what the reads put in ``slot`` visible to the matmuls (a copy to the GPU where staged)."""
+        if self.copies is not None:
+            self.copies.copy(self._copy_plan[slot])
 
     def views(self, n: int) -> Dict[str, "mx.array"]:
         return {name: typed[:n] for name, typed in self.typed.items()}
+
+    def close(self) -> None:
+        if self.copies is not None:
+            self.copies.unpin(np.frombuffer(self._staging, dtype=np.uint8).ctypes.data)
+
+
+def device_copies():
+    """How records reach the GPU: a DeviceCopies on MLX's CUDA backend, else None (unified memory)."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.gpu or not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        return None
+    from .cuda_memory import DeviceCopies
+
+    return DeviceCopies()
 
 
 class ExpertStore:
@@ -117,6 +155,7 @@ class ExpertStore:
         self._parity = {layer: i % 2 for i, layer in enumerate(order)}
         self.next_layer = dict(zip(order, order[1:]))
         self._buffers: Dict[tuple, _SlotBuffers] = {}
+        self._copies = device_copies()
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="flash-moe-read")
         self._cache = RecordCache(cache_bytes)
         self._busy = {}  # buffer set -> arrays computed from it, evaluated before the set is refilled
@@ -148,7 +187,7 @@ class ExpertStore:
         """The buffer set of ``layer``: one per record layout and per parity of the layer's position."""
         key = self._key(layer)
         if key not in self._buffers:
-            self._buffers[key] = _SlotBuffers(key[0], self.slots)
+            self._buffers[key] = _SlotBuffers(key[0], self.slots, self._copies)
         return self._buffers[key]
 
     def _claim(self, layer: int) -> _SlotBuffers:
@@ -210,6 +249,7 @@ class ExpertStore:
             buffers.fill_from_record(slot, record)
             with self._lock:
                 self.stats.cache_hits += 1
+        buffers.publish(slot)
 
     @property
     def cache_bytes(self) -> int:
@@ -249,6 +289,9 @@ class ExpertStore:
                 future.exception()
         self._prefetched.clear()
         self._pool.shutdown(wait=True)
+        for buffers in self._buffers.values():
+            buffers.close()
+        self._buffers.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

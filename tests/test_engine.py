@@ -227,3 +227,46 @@ def test_prefetch_changes_reads_not_results(models):
     assert delta.prefetch_hits + delta.prefetch_misses == (moe_layers - 1) * k  # every layer but the first
     assert delta.reads == moe_layers * k + delta.prefetch_wasted  # a prediction read for nothing is counted
     assert delta.bytes_read == delta.reads * ahead.manifest.expert_layers[0].layout.record_size
+
+
+class HostCopies:
+    """DeviceCopies' contract (pin, unpin, copy) with memmove: runs the CUDA staging path on the CPU."""
+
+    def __init__(self):
+        self.pinned, self.copied = set(), []
+
+    def pin(self, address, nbytes):
+        self.pinned.add(address)
+
+    def unpin(self, address):
+        self.pinned.remove(address)
+
+    def copy(self, pairs):
+        import ctypes
+
+        for dst, src, nbytes in pairs:
+            ctypes.memmove(dst, src, nbytes)
+            self.copied.append(nbytes)
+
+
+def test_staged_copies_give_the_same_results(models, monkeypatch):
+    """CUDA's path (reads land in staging, each record is copied into the arrays the matmuls read)
+    gives what reading into those arrays gives, with prefetch, cache hits and prompt chunks; every record
+    brought in is copied whole, once."""
+    from llm_flash_moe import expert_store
+
+    prepared = models.prepared(models.hf("float32"))
+    direct = load_flash_model(prepared)
+    copies = HostCopies()
+    monkeypatch.setattr(expert_store, "device_copies", lambda: copies)
+    staged = load_flash_model(prepared, cache_bytes=1 << 30)
+    ids = direct.tokenizer.encode(PROMPT)
+    assert mx.array_equal(staged.model(mx.array(ids)[None]), direct.model(mx.array(ids)[None]))
+    assert greedy_tokens(staged.model, staged.tokenizer, ids) == greedy_tokens(direct.model, direct.tokenizer, ids)
+    stats = staged.store.stats
+    assert stats.cache_hits > 0 and stats.prefetch_hits > 0
+    record = staged.manifest.expert_layers[0].layout
+    assert sum(copies.copied) == (stats.reads + stats.cache_hits) * sum(p.nbytes for p in record.parts)
+    assert len(copies.pinned) == 2  # one staging area per buffer set (two sets: alternate layers)
+    staged.close()
+    assert not copies.pinned
