@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .expert_store import DEFAULT_READ_THREADS
+
 REAL_LAYERS, REAL_FULL_ATTENTION_LAYERS = 60, 15
 PUBLISHED_ROUTING = {"reuse_consecutive": [0.08, 0.34], "touched_over_30_tokens": [0.43, 0.57],
                      "lru_hit_rate_16_to_128": [0.49, 0.71]}
@@ -40,15 +42,16 @@ class BenchOptions:
     bits: Tuple[int, ...] = (2, 4)
     experts: Tuple[int, ...] = (4, 10)
     tokens: int = 16
+    repeats: int = 3  # each timed decode is the median of this many passes
     prompt_tokens: int = 512
     directory: Optional[Path] = None
-    read_threads: int = 8
+    read_threads: int = DEFAULT_READ_THREADS
     cache_gb: float = 0.0
     levers: bool = False  # also measure the engine's settings one at a time (see ``levers``)
 
 
-LEVER_READ_THREADS = (2, 4, 16)  # against the default 8
-LEVER_CACHE_GB = 4.0
+LEVER_READ_THREADS = (4, 16, 32)  # against the default (expert_store.DEFAULT_READ_THREADS)
+LEVER_CACHE_EXPERTS = 64  # per layer: an LRU of this size hits 49-71 % of the time on the real model
 
 
 # ------------------------------------------------------------------------------ measuring helpers
@@ -66,11 +69,14 @@ class Trace:
         self.calls.append((layer, tuple(int(e) for e in experts)))
         return self._load(layer, experts)
 
-    def per_layer(self) -> Dict[int, List[set]]:
-        out: Dict[int, List[set]] = {}
-        for layer, experts in self.calls:
-            out.setdefault(layer, []).append(set(experts))
-        return out
+
+
+def calls_by_layer(calls) -> Dict[int, List[set]]:
+    """``(layer, experts)`` calls grouped by layer, in order."""
+    out: Dict[int, List[set]] = {}
+    for layer, experts in calls:
+        out.setdefault(layer, []).append(set(experts))
+    return out
 
 
 def routing_stats(per_layer: Dict[int, List[set]]) -> dict:
@@ -175,17 +181,23 @@ class ResidentExperts:
         return kernels.LoadedSwitchGLU(self.parts, self.quant)(x, mx.take(self.remap, indices))
 
 
-def decode_ms(flash, tokens: List[int]) -> float:
-    """Teacher-forced decode of ``tokens`` from an empty cache; ms per token."""
+def decode_ms(flash, tokens: List[int], repeats: int = 1, cold_files=None) -> float:
+    """Teacher-forced decode of ``tokens`` from an empty cache; ms per token, the median of ``repeats``
+    passes (each after evicting ``cold_files`` from the page cache, when given)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    cache = make_prompt_cache(flash.model)
-    mx.eval(flash.model(mx.array([[tokens[0]]]), cache=cache))  # first token: allocations, not timed
-    start = time.perf_counter()
-    for t in tokens[1:]:
-        mx.eval(flash.model(mx.array([[t]]), cache=cache))
-    return (time.perf_counter() - start) * 1000 / (len(tokens) - 1)
+    times = []
+    for _ in range(repeats):
+        if cold_files:
+            evict(cold_files)
+        cache = make_prompt_cache(flash.model)
+        mx.eval(flash.model(mx.array([[tokens[0]]]), cache=cache))  # first token: allocations, not timed
+        start = time.perf_counter()
+        for t in tokens[1:]:
+            mx.eval(flash.model(mx.array([[t]]), cache=cache))
+        times.append((time.perf_counter() - start) * 1000 / (len(tokens) - 1))
+    return float(np.median(times))
 
 
 def decode_logits(flash, tokens: List[int]) -> np.ndarray:
@@ -289,25 +301,28 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     trace = Trace(store)
     flash.set_prefetch(False)
     cold = evict(files)
+    cold_files = files if cold else None
     before = store.stats.bytes_read
-    plain_cold = decode_ms(flash, tokens)
-    decode_calls = trace.calls[len(manifest.expert_layers):]  # the timed tokens only
-    exact_bytes = (store.stats.bytes_read - before) / len(tokens)
-    distinct = sum(len(e) for _, e in trace.calls) / len(tokens)
-    result["routing"] = routing_stats(Trace.per_layer(trace))
-    plain_warm = decode_ms(flash, tokens)
+    plain_cold = decode_ms(flash, tokens, opts.repeats, cold_files)
+    one_pass = trace.calls[:len(trace.calls) // opts.repeats]  # every pass asks for the same records
+    decode_calls = one_pass[len(manifest.expert_layers):]  # the timed tokens only
+    exact_bytes = (store.stats.bytes_read - before) / (opts.repeats * len(tokens))
+    distinct = sum(len(e) for _, e in one_pass) / len(tokens)
+    result["routing"] = routing_stats(calls_by_layer(one_pass))
+    plain_warm = decode_ms(flash, tokens, opts.repeats)
     store.load = trace._load  # stop tracing
     log(f"  {result['bits']}-bit k={k}: engine without prefetch cold {plain_cold:.1f} warm {plain_warm:.1f} ms/token")
 
     flash.set_prefetch(True)
-    evict(files)
     before = replace(store.stats)
-    decode_cold = decode_ms(flash, tokens)
+    decode_cold = decode_ms(flash, tokens, opts.repeats, cold_files)
     prefetch = store.stats.since(before)
-    decode_warm = decode_ms(flash, tokens)
+    before = replace(store.stats)
+    decode_warm = decode_ms(flash, tokens, opts.repeats)
+    read_wait = store.stats.since(before).read_seconds * 1000 / (opts.repeats * len(tokens))
     log(f"  {result['bits']}-bit k={k}: engine with prefetch cold {decode_cold:.1f} warm {decode_warm:.1f} ms/token, "
         f"prediction hit rate {prefetch.prefetch_hit_rate:.2f}")
-    bytes_per_token = prefetch.bytes_read / len(tokens)
+    bytes_per_token = prefetch.bytes_read / (opts.repeats * len(tokens))
 
     io_cold = io_floor_ms(model_dir, manifest, decode_calls, opts.tokens, opts.read_threads) if evict(files) else None
     io_warm = io_floor_ms(model_dir, manifest, decode_calls, opts.tokens, opts.read_threads)
@@ -317,7 +332,7 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     for layer, experts in trace.calls:
         union.setdefault(layer, set()).update(experts)
     restore = with_resident_experts(flash, {l: sorted(e) for l, e in union.items()})
-    compute = decode_ms(flash, tokens)
+    compute = decode_ms(flash, tokens, opts.repeats)
     restore()
     log(f"  {result['bits']}-bit k={k}: compute floor {compute:.1f} ms/token")
 
@@ -331,7 +346,7 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     memory = machine()["memory_gb"]
     if memory and manifest.expert_bytes < memory * 1e9 / 2:
         restore = with_resident_experts(flash, {l.layer: list(range(l.num_experts)) for l in manifest.expert_layers})
-        mlx_lm = decode_ms(flash, tokens)
+        mlx_lm = decode_ms(flash, tokens, opts.repeats)
         restore()
         mx.clear_cache()
         log(f"  {result['bits']}-bit k={k}: mlx-lm fully resident {mlx_lm:.1f} ms/token")
@@ -342,6 +357,7 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
         "decode_ms_per_token": {"cold": _r(decode_cold) if cold else None, "warm": _r(decode_warm)},
         "decode_without_prefetch_ms": {"cold": _r(plain_cold) if cold else None, "warm": _r(plain_warm)},
         "prefetch_hit_rate": round(prefetch.prefetch_hit_rate, 3),
+        "read_wait_ms_per_token_warm": _r(read_wait),
         "bytes_read_per_token": int(bytes_per_token),
         "bytes_read_per_token_without_prefetch": int(exact_bytes),
         "expected_bytes_per_token": int(distinct * record_size),
@@ -399,15 +415,21 @@ def engine_levers(model_dir: Path, k: int, tokens: List[int], files, opts: Bench
     """The engine (with prefetch) cold and warm under other settings, one at a time."""
     from .engine import load_flash_model
 
+    from .flash_layout import Manifest
+
+    manifest = Manifest.load(model_dir)
+    record = max(sum(p.nbytes for p in layer.layout.parts) for layer in manifest.expert_layers)
     variants = {f"read_threads_{n}": {"read_threads": n} for n in LEVER_READ_THREADS}
-    variants[f"record_cache_{LEVER_CACHE_GB:g}gb"] = {"cache_bytes": int(LEVER_CACHE_GB * 1e9),
-                                                       "read_threads": opts.read_threads}
+    variants[f"record_cache_{LEVER_CACHE_EXPERTS}_per_layer"] = {
+        "cache_bytes": LEVER_CACHE_EXPERTS * len(manifest.expert_layers) * record, "read_threads": opts.read_threads}
     out = {}
     for name, settings in variants.items():
         flash = load_flash_model(model_dir, experts_per_token=k, **settings)
         try:
-            cold = decode_ms(flash, tokens) if evict(files) else None
-            out[name] = {"cold": _r(cold), "warm": _r(decode_ms(flash, tokens))}
+            cold = decode_ms(flash, tokens, opts.repeats, files) if evict(files) else None
+            before = replace(flash.store.stats)
+            out[name] = {"cold": _r(cold), "warm": _r(decode_ms(flash, tokens, opts.repeats)),
+                         "warm_cache_hit_rate": round(flash.store.stats.since(before).hit_rate, 3)}
         finally:
             flash.close()
     return out

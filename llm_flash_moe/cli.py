@@ -342,6 +342,8 @@ def repair_command(manifest, path: Path) -> str:
               help="Experts per token to measure (repeatable; default 4 and 10).")
 @click.option("--tokens", type=click.IntRange(min=2), default=16, show_default=True,
               help="Decoded tokens per measurement.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Passes per timed decode; the median is reported.")
 @click.option("--prompt-tokens", type=click.IntRange(min=0), default=512, show_default=True,
               help="Prompt length for the prefill measurement (0 skips it; slow on the CPU backend).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
@@ -351,7 +353,7 @@ def repair_command(manifest, path: Path) -> str:
               help="Also measure the engine with other read-thread counts and a record cache, and the I/O floor "
                    "with O_DIRECT (slower: reloads the model per setting).")
 @click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
-def bench(layers, bits, experts, tokens, prompt_tokens, directory, levers, json_):
+def bench(layers, bits, experts, tokens, repeats, prompt_tokens, directory, levers, json_):
     """Measure decode speed against the I/O and compute floors and against mlx-lm.
 
     Builds once (and then reuses) a synthetic model with Qwen3.5-397B-A17B's exact per-layer shapes
@@ -364,7 +366,7 @@ def bench(layers, bits, experts, tokens, prompt_tokens, directory, levers, json_
 
     defaults = BenchOptions()
     opts = BenchOptions(layers=layers, bits=tuple(int(b) for b in bits) or defaults.bits,
-                        experts=tuple(experts) or defaults.experts, tokens=tokens,
+                        experts=tuple(experts) or defaults.experts, tokens=tokens, repeats=repeats,
                         prompt_tokens=prompt_tokens, directory=directory, levers=levers)
     result = run(opts, log=(lambda line: None) if json_ else (lambda line: click.echo(line, err=True)))
     click.echo(json.dumps(result, indent=None if json_ else 1))

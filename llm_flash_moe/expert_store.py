@@ -23,10 +23,10 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from .errors import FlashMoeError
-from .flash_layout import ExpertLayer, Manifest, RecordLayout, split_record
+from .flash_layout import ExpertLayer, Manifest, RecordLayout
 
 DEFAULT_SLOTS = 32  # per buffer set; two sets (alternate MoE layers) so one fills while the other computes
-DEFAULT_READ_THREADS = 8
+DEFAULT_READ_THREADS = 8  # 8, 16 and 32 measured equal within noise on the H100, 4 slower (docs/PERFORMANCE.md)
 _MX_DTYPES = ("uint32", "bfloat16", "float16", "float32")
 
 
@@ -92,7 +92,7 @@ class _SlotBuffers:
                 from .cuda_memory import keep_on_device
 
                 keep_on_device(device[part.name].ctypes.data, device[part.name].nbytes)
-        self._staged = staged
+        self._staged, self._device = staged, device
         self._copy_plan = [[(device[p.name][s].ctypes.data, staged[p.name][s].ctypes.data, p.nbytes)
                             for p in layout.parts] for s in range(slots)] if copies is not None else None
         gaps = []
@@ -112,9 +112,9 @@ class _SlotBuffers:
                 vecs.append(memoryview(self._scratch[s, :tail]))
             self.iovecs[s] = vecs
 
-    def fill_from_record(self, slot: int, record: np.ndarray) -> None:
-        for name, view in split_record(record, self.layout).items():
-            self._staged[name][slot] = view.reshape(-1).view(np.uint8)
+    def device_rows(self, slot: int) -> List[np.ndarray]:
+        """The slot's part rows in the arrays the matmuls read (on CUDA: GPU memory, never touched by the CPU)."""
+        return [self._device[part.name][slot] for part in self.layout.parts]
 
     def publish(self, slot: int) -> None:
         """Make what the reads put in ``slot`` visible to the matmuls (a copy to the GPU where staged)."""
@@ -157,7 +157,8 @@ class ExpertStore:
         self._buffers: Dict[tuple, _SlotBuffers] = {}
         self._copies = device_copies()
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="flash-moe-read")
-        self._cache = RecordCache(cache_bytes)
+        self._cache = RecordCache(cache_bytes, self._copies, max_records=sum(l.num_experts for l in self.layers.values()),
+                                  record_bytes=max(sum(p.nbytes for p in l.layout.parts) for l in self.layers.values()))
         self._busy = {}  # buffer set -> arrays computed from it, evaluated before the set is refilled
         self._prefetched: Dict[int, tuple] = {}  # layer -> (experts, futures) read ahead into its buffer set
         self._lock = threading.Lock()
@@ -242,14 +243,13 @@ class ExpertStore:
 
     def _fetch(self, info: ExpertLayer, buffers: _SlotBuffers, slot: int, expert: int) -> None:
         """One record into one slot: from the in-memory cache if it holds it, else from the file."""
-        record = self._cache.get((info.layer, expert))
-        if record is None:
-            self._read(info, buffers, slot, expert)
-        else:
-            buffers.fill_from_record(slot, record)
+        if self._cache.fill((info.layer, expert), buffers, slot):
             with self._lock:
                 self.stats.cache_hits += 1
+            return
+        self._read(info, buffers, slot, expert)
         buffers.publish(slot)
+        self._cache.put((info.layer, expert), buffers, slot)
 
     @property
     def cache_bytes(self) -> int:
@@ -275,13 +275,6 @@ class ExpertStore:
         with self._lock:
             self.stats.bytes_read += n
             self.stats.reads += 1
-        if self._cache.budget:
-            record = np.empty(size, dtype=np.uint8)
-            position = 0
-            for vec in buffers.iovecs[slot]:
-                record[position:position + vec.nbytes] = np.frombuffer(vec, dtype=np.uint8)
-                position += vec.nbytes
-            self._cache.put((info.layer, expert), record)
 
     def close(self) -> None:
         for _, futures in self._prefetched.values():
@@ -298,39 +291,79 @@ class ExpertStore:
 
 
 class RecordCache:
-    """An LRU of whole expert records within a byte budget (0 = off: rely on the OS page cache)."""
+    """An LRU of whole expert records within a byte budget (0 = off: rely on the OS page cache).
 
-    def __init__(self, budget: int):
-        self.budget = int(budget)
-        self.used = 0
-        self._records: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+    The records' parts are kept packed in rows of one preallocated MLX array, next to the slot buffers:
+    in GPU memory on CUDA, where a hit is a device-to-device copy into the slot (no read, no transfer
+    across the bus), in host memory elsewhere. Rows are allocated on first use, at most ``max_records``.
+    """
+
+    def __init__(self, budget: int, copies=None, max_records: int = 0, record_bytes: int = 1):
+        self.copies, self.max_records, self.record_bytes = copies, max_records, record_bytes
         self._lock = threading.Lock()
-
-    def get(self, key):
-        if not self.budget:
-            return None
-        with self._lock:
-            record = self._records.get(key)
-            if record is not None:
-                self._records.move_to_end(key)
-            return record
+        self.resize(budget)
 
     def resize(self, budget: int) -> None:
         with self._lock:
             self.budget = int(budget)
-            self._evict()
+            self._rows: "OrderedDict[tuple, int]" = OrderedDict()  # key -> row, least recently used first
+            self._pool = None
 
-    def _evict(self) -> None:
-        while self.used > self.budget:
-            _, old = self._records.popitem(last=False)
-            self.used -= old.nbytes
+    def _allocate(self) -> bool:
+        capacity = min(self.budget // self.record_bytes, self.max_records)
+        if capacity < 1:
+            return False
+        if self._pool is None:
+            import mlx.core as mx
 
-    def put(self, key, record: np.ndarray) -> None:
-        if record.nbytes > self.budget:
+            pool = mx.zeros((capacity, self.record_bytes), dtype=mx.uint8)
+            mx.eval(pool)
+            self._pool = (pool, np.array(pool, copy=False))
+            if self.copies is not None:
+                from .cuda_memory import keep_on_device
+
+                keep_on_device(self._pool[1].ctypes.data, self._pool[1].nbytes)
+        return True
+
+    def _copy(self, pairs) -> None:
+        """``(destination row, source row)`` numpy views: by the GPU's copy engines where there are any."""
+        if self.copies is not None:
+            self.copies.copy([(d.ctypes.data, s.ctypes.data, s.nbytes) for d, s in pairs])
+        else:
+            for d, s in pairs:
+                d[:] = s
+
+    def _packed(self, row: int, parts: List[np.ndarray]) -> List[np.ndarray]:
+        out, position = [], 0
+        for part in parts:
+            out.append(self._pool[1][row, position:position + part.nbytes])
+            position += part.nbytes
+        return out
+
+    def fill(self, key, buffers: _SlotBuffers, slot: int) -> bool:
+        """Copy the record ``key`` into ``slot`` if the cache holds it."""
+        if not self.budget:
+            return False
+        with self._lock:  # held while copying, so that no put reuses the row meanwhile
+            row = self._rows.get(key)
+            if row is None:
+                return False
+            self._rows.move_to_end(key)
+            parts = buffers.device_rows(slot)
+            self._copy(list(zip(parts, self._packed(row, parts))))
+            return True
+
+    def put(self, key, buffers: _SlotBuffers, slot: int) -> None:
+        """Keep a copy of the record just brought into ``slot``, evicting the least recently used."""
+        if not self.budget:
             return
         with self._lock:
-            if key in self._records:
+            if key in self._rows or not self._allocate():
                 return
-            self._records[key] = record
-            self.used += record.nbytes
-            self._evict()
+            if len(self._rows) < len(self._pool[1]):
+                row = len(self._rows)
+            else:
+                _, row = self._rows.popitem(last=False)
+            self._rows[key] = row
+            parts = buffers.device_rows(slot)
+            self._copy(list(zip(self._packed(row, parts), parts)))

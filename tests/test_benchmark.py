@@ -33,3 +33,15 @@ def test_io_floor_reads_the_given_records(models):
     flash = load_flash_model(prepared)
     calls = [(layer.layer, (0, 1)) for layer in flash.manifest.expert_layers]
     assert io_floor_ms(prepared, flash.manifest, calls, tokens=1, threads=2) > 0
+
+
+def test_agreement_of_logits():
+    import numpy as np
+
+    from llm_flash_moe.benchmark import agreement
+
+    reference = np.array([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    engine = np.array([[0.0, 2.0, 1.5], [0.5, 4.0, 1.0]])  # second token's top choice differs
+    result = agreement(engine, reference)
+    assert result["top1_agreement"] == 0.5
+    assert result["max_abs_diff_vs_max_abs"] == 4.0 / 3.0

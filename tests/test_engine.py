@@ -175,6 +175,20 @@ def test_in_memory_cache_serves_repeated_experts(models):
     assert flash.store.stats.bytes_read == 2 * read_once
 
 
+def test_small_cache_evicts_least_recently_used_and_keeps_results(models):
+    prepared = models.prepared(models.hf("float32"))
+    plain = load_flash_model(prepared)
+    layout = plain.manifest.expert_layers[0].layout
+    small = load_flash_model(prepared, cache_bytes=3 * sum(p.nbytes for p in layout.parts))  # three records
+    ids = mx.array(plain.tokenizer.encode(PROMPT))[None]
+    expected = plain.model(ids)
+    for _ in range(2):
+        assert mx.array_equal(small.model(ids), expected)
+    stats = small.store.stats
+    assert stats.reads > plain.store.stats.reads  # records evicted and read again
+    assert stats.reads + stats.cache_hits == 2 * plain.store.stats.reads
+
+
 def copy_model(src: Path, dst: Path) -> Path:
     import shutil
     shutil.copytree(src, dst)
@@ -252,7 +266,7 @@ class HostCopies:
 def test_staged_copies_give_the_same_results(models, monkeypatch):
     """CUDA's path (reads land in staging, each record is copied into the arrays the matmuls read)
     gives what reading into those arrays gives, with prefetch, cache hits and prompt chunks; every record
-    brought in is copied whole, once."""
+    read is copied whole into its slot and into the cache, and every cache hit from the cache into its slot."""
     from llm_flash_moe import expert_store
 
     prepared = models.prepared(models.hf("float32"))
@@ -266,7 +280,7 @@ def test_staged_copies_give_the_same_results(models, monkeypatch):
     stats = staged.store.stats
     assert stats.cache_hits > 0 and stats.prefetch_hits > 0
     record = staged.manifest.expert_layers[0].layout
-    assert sum(copies.copied) == (stats.reads + stats.cache_hits) * sum(p.nbytes for p in record.parts)
+    assert sum(copies.copied) == (2 * stats.reads + stats.cache_hits) * sum(p.nbytes for p in record.parts)
     assert len(copies.pinned) == 2  # one staging area per buffer set (two sets: alternate layers)
     staged.close()
     assert not copies.pinned
