@@ -689,7 +689,8 @@ class _FlashMoe:
             None, description="Let the model think before answering; its thinking is shown as reasoning "
                               "(default: the conversation's earlier choice, else on when the model can think)")
         cache_gb: Optional[float] = Field(
-            None, description=f"In-memory expert cache budget in GB, on top of the OS page cache "
+            None, description=f"Expert cache budget in GB (GPU memory on CUDA, RAM elsewhere), on top of the OS "
+                              f"page cache "
                               f"(default {DEFAULT_CACHE_GB:g}; at most {CACHE_MEMORY_SHARE:.0%} of the machine's "
                               "memory less the resident weights)", ge=0, allow_inf_nan=False)
         prompt_cache: Optional[bool] = Field(
