@@ -70,7 +70,6 @@ class Trace:
         return self._load(layer, experts)
 
 
-
 def calls_by_layer(calls) -> Dict[int, List[set]]:
     """``(layer, experts)`` calls grouped by layer, in order."""
     out: Dict[int, List[set]] = {}
@@ -333,13 +332,11 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
         union.setdefault(layer, set()).update(experts)
     restore = with_resident_experts(flash, {l: sorted(e) for l, e in union.items()})
     compute = decode_ms(flash, tokens, opts.repeats)
+    reference_logits = decode_logits(flash, tokens)  # mlx-lm's SwitchGLU on the same experts
     restore()
     log(f"  {result['bits']}-bit k={k}: compute floor {compute:.1f} ms/token")
 
-    engine_logits = decode_logits(flash, tokens)
-    restore = with_resident_experts(flash, {l: sorted(e) for l, e in union.items()})
-    result["agreement_with_mlx_lm"] = agreement(engine_logits, decode_logits(flash, tokens))
-    restore()
+    result["agreement_with_mlx_lm"] = agreement(decode_logits(flash, tokens), reference_logits)
     log(f"  {result['bits']}-bit k={k}: logits vs mlx-lm's SwitchGLU {result['agreement_with_mlx_lm']}")
 
     mlx_lm = None
@@ -389,11 +386,10 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
 
     if opts.levers:
         try:
-            direct = evict(files) and io_floor_ms(model_dir, manifest, decode_calls, opts.tokens, opts.read_threads,
-                                                  direct=True)
+            direct = io_floor_ms(model_dir, manifest, decode_calls, opts.tokens, opts.read_threads, direct=True)
         except (OSError, AttributeError):  # a file system without O_DIRECT (tmpfs), or an OS without it
             direct = None
-        result["levers"] = {"io_floor_o_direct_ms": _r(direct), **engine_levers(model_dir, k, tokens, files, opts)}
+        result["levers"] = {"io_floor_o_direct_ms": _r(direct), **engine_levers(model_dir, manifest, k, tokens, cold_files, opts)}
         log(f"  {result['bits']}-bit k={k}: levers {result['levers']}")
 
     head = head_ms(flash)
@@ -411,14 +407,12 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     return result
 
 
-def engine_levers(model_dir: Path, k: int, tokens: List[int], files, opts: BenchOptions) -> dict:
-    """The engine (with prefetch) cold and warm under other settings, one at a time."""
+def engine_levers(model_dir: Path, manifest, k: int, tokens: List[int], cold_files, opts: BenchOptions) -> dict:
+    """The engine (with prefetch) cold (when ``cold_files`` can be evicted) and warm under other settings,
+    one at a time."""
     from .engine import load_flash_model
 
-    from .flash_layout import Manifest
-
-    manifest = Manifest.load(model_dir)
-    record = max(sum(p.nbytes for p in layer.layout.parts) for layer in manifest.expert_layers)
+    record = max(layer.layout.parts_bytes for layer in manifest.expert_layers)
     variants = {f"read_threads_{n}": {"read_threads": n} for n in LEVER_READ_THREADS}
     variants[f"record_cache_{LEVER_CACHE_EXPERTS}_per_layer"] = {
         "cache_bytes": LEVER_CACHE_EXPERTS * len(manifest.expert_layers) * record, "read_threads": opts.read_threads}
@@ -426,7 +420,7 @@ def engine_levers(model_dir: Path, k: int, tokens: List[int], files, opts: Bench
     for name, settings in variants.items():
         flash = load_flash_model(model_dir, experts_per_token=k, **settings)
         try:
-            cold = decode_ms(flash, tokens, opts.repeats, files) if evict(files) else None
+            cold = decode_ms(flash, tokens, opts.repeats, cold_files) if cold_files else None
             before = replace(flash.store.stats)
             out[name] = {"cold": _r(cold), "warm": _r(decode_ms(flash, tokens, opts.repeats)),
                          "warm_cache_hit_rate": round(flash.store.stats.since(before).hit_rate, 3)}

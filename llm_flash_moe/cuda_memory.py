@@ -46,10 +46,6 @@ def _cudart():
     return None
 
 
-def available() -> bool:
-    return _cudart() is not None
-
-
 def _advise(address: int, nbytes: int, preferred: int, device: int) -> bool:
     lib = _cudart()
     if lib is None:

@@ -74,7 +74,7 @@ class _SlotBuffers:
         self.iovecs: List[List[memoryview]] = [[] for _ in range(slots)]
         device, staged = {}, {}
         if copies is not None:
-            self._staging = mmap.mmap(-1, slots * sum(p.nbytes for p in layout.parts))  # page-aligned
+            self._staging = mmap.mmap(-1, slots * layout.parts_bytes)  # page-aligned
             copies.pin(np.frombuffer(self._staging, dtype=np.uint8).ctypes.data, len(self._staging))
         position = 0
         for part in layout.parts:
@@ -158,7 +158,7 @@ class ExpertStore:
         self._copies = device_copies()
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="flash-moe-read")
         self._cache = RecordCache(cache_bytes, self._copies, max_records=sum(l.num_experts for l in self.layers.values()),
-                                  record_bytes=max(sum(p.nbytes for p in l.layout.parts) for l in self.layers.values()))
+                                  record_bytes=max(l.layout.parts_bytes for l in self.layers.values()))
         self._busy = {}  # buffer set -> arrays computed from it, evaluated before the set is refilled
         self._prefetched: Dict[int, tuple] = {}  # layer -> (experts, futures) read ahead into its buffer set
         self._lock = threading.Lock()

@@ -227,6 +227,11 @@ class RecordLayout:
                 offset = _round_up(offset + part.nbytes, PART_ALIGNMENT)
         return cls(tuple(parts), _round_up(offset, RECORD_ALIGNMENT))
 
+    @property
+    def parts_bytes(self) -> int:
+        """Bytes of the arrays themselves (the record without its alignment padding)."""
+        return sum(p.nbytes for p in self.parts)
+
     def part(self, name: str) -> RecordPart:
         for p in self.parts:
             if p.name == name:

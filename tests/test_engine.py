@@ -179,7 +179,7 @@ def test_small_cache_evicts_least_recently_used_and_keeps_results(models):
     prepared = models.prepared(models.hf("float32"))
     plain = load_flash_model(prepared)
     layout = plain.manifest.expert_layers[0].layout
-    small = load_flash_model(prepared, cache_bytes=3 * sum(p.nbytes for p in layout.parts))  # three records
+    small = load_flash_model(prepared, cache_bytes=3 * layout.parts_bytes)  # three records
     ids = mx.array(plain.tokenizer.encode(PROMPT))[None]
     expected = plain.model(ids)
     for _ in range(2):
@@ -280,7 +280,7 @@ def test_staged_copies_give_the_same_results(models, monkeypatch):
     stats = staged.store.stats
     assert stats.cache_hits > 0 and stats.prefetch_hits > 0
     record = staged.manifest.expert_layers[0].layout
-    assert sum(copies.copied) == (2 * stats.reads + stats.cache_hits) * sum(p.nbytes for p in record.parts)
+    assert sum(copies.copied) == (2 * stats.reads + stats.cache_hits) * record.parts_bytes
     assert len(copies.pinned) == 2  # one staging area per buffer set (two sets: alternate layers)
     staged.close()
     assert not copies.pinned
