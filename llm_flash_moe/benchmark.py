@@ -50,7 +50,7 @@ class BenchOptions:
     levers: bool = False  # also measure the engine's settings one at a time (see ``levers``)
 
 
-LEVER_READ_THREADS = (4, 16, 32)  # against the default (expert_store.DEFAULT_READ_THREADS)
+LEVER_READ_THREADS = 16  # against the default (expert_store.DEFAULT_READ_THREADS)
 LEVER_CACHE_EXPERTS = 64  # per layer: an LRU of this size hits 49-71 % of the time on the real model
 
 
@@ -142,13 +142,18 @@ def io_floor_ms(model_dir: Path, manifest, calls, tokens: int, threads: int, dir
 
 
 class ResidentExperts:
-    """mlx-lm's SwitchGLU over experts held in memory: the compute floor and the fully resident baseline."""
+    """mlx-lm's SwitchGLU over experts held in memory: the compute floor and the fully resident baseline.
 
-    def __init__(self, model_dir: Path, entry, experts: List[int], dtype):
+    With ``synchronize`` each call first brings the router's choice to the host and back, as any engine
+    that reads the chosen experts must: the floor of an engine with one host synchronization per layer.
+    """
+
+    def __init__(self, model_dir: Path, entry, experts: List[int], dtype, synchronize: bool = False):
         import mlx.core as mx
 
         from .flash_layout import split_record
 
+        self.synchronize = synchronize
         experts = sorted(experts)
         remap = np.zeros(entry.num_experts, dtype=np.uint32)
         remap[experts] = np.arange(len(experts), dtype=np.uint32)
@@ -177,6 +182,8 @@ class ResidentExperts:
 
         from . import kernels
 
+        if self.synchronize:
+            indices = mx.array(np.array(indices))
         return kernels.LoadedSwitchGLU(self.parts, self.quant)(x, mx.take(self.remap, indices))
 
 
@@ -215,8 +222,9 @@ def agreement(engine: np.ndarray, reference: np.ndarray) -> dict:
             "top1_agreement": float(np.mean(engine.argmax(axis=1) == reference.argmax(axis=1)))}
 
 
-def with_resident_experts(flash, experts_by_layer: Dict[int, List[int]]):
-    """Swap every block's streaming experts for in-memory ones; returns a function that swaps them back."""
+def with_resident_experts(flash, experts_by_layer: Dict[int, List[int]], synchronize: bool = False):
+    """Swap every block's streaming experts for in-memory ones (``ResidentExperts``); returns a function
+    that swaps them back."""
     from .mlx_model import moe_blocks
 
     saved = {}
@@ -224,7 +232,7 @@ def with_resident_experts(flash, experts_by_layer: Dict[int, List[int]]):
     for index, block in moe_blocks(flash.model):
         saved[index] = block.switch_mlp
         block.switch_mlp = ResidentExperts(flash.directory, flash.manifest.layer(index), experts_by_layer[index],
-                                           dtype)
+                                           dtype, synchronize)
 
     def restore():
         for index, block in moe_blocks(flash.model):
@@ -318,7 +326,7 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     prefetch = store.stats.since(before)
     before = replace(store.stats)
     decode_warm = decode_ms(flash, tokens, opts.repeats)
-    read_wait = store.stats.since(before).read_seconds * 1000 / (opts.repeats * len(tokens))
+    warm_split = warm_time_split(decode_warm, store.stats.since(before), opts.repeats * len(tokens))
     log(f"  {result['bits']}-bit k={k}: engine with prefetch cold {decode_cold:.1f} warm {decode_warm:.1f} ms/token, "
         f"prediction hit rate {prefetch.prefetch_hit_rate:.2f}")
     bytes_per_token = prefetch.bytes_read / (opts.repeats * len(tokens))
@@ -330,11 +338,15 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     union = {}
     for layer, experts in trace.calls:
         union.setdefault(layer, set()).update(experts)
-    restore = with_resident_experts(flash, {l: sorted(e) for l, e in union.items()})
+    union = {l: sorted(e) for l, e in union.items()}
+    restore = with_resident_experts(flash, union)
     compute = decode_ms(flash, tokens, opts.repeats)
     reference_logits = decode_logits(flash, tokens)  # mlx-lm's SwitchGLU on the same experts
     restore()
-    log(f"  {result['bits']}-bit k={k}: compute floor {compute:.1f} ms/token")
+    restore = with_resident_experts(flash, union, synchronize=True)
+    sync_floor = decode_ms(flash, tokens, opts.repeats)
+    restore()
+    log(f"  {result['bits']}-bit k={k}: compute floor {compute:.1f}, with a host sync per layer {sync_floor:.1f} ms/token")
 
     result["agreement_with_mlx_lm"] = agreement(decode_logits(flash, tokens), reference_logits)
     log(f"  {result['bits']}-bit k={k}: logits vs mlx-lm's SwitchGLU {result['agreement_with_mlx_lm']}")
@@ -351,10 +363,11 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     result.update({
         "io_floor_ms": {"cold": _r(io_cold), "warm": _r(io_warm)},
         "compute_floor_ms": _r(compute),
+        "sync_floor_ms": _r(sync_floor),
         "decode_ms_per_token": {"cold": _r(decode_cold) if cold else None, "warm": _r(decode_warm)},
         "decode_without_prefetch_ms": {"cold": _r(plain_cold) if cold else None, "warm": _r(plain_warm)},
         "prefetch_hit_rate": round(prefetch.prefetch_hit_rate, 3),
-        "read_wait_ms_per_token_warm": _r(read_wait),
+        "warm_time_split_ms_per_token": warm_split,
         "bytes_read_per_token": int(bytes_per_token),
         "bytes_read_per_token_without_prefetch": int(exact_bytes),
         "expected_bytes_per_token": int(distinct * record_size),
@@ -413,7 +426,7 @@ def engine_levers(model_dir: Path, manifest, k: int, tokens: List[int], cold_fil
     from .engine import load_flash_model
 
     record = max(layer.layout.parts_bytes for layer in manifest.expert_layers)
-    variants = {f"read_threads_{n}": {"read_threads": n} for n in LEVER_READ_THREADS}
+    variants = {f"read_threads_{LEVER_READ_THREADS}": {"read_threads": LEVER_READ_THREADS}}
     variants[f"record_cache_{LEVER_CACHE_EXPERTS}_per_layer"] = {
         "cache_bytes": LEVER_CACHE_EXPERTS * len(manifest.expert_layers) * record, "read_threads": opts.read_threads}
     out = {}
@@ -422,11 +435,24 @@ def engine_levers(model_dir: Path, manifest, k: int, tokens: List[int], cold_fil
         try:
             cold = decode_ms(flash, tokens, opts.repeats, cold_files) if cold_files else None
             before = replace(flash.store.stats)
-            out[name] = {"cold": _r(cold), "warm": _r(decode_ms(flash, tokens, opts.repeats)),
-                         "warm_cache_hit_rate": round(flash.store.stats.since(before).hit_rate, 3)}
+            warm = decode_ms(flash, tokens, opts.repeats)
+            during = flash.store.stats.since(before)
+            out[name] = {"cold": _r(cold), "warm": _r(warm), "warm_cache_hit_rate": round(during.hit_rate, 3),
+                         "warm_time_split_ms_per_token": warm_time_split(warm, during, opts.repeats * len(tokens))}
         finally:
             flash.close()
     return out
+
+
+def warm_time_split(decode_ms_per_token: float, stats, tokens: int) -> dict:
+    """Where a warm token's time goes on the host (``stats``: the store's counters over ``tokens`` timed
+    tokens): waiting for records, launching the GPU work up to each router, waiting for the router's
+    choice, and the rest (Python building the graph, the kernels' calls, the final evaluation)."""
+    split = {"read_wait": stats.read_seconds, "router_launch": stats.router_launch_seconds,
+             "router_wait": stats.router_wait_seconds}
+    split = {name: seconds * 1000 / tokens for name, seconds in split.items()}
+    split["other"] = decode_ms_per_token - sum(split.values())
+    return {name: _r(v) for name, v in split.items()}
 
 
 def _r(v):

@@ -36,6 +36,8 @@ class StoreStats:
     reads: int = 0  # records read from the layer files
     cache_hits: int = 0  # records served by the in-memory cache
     read_seconds: float = 0.0  # wall time spent waiting for records
+    router_launch_seconds: float = 0.0  # host launching the GPU work up to a layer's router (decode)
+    router_wait_seconds: float = 0.0  # host then waiting for the GPU to deliver the router's choice
     prefetch_hits: int = 0  # records a layer needed that the previous layer's prediction had read
     prefetch_misses: int = 0  # records a layer needed beyond the prediction
     prefetch_wasted: int = 0  # predicted records the layer did not need (read for nothing)
@@ -152,7 +154,9 @@ class ExpertStore:
         for layer in manifest.expert_layers:
             self._fds[layer.layer] = self._open(layer)
         order = sorted(self.layers)
-        self._parity = {layer: i % 2 for i, layer in enumerate(order)}
+        sets: Dict[tuple, int] = {}  # one buffer set per record layout and parity of the layer's position
+        self._set_of = {layer: sets.setdefault((self.layers[layer].layout, i % 2), len(sets))
+                        for i, layer in enumerate(order)}
         self.next_layer = dict(zip(order, order[1:]))
         self._buffers: Dict[tuple, _SlotBuffers] = {}
         self._copies = device_copies()
@@ -181,14 +185,14 @@ class ExpertStore:
         return (f"run `llm flash-moe verify {self.name}`, then the `llm flash-moe prepare ... --repair` "
                 "it prints")
 
-    def _key(self, layer: int) -> tuple:
-        return self.layers[layer].layout, self._parity[layer]
+    def _key(self, layer: int) -> int:
+        return self._set_of[layer]  # a number: hashing a record layout on every call is slow
 
     def buffers(self, layer: int) -> _SlotBuffers:
         """The buffer set of ``layer``: one per record layout and per parity of the layer's position."""
         key = self._key(layer)
         if key not in self._buffers:
-            self._buffers[key] = _SlotBuffers(key[0], self.slots, self._copies)
+            self._buffers[key] = _SlotBuffers(self.layers[layer].layout, self.slots, self._copies)
         return self._buffers[key]
 
     def _claim(self, layer: int) -> _SlotBuffers:

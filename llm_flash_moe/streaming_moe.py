@@ -9,6 +9,8 @@ mlx-lm's SwitchGLU arithmetic (``kernels.LoadedSwitchGLU``, the kernels' twin).
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -43,9 +45,10 @@ class StreamingExperts(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         one_token = indices.size == indices.shape[-1] <= self.store.slots
-        if one_token and self.next_block is not None:
-            predicted = route(self.next_block, x)
-            mx.eval(indices, predicted)  # one host synchronization for both
+        predicted = route(self.next_block, x) if one_token and self.next_block is not None else None
+        if one_token:
+            self._synchronize(indices, predicted)
+        if predicted is not None:
             self.store.prefetch(self.store.next_layer[self.layer], np.array(predicted).reshape(-1))
         chosen = np.array(indices)  # the host synchronization per layer: which experts to read
         if one_token:  # k distinct experts
@@ -64,6 +67,18 @@ class StreamingExperts(nn.Module):
                 y = self._in_groups(x, chosen, unique)
         self.store.retain(self.layer, y)
         return y
+
+    def _synchronize(self, indices, predicted) -> None:
+        """The one host synchronization of a decoded token's layer (for the router's choice and the
+        prediction together), timed in two halves: launching the GPU work queued so far, then waiting."""
+        arrays = [indices] if predicted is None else [indices, predicted]
+        start = time.perf_counter()
+        mx.async_eval(*arrays)
+        launched = time.perf_counter()
+        mx.eval(*arrays)
+        stats = self.store.stats
+        stats.router_launch_seconds += launched - start
+        stats.router_wait_seconds += time.perf_counter() - launched
 
     def _in_groups(self, x, chosen, unique):
         """More distinct experts than slots: run them a group at a time over the (token, k) pairs they serve."""

@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 
-from llm_flash_moe.benchmark import io_floor_ms, routing_stats, with_resident_experts
+from llm_flash_moe.benchmark import io_floor_ms, routing_stats, warm_time_split, with_resident_experts
 from llm_flash_moe.engine import load_flash_model
 
 
@@ -25,7 +25,29 @@ def test_compute_floor_runs_the_engine_arithmetic(models):
     resident = flash.model(ids)
     restore()
     assert mx.array_equal(streamed, resident)
+    restore = with_resident_experts(flash, layers, synchronize=True)  # the sync floor: same arithmetic
+    assert mx.array_equal(flash.model(ids), streamed)
+    restore()
     assert mx.array_equal(flash.model(ids), streamed)  # restored
+
+
+def test_decode_times_the_router_synchronization(models):
+    """Each decoded token's MoE layer times its host synchronization; a prompt's layers have none."""
+    from dataclasses import replace
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    flash = load_flash_model(models.prepared(models.hf("float32")))
+    cache = make_prompt_cache(flash.model)
+    mx.eval(flash.model(mx.array([[1, 2, 3]]), cache=cache))
+    assert flash.store.stats.router_launch_seconds == flash.store.stats.router_wait_seconds == 0
+    before = replace(flash.store.stats)
+    mx.eval(flash.model(mx.array([[4]]), cache=cache))
+    during = flash.store.stats.since(before)
+    assert during.router_launch_seconds > 0 and during.router_wait_seconds > 0
+    split = warm_time_split(10.0, during, tokens=1)
+    assert split["other"] == round(10.0 - 1000 * (during.read_seconds + during.router_launch_seconds
+                                                  + during.router_wait_seconds), 2)
 
 
 def test_io_floor_reads_the_given_records(models):
