@@ -2,7 +2,8 @@
 
 import mlx.core as mx
 
-from llm_flash_moe.benchmark import io_floor_ms, routing_stats, warm_time_split, with_resident_experts
+from llm_flash_moe.benchmark import (Trace, io_floor_ms, project_decode_ms, routing_stats, warm_time_split,
+                                     with_resident_experts)
 from llm_flash_moe.engine import load_flash_model
 
 
@@ -67,3 +68,16 @@ def test_agreement_of_logits():
     result = agreement(engine, reference)
     assert result["top1_agreement"] == 0.5
     assert result["max_abs_diff_vs_max_abs"] == 4.0 / 3.0
+
+
+def test_projection_counts_the_first_layer_extra_wait_once():
+    class Store:
+        def load(self, layer, experts):
+            return layer
+
+    trace = Trace(Store())
+    trace.calls = [(3, (0,)), (5, (1,)), (7, (2,))] * 2  # two tokens over three MoE layers
+    trace.seconds = [0.004, 0.001, 0.003] * 2  # the first layer (3) waits 4 ms, the others 2 ms on average
+    assert abs(trace.first_layer_extra_ms(tokens=2) - 2.0) < 1e-9
+    # 10 ms/token over 4 layers with 1 ms outside them and 2 ms of first-layer extra: 1.75 ms a typical layer
+    assert project_decode_ms(10.0, head=1.0, first_layer_extra=2.0, layers=4) == 1.0 + 2.0 + 60 * 1.75
