@@ -437,6 +437,12 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
         "tokens_per_second": {m: None if v is None else round(1000 / v, 3) for m, v in projected.items()},
         **resident_projection(flash, record_size),
     }
+    # the floors scale with the layers too: reads per layer, compute per layer plus the head once
+    io_projected = {m: None if v is None else REAL_LAYERS * v / opts.layers for m, v in result["io_floor_ms"].items()}
+    compute_projected = head + REAL_LAYERS * (compute - head) / opts.layers
+    for name, combine in (("ratio_vs_floor_sum", sum), ("ratio_vs_floor_max", max)):
+        result["projected_60_layers"][name] = {m: _ratio(projected[m], io_projected[m], compute_projected, combine)
+                                               for m in ("cold", "warm")}
     result["peak_rss_gb"] = peak_rss_gb()
     result["peak_mlx_gb"] = round(mx.get_peak_memory() / 1e9, 2)
     flash.close()
