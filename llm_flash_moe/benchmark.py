@@ -6,11 +6,15 @@ For each (bits, experts per token) it decodes the same teacher-forced tokens thr
 - ``io_floor_ms``: plain parallel ``pread``s of exactly the records the run needed, cold and warm;
 - ``compute_floor_ms``: the same tokens with every needed expert already in memory (mlx-lm's SwitchGLU
   over the union of the experts the run touched, no reads, no host synchronization);
-- ``decode_ms_per_token``: the engine, cold (layer files evicted from the page cache) and warm;
+- ``sync_floor_ms``: the same, with one host synchronization per layer (the router's choice brought to
+  the host and back), which any engine reading router-chosen experts needs;
+- ``decode_ms_per_token``: the engine, cold (layer files evicted from the page cache) and warm, and where
+  a warm token's host time goes (``warm_time_split_ms_per_token``);
 - ``mlx_lm_ms_per_token``: mlx-lm's MoE with all experts resident, where they fit in half the RAM;
 - prefill of a prompt: bytes read against the union of the experts it needs;
 - routing statistics of the run, next to those published for the real model;
-- peak memory, and per-token time and resident memory projected to the real model's 60 layers.
+- peak memory, and per-token time, floor ratios and resident memory projected to the real model's 60
+  layers (the first MoE layer, which nothing predicts, counted once: ``project_decode_ms``).
 """
 
 from __future__ import annotations
@@ -338,16 +342,16 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
 
     flash.set_prefetch(True)
     before = replace(store.stats)
-    trace = Trace(store)
+    timed = Trace(store)
     decode_cold = decode_ms(flash, tokens, opts.repeats, cold_files)
-    store.load = trace._load
-    first_layer_extra = {"cold": trace.first_layer_extra_ms(opts.repeats * len(tokens)) if cold else None}
+    store.load = timed._load
+    first_layer_extra = {"cold": timed.first_layer_extra_ms(opts.repeats * len(tokens)) if cold else None}
     prefetch = store.stats.since(before)
     before = replace(store.stats)
-    trace = Trace(store)
+    timed = Trace(store)
     decode_warm = decode_ms(flash, tokens, opts.repeats)
-    store.load = trace._load
-    first_layer_extra["warm"] = trace.first_layer_extra_ms(opts.repeats * len(tokens))
+    store.load = timed._load
+    first_layer_extra["warm"] = timed.first_layer_extra_ms(opts.repeats * len(tokens))
     warm_split = warm_time_split(decode_warm, store.stats.since(before), opts.repeats * len(tokens))
     log(f"  {result['bits']}-bit k={k}: engine with prefetch cold {decode_cold:.1f} warm {decode_warm:.1f} ms/token, "
         f"prediction hit rate {prefetch.prefetch_hit_rate:.2f}")

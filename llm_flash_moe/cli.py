@@ -350,7 +350,7 @@ def repair_command(manifest, path: Path) -> str:
               help="Where the synthetic models are built and kept (~3.6 GB per layer at 4 bits). "
                    "Default: flash-moe/bench under llm's user directory.")
 @click.option("--levers", is_flag=True,
-              help="Also measure the engine with other read-thread counts and a record cache, and the I/O floor "
+              help="Also measure the engine with 16 read threads and with a record cache, and the I/O floor "
                    "with O_DIRECT (slower: reloads the model per setting).")
 @click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
 def bench(layers, bits, experts, tokens, repeats, prompt_tokens, directory, levers, json_):
@@ -358,9 +358,10 @@ def bench(layers, bits, experts, tokens, repeats, prompt_tokens, directory, leve
 
     Builds once (and then reuses) a synthetic model with Qwen3.5-397B-A17B's exact per-layer shapes
     and realistic routing, then measures for each bits/experts setting: plain reads of exactly the
-    records needed (cold and warm), the same tokens with the experts in memory, the engine cold and
-    warm, mlx-lm with all experts resident where they fit, a prefill, peak memory, and projections
-    to the real 60 layers. See docs/PERFORMANCE.md for results and how to read them.
+    records needed (cold and warm), the same tokens with the experts in memory (without and with one
+    host synchronization per layer), the engine cold and warm with where its warm time goes, mlx-lm
+    with all experts resident where they fit, a prefill, peak memory, and projections to the real 60
+    layers. See docs/PERFORMANCE.md for results and how to read them.
     """
     from .benchmark import BenchOptions, run
 

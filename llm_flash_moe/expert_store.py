@@ -158,7 +158,7 @@ class ExpertStore:
         self._set_of = {layer: sets.setdefault((self.layers[layer].layout, i % 2), len(sets))
                         for i, layer in enumerate(order)}
         self.next_layer = dict(zip(order, order[1:]))
-        self._buffers: Dict[tuple, _SlotBuffers] = {}
+        self._buffers: Dict[int, _SlotBuffers] = {}  # buffer set number -> its buffers
         self._copies = device_copies()
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="flash-moe-read")
         self._cache = RecordCache(cache_bytes, self._copies, max_records=sum(l.num_experts for l in self.layers.values()),
