@@ -478,7 +478,7 @@ def engine_levers(model_dir: Path, manifest, k: int, tokens: List[int], cold_fil
 
 
 def warm_time_split(decode_ms_per_token: float, stats, tokens: int) -> dict:
-    """Where a warm token's time goes on the host (``stats``: the store's counters over ``tokens`` timed
+    """Where a warm token's time goes on the host (``stats``: the store's counters over ``tokens`` decoded
     tokens): waiting for records, launching the GPU work up to each router, waiting for the router's
     choice, and the rest (Python building the graph, the kernels' calls, the final evaluation)."""
     split = {"read_wait": stats.read_seconds, "router_launch": stats.router_launch_seconds,

@@ -27,7 +27,6 @@ from .flash_layout import ExpertLayer, Manifest, RecordLayout
 
 DEFAULT_SLOTS = 32  # per buffer set; two sets (alternate MoE layers) so one fills while the other computes
 DEFAULT_READ_THREADS = 8  # 8, 16 and 32 measured equal within noise on the H100, 4 slower (docs/PERFORMANCE.md)
-_MX_DTYPES = ("uint32", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -51,9 +50,6 @@ class StoreStats:
     def prefetch_hit_rate(self) -> float:
         total = self.prefetch_hits + self.prefetch_misses
         return self.prefetch_hits / total if total else 0.0
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "hit_rate": self.hit_rate, "prefetch_hit_rate": self.prefetch_hit_rate}
 
     def since(self, before: "StoreStats") -> "StoreStats":
         """What happened between ``before`` (a copy taken earlier: ``replace(stats)``) and now."""
@@ -94,7 +90,7 @@ class _SlotBuffers:
                 from .cuda_memory import keep_on_device
 
                 keep_on_device(device[part.name].ctypes.data, device[part.name].nbytes)
-        self._staged, self._device = staged, device
+        self._device = device
         self._copy_plan = [[(device[p.name][s].ctypes.data, staged[p.name][s].ctypes.data, p.nbytes)
                             for p in layout.parts] for s in range(slots)] if copies is not None else None
         gaps = []

@@ -385,13 +385,13 @@ def reuse_point(tokenizer, messages: List[dict], tools, thinking: bool, prompt_i
     generation prompt goes on with ``<think>\\n`` (or an empty think block), while history shows the
     answer without its reasoning.
     """
-    from .prompt_cache import common_prefix
+    from mlx_lm.utils import common_prefix_len
 
     probe = history_ids(tokenizer, messages + [{"role": "assistant", "content": PROBE},
                                                {"role": "user", "content": PROBE}], tools, thinking)
     if probe is None:
         return None
-    n = common_prefix(prompt_ids, probe)
+    n = common_prefix_len(prompt_ids, probe)
     return n if 0 < n < len(prompt_ids) else None
 
 
@@ -437,7 +437,6 @@ class Settings:
     seed: Optional[int]
     experts_per_token: int
     thinking: bool
-    cache_bytes: int
     prompt_cache: bool = True
 
 
@@ -510,13 +509,10 @@ def warn(message: str) -> None:
 
 
 def resolve_settings(options, manifest, model_dir: Path, model_id: str, has_thinking: bool,
-                     cache_bytes: Optional[int] = None, vocab_size: Optional[int] = None,
-                     thinking: Optional[bool] = None) -> Settings:
-    """``cache_bytes``: the clamped cache budget (see ``cache_budget``); ``vocab_size`` bounds top_k;
-    ``thinking``: the conversation's earlier choice, used when ``-o thinking`` is not given."""
+                     vocab_size: Optional[int] = None, thinking: Optional[bool] = None) -> Settings:
+    """``vocab_size`` bounds top_k; ``thinking``: the conversation's earlier choice, used when
+    ``-o thinking`` is not given."""
     defaults = generation_defaults(model_dir)
-    if cache_bytes is None:
-        cache_bytes = int(round(pick(options.cache_gb, DEFAULT_CACHE_GB) * 1e9))
     top_k = int(pick(options.top_k, defaults["top_k"]))
     if vocab_size is not None and top_k >= vocab_size:
         top_k = 0  # every token: the same as no top-k (mlx-lm refuses a top_k as large as the vocabulary)
@@ -529,7 +525,6 @@ def resolve_settings(options, manifest, model_dir: Path, model_id: str, has_thin
         seed=options.seed,
         experts_per_token=check_experts(options.experts, manifest, model_id),
         thinking=bool(pick(options.thinking, pick(thinking, has_thinking))),
-        cache_bytes=cache_bytes,
         prompt_cache=bool(pick(options.prompt_cache, True)),
     )
 
@@ -637,12 +632,14 @@ class Turn:
         self.finished = True
 
     def save(self, next_turns: List[List[int]]) -> None:
+        from mlx_lm.utils import common_prefix_len
+
         from . import prompt_cache
 
         if self.store is None or not self.finished:
             return
         full = self.prompt_ids + self.generated
-        reach = [prompt_cache.common_prefix(full, ids) for ids in next_turns]
+        reach = [common_prefix_len(full, ids) for ids in next_turns]
         # The cache holds prompt + every generated token (mlx-lm feeds each sampled token before
         # yielding it); checked, so a state is never filed under tokens it did not see.
         end_saved = False
@@ -786,11 +783,11 @@ class _FlashMoe:
             warn(warning)
         flash = load(model_dir, cache_bytes=cache_bytes)
         settings = resolve_settings(options, manifest, model_dir, self.model_id, flash.tokenizer.has_thinking,
-                                    cache_bytes=cache_bytes, vocab_size=vocab_size(manifest.config),
+                                    vocab_size=vocab_size(manifest.config),
                                     thinking=thinking)
         flash.set_experts_per_token(settings.experts_per_token)
-        if flash.store.cache_bytes != settings.cache_bytes:
-            flash.store.set_cache_bytes(settings.cache_bytes)
+        if flash.store.cache_bytes != cache_bytes:
+            flash.store.set_cache_bytes(cache_bytes)
         return flash, settings
 
 
@@ -880,7 +877,6 @@ def record_usage(response, last, turn: Turn, settings: Settings, stats) -> None:
     generated = last.generation_tokens if last is not None else 0
     prompt_tokens = len(turn.prompt_ids)
     response.set_usage(input=prompt_tokens, output=generated)
-    reads, hits = stats.reads, stats.cache_hits
     prompt_tps = None
     if turn.prompt_seconds is not None:
         prompt_tps = round(turn.processed / max(turn.prompt_seconds, 1e-9), 3)
@@ -897,9 +893,9 @@ def record_usage(response, last, turn: Turn, settings: Settings, stats) -> None:
         "generation_tps": round(last.generation_tps, 3) if last is not None else None,
         "experts_per_token": settings.experts_per_token,
         "bytes_read": stats.bytes_read,
-        "expert_reads": reads,
-        "cache_hits": hits,
-        "cache_hit_rate": round(hits / (reads + hits), 4) if reads + hits else 0.0,
+        "expert_reads": stats.reads,
+        "cache_hits": stats.cache_hits,
+        "cache_hit_rate": round(stats.hit_rate, 4),
         "read_seconds": round(stats.read_seconds, 4),
         "peak_memory_gb": round(last.peak_memory, 3) if last is not None else None,
     }

@@ -53,10 +53,11 @@ class StreamingExperts(nn.Module):
         chosen = np.array(indices)  # the host synchronization per layer: which experts to read
         if one_token:  # k distinct experts
             parts, slots = self.store.load(self.layer, chosen.reshape(-1))
-            if kernels.backend() == "twin" or not kernels.supported(x, parts, self.quant):
+            backend = kernels.backend()
+            if backend == "twin" or not kernels.supported(x, parts, self.quant):
                 y = kernels.LoadedSwitchGLU(parts, self.quant)(x.reshape(1, -1), mx.array(slots)[None])
             else:  # the fused kernel computes every loaded slot (prefetched ones too); keep the chosen
-                y = kernels.expert_glu(x, parts, self.quant)[mx.array(slots)].astype(x.dtype)
+                y = kernels.kernel_glu(x, parts, self.quant, backend=backend)[mx.array(slots)].astype(x.dtype)
             y = y.reshape(*chosen.shape, x.shape[-1])
         else:
             unique, local = np.unique(chosen, return_inverse=True)
