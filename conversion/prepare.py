@@ -8,6 +8,7 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -62,7 +63,12 @@ class Plan:
     tensor_meta: Dict[str, Tuple[str, tuple]]  # key -> (mlx dtype, shape), every source tensor
     settings: dict
     source_label: str  # manifest.source
-    resident_estimate: int  # bytes of the resident weights, from shapes
+
+    @cached_property
+    def resident_estimate(self) -> int:
+        """Bytes of the resident weights, from shapes (built on first use: an already prepared model
+        never needs it)."""
+        return estimate_resident_bytes(self.source.config, self.settings["resident_bits"])
 
 
 def prepare(opts: PrepareOptions, echo: Callable[[str], None] = print) -> Manifest:
@@ -261,8 +267,7 @@ def _plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> Plan
     settings = {"format_version": FORMAT_VERSION, "name": name, "source": label, "revision": source.revision,
                 "bits": canonical_bits(bits), "group_size": opts.group_size, "resident_bits": opts.resident_bits,
                 "experts_per_token": k}
-    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings, label,
-                estimate_resident_bytes(config, opts.resident_bits))
+    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings, label)
 
 
 def _fmt(n: int) -> str:

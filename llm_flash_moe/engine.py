@@ -16,6 +16,10 @@ from .mlx_model import cast_floats, moe_blocks, no_experts, streaming_model_clas
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "qwen.tiktoken")
 
 
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((Path(model_dir) / f).exists() for f in TOKENIZER_VOCAB_FILES)
+
+
 def load_resident_model(model_dir: Path, lazy: bool = False, make_experts=no_experts):
     """mlx-lm's ``load_model`` (strict), with each block's experts replaced by ``make_experts(layer, block)``."""
     from mlx_lm.utils import load_model
@@ -103,7 +107,7 @@ def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, c
         store.close()
         raise
     try:
-        if not any((model_dir / f).exists() for f in TOKENIZER_VOCAB_FILES):
+        if not has_tokenizer(model_dir):
             raise FileNotFoundError(f"none of {', '.join(TOKENIZER_VOCAB_FILES)} is there")
         tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id", None))
     except Exception as e:  # a missing or damaged tokenizer file: transformers raises many kinds

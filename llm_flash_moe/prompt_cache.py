@@ -60,15 +60,6 @@ def disk_limit() -> int:
     return max(0, int(gb * 1e9))
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 # ------------------------------------------------------------------------------ snapshots
 
 

@@ -67,9 +67,9 @@ def verify_model(model_dir: Path, manifest: Manifest, progress: bool = False) ->
         json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
         report.problems.append(f"config.json is missing or damaged ({type(e).__name__})")
-    from .engine import TOKENIZER_VOCAB_FILES
+    from .engine import TOKENIZER_VOCAB_FILES, has_tokenizer
 
-    if not any((model_dir / f).exists() for f in TOKENIZER_VOCAB_FILES):
+    if not has_tokenizer(model_dir):
         report.problems.append(f"the tokenizer is missing (none of {', '.join(TOKENIZER_VOCAB_FILES)})")
     return report
 

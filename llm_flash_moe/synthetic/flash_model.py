@@ -30,7 +30,7 @@ from ..flash_layout import (
     EXPERTS_DIR, MANIFEST_NAME, RESIDENT_WEIGHTS_NAME, ExpertLayer, ExpertQuantization, Manifest, RecordLayout,
     expert_file_name, file_checksum, record_checksum,
 )
-from .checkpoint import TinySpec, hf_config
+from .checkpoint import TinySpec, _cast, hf_config
 from .tokenizer import write_tokenizer
 
 QWEN397_VOCAB = 248320
@@ -64,12 +64,6 @@ def _scales_for(in_dims: int, bits: int, gain: float):
     return scale, -scale * levels / 2
 
 
-def _bf16(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (round to nearest even), as uint16."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def write_expert_file(path: Path, layout: RecordLayout, quant: ExpertQuantization, num_experts: int,
                       rng: np.random.Generator, gain: float, progress=None) -> list:
     """Random records for one layer; returns their checksums."""
@@ -86,9 +80,9 @@ def write_expert_file(path: Path, layout: RecordLayout, quant: ExpertQuantizatio
                     scale, bias = _scales_for(in_dims, quant.bits, gain)
                     value = scale if part.name.endswith(".scales") else bias
                     jitter = 1 + 0.1 * rng.standard_normal(part.nbytes // 2).astype(np.float32)
-                    view.view(np.uint16)[:] = _bf16(value * jitter)
-            f.write(record.tobytes())
-            checksums.append(record_checksum(record.tobytes()))
+                    view.view(np.uint16)[:] = _cast(value * jitter, "bfloat16")[0]
+            f.write(record)  # the array's own buffer: no copy of the record
+            checksums.append(record_checksum(record))
             if progress is not None:
                 progress.update(layout.record_size)
     return checksums
@@ -120,7 +114,7 @@ def _resident_value(key: str, array, quantized: set, routing: Routing, rng, shap
     else:
         value = routing.gain * rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[-1])
     if value.dtype != np.uint32:
-        value = _bf16(value) if dtype == mx.bfloat16 else value.astype(np.float32)
+        value = _cast(value, "bfloat16")[0] if dtype == mx.bfloat16 else value.astype(np.float32)
     if module in shaped:  # the embedding: its first rows are shaped, the rest stay random
         rows = shaped[module][name]
         value[:rows.shape[0]] = rows
