@@ -1,13 +1,14 @@
 """Fused routed-expert kernels for one token, with their pure-MLX twin.
 
-    expert_glu(x, parts, quant, scores=None)
+    expert_glu(x, parts, quant, scores=None, slots=None)
 
-computes mlx-lm's SwitchGLU for one token over k loaded experts: ``x`` is the token's activation
-(``[H]``, any leading axes of size 1), ``parts`` the expert store's per-part arrays
-(``{"gate_proj.weight": [k, I, H*bits/32] uint32, "gate_proj.scales": [k, I, H/gs], ...}``) and
-``quant`` anything with ``bits``, ``group_size`` and ``mode`` (an ExpertQuantization). It returns the
-per-expert outputs ``[k, H]`` (what SwitchGLU returns), or with ``scores`` ``[k]`` their weighted sum
-``[H]`` (what mlx-lm's MoE block computes next).
+computes mlx-lm's SwitchGLU for one token over k experts held in a bank: ``x`` is the token's activation
+(``[H]``, any leading axes of size 1), ``parts`` the bank's per-part arrays
+(``{"gate_proj.weight": [S, I, H*bits/32] uint32, "gate_proj.scales": [S, I, H/gs], ...}``), ``slots``
+the k rows (uint32 ``[k]``) holding the chosen experts (default: every row), and ``quant`` anything with
+``bits``, ``group_size`` and ``mode`` (an ExpertQuantization). It returns the per-expert outputs
+``[k, H]`` (what SwitchGLU returns), or with ``scores`` ``[k]`` their weighted sum ``[H]`` (what mlx-lm's
+MoE block computes next).
 
 Backends, chosen per call by ``backend()``:
 - "cuda": two kernels (kernels/expert_glu.cu): gate+up+SwiGLU into an fp32 [k, I] buffer, then down
@@ -32,8 +33,8 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 ROWS = {"gate_up": 4, "down": 8}  # output rows per warp, picked by benchmarks/cuda_check.py (H100)
 SOURCES = {"cuda": "expert_glu.cu", "metal": "expert_glu.metal"}
 _INPUTS = {
-    "gate_up": ["x", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b"],
-    "down": ["act", "down_w", "down_s", "down_b", "scores"],
+    "gate_up": ["x", "slots", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b"],
+    "down": ["act", "slots", "down_w", "down_s", "down_b", "scores"],
 }
 _OUTPUTS = {"gate_up": ["act"], "down": ["out"]}
 
@@ -58,12 +59,12 @@ def backend() -> str:
     return "twin"
 
 
-def expert_glu(x, parts: dict, quant, scores=None):
-    """SwitchGLU for one token over the loaded experts; see the module docstring."""
+def expert_glu(x, parts: dict, quant, scores=None, slots=None):
+    """SwitchGLU for one token over experts held in ``parts``; see the module docstring."""
     name = backend()
     if name != "twin" and supported(x, parts, quant):
-        return kernel_glu(x, parts, quant, scores, backend=name)
-    return twin_glu(x, parts, quant, scores)
+        return kernel_glu(x, parts, quant, scores, slots=slots, backend=name)
+    return twin_glu(x, parts, quant, scores, slots)
 
 
 def supported(x, parts: dict, quant) -> bool:
@@ -114,13 +115,15 @@ class LoadedSwitchGLU:
         return self._call(self, x, indices)
 
 
-def twin_glu(x, parts: dict, quant, scores=None):
+def twin_glu(x, parts: dict, quant, scores=None, slots=None):
     """The pure-MLX twin: exactly mlx-lm's SwitchGLU arithmetic (three gather_qmm + SwiGLU)."""
     import mlx.core as mx
 
-    n = parts["gate_proj.weight"].shape[0]
+    if slots is None:
+        slots = mx.arange(parts["gate_proj.weight"].shape[0], dtype=mx.uint32)
+    n = slots.size
     H = x.shape[-1]
-    y = LoadedSwitchGLU(parts, quant)(x.reshape(1, H), mx.arange(n, dtype=mx.uint32)[None])[0]
+    y = LoadedSwitchGLU(parts, quant)(x.reshape(1, H), slots.reshape(1, n))[0]
     if scores is None:
         return y  # [n, H]
     return (y * scores.reshape(n)[:, None]).sum(axis=0)  # mlx-lm's block: (y * scores[..., None]).sum(axis=-2)
@@ -143,7 +146,8 @@ def _one(dtype):
     return mx.ones((1,), dtype=dtype)  # the scores input of the unweighted down kernel (not read)
 
 
-def kernel_glu(x, parts: dict, quant, scores=None, *, backend: str = "cuda", rows=None, init_value=None):
+def kernel_glu(x, parts: dict, quant, scores=None, *, slots=None, backend: str = "cuda", rows=None,
+               init_value=None):
     """The fused kernels (CUDA or Metal). ``rows`` = (gate_up, down) rows per warp overrides ROWS;
     ``init_value`` fills the outputs before launch (the checks poison them with NaN)."""
     import mlx.core as mx
@@ -152,14 +156,17 @@ def kernel_glu(x, parts: dict, quant, scores=None, *, backend: str = "cuda", row
     gw, gs, gb = (parts[f"gate_proj.{k}"] for k in ("weight", "scales", "biases"))
     uw, us, ub = (parts[f"up_proj.{k}"] for k in ("weight", "scales", "biases"))
     dw, ds, db = (parts[f"down_proj.{k}"] for k in ("weight", "scales", "biases"))
-    n, I, _ = gw.shape
+    if slots is None:
+        slots = mx.arange(gw.shape[0], dtype=mx.uint32)
+    slots = slots.reshape(-1).astype(mx.uint32)
+    n, I = slots.size, gw.shape[1]
     H = x.size
     x = x.reshape(H)
     out_dtype = mx.result_type(x, gs)
     common = [("BITS", quant.bits), ("GS", quant.group_size), ("H", H), ("I", I)]
     extra = {} if init_value is None else {"init_value": init_value}
     act = _kernel(backend, "gate_up")(
-        inputs=[x, gw, gs, gb, uw, us, ub],
+        inputs=[x, slots, gw, gs, gb, uw, us, ub],
         template=[("T", x.dtype), ("S", gs.dtype), *common, ("ROWS", rows_gu)],
         **_launch(n * I // rows_gu), output_shapes=[(n, I)], output_dtypes=[mx.float32], **extra)[0]
     weighted = scores is not None
@@ -171,7 +178,7 @@ def kernel_glu(x, parts: dict, quant, scores=None, *, backend: str = "cuda", row
         scores = _one(mx.float32)
         shape = (n, H)
     return _kernel(backend, "down")(
-        inputs=[act, dw, ds, db, scores],
+        inputs=[act, slots, dw, ds, db, scores],
         template=[("S", ds.dtype), *common, ("ROWS", rows_dn), ("WEIGHTED", weighted), ("O", out_dtype)],
         **(_launch(H // rows_dn * 8, per_group=8) if weighted else _launch(n * H // rows_dn)),
         output_shapes=[shape], output_dtypes=[out_dtype], **extra)[0]

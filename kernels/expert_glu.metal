@@ -7,6 +7,7 @@
 //   gate_up  kernel body: act[e, i] = silu(gate_e[i] . x) * (up_e[i] . x)          -> act [N, I] fp32
 //   down     kernel body: out[h] = sum_e score_e * (down_e[h] . act[e])  (WEIGHTED) -> out [H]
 //                         out[e, h] = down_e[h] . act[e]                  (otherwise) -> out [N, H]
+// for the N chosen experts e, each read from the bank slot slots[e] of the weight arrays [slots, ...].
 //
 // UNVERIFIED ON HARDWARE until benchmarks/metal_check.py has been run on a Mac and recorded in
 // docs/PERFORMANCE.md; the engine uses the pure-MLX twin on Metal unless LLM_FLASH_MOE_METAL_KERNEL=1.
@@ -85,14 +86,16 @@ inline float warp_sum(float v) {
 
 // ===== gate_up =====
 // template: T (x), S (scales, biases), BITS, GS, H (input size), I (rows per expert), ROWS
-// grid: exactly N * I / ROWS warps (N experts)
+// grid: exactly N * I / ROWS warps (N = slots_shape[0] chosen experts)
 using namespace flash_moe;
 constexpr int WPR = H * BITS / 32;  // uint32 words per weight row
 constexpr int GPR = H / GS;         // groups per row
 constexpr int PACKS = H / 32;       // packs per row
 const int lane = thread_index_in_simdgroup;
 const int warp = thread_position_in_grid.x / 32;
-const int row0 = warp * ROWS;       // row = e * I + i: expert e, intermediate unit i
+const int row0 = warp * ROWS;       // row = e * I + i: chosen expert e, intermediate unit i
+// the same rows of the bank slot holding expert e (ROWS divides I: a warp's rows share one expert)
+const size_t src0 = static_cast<size_t>(slots[row0 / I]) * I + row0 % I;
 float g[ROWS], u[ROWS];
 for (int r = 0; r < ROWS; ++r) { g[r] = 0.f; u[r] = 0.f; }
 for (int p = lane; p < PACKS; p += 32) {
@@ -100,7 +103,7 @@ for (int p = lane; p < PACKS; p += 32) {
   const float vsum = load_vals<BITS>(x + p * 32, v);
   const int gi = p * 32 / GS;
   for (int r = 0; r < ROWS; ++r) {
-    const size_t row = row0 + r;
+    const size_t row = src0 + r;
     uint32_t w[BITS];
     load_pack<BITS>(gate_w + row * WPR + p * BITS, w);
     g[r] += static_cast<float>(gate_s[row * GPR + gi]) * pack_dot<BITS>(w, v)
@@ -142,7 +145,7 @@ for (int e = e_first; e < e_last; e += e_step) {
     const float vsum = load_vals<BITS>(act + e * I + p * 32, v);
     const int gi = p * 32 / GS;
     for (int r = 0; r < ROWS; ++r) {
-      const size_t row = static_cast<size_t>(e) * H + h0 + r;
+      const size_t row = static_cast<size_t>(slots[e]) * H + h0 + r;
       uint32_t w[BITS];
       load_pack<BITS>(down_w + row * WPR + p * BITS, w);
       acc[r] += score * (static_cast<float>(down_s[row * GPR + gi]) * pack_dot<BITS>(w, v)

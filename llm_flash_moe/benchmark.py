@@ -1,239 +1,109 @@
-"""`llm flash-moe bench`: the engine against its physical floors and against mlx-lm, on the 397B's shapes.
+"""`llm flash-moe bench`: the engine at full depth against its floors and mlx-lm, on the 397B's shapes.
 
-For each (bits, experts per token) it decodes the same teacher-forced tokens through a synthetic model
-(``synthetic/flash_model.py``) and measures, in one run:
+A synthetic model (``synthetic/flash_model.py``) with Qwen3.5-397B-A17B's exact per-layer shapes, any
+number of layers (``--layers 60`` is the real depth) and of experts per layer (fewer than 512 so that
+the files fit a normal disk), decodes the same teacher-forced tokens through mlx-lm's model for each
+(bits, experts per token). One run measures, all in ms per decoded token unless said otherwise:
 
-- ``io_floor_ms``: plain parallel ``pread``s of exactly the records the run needed, cold and warm;
-- ``compute_floor_ms``: the same tokens with every needed expert already in memory (mlx-lm's SwitchGLU
-  over the union of the experts the run touched, no reads, no host synchronization);
-- ``sync_floor_ms``: the same, with one host synchronization per layer (the router's choice brought to
-  the host and back), which any engine reading router-chosen experts needs;
-- ``decode_ms_per_token``: the engine, cold (layer files evicted from the page cache) and warm, and where
-  a warm token's host time goes (``warm_time_split_ms_per_token``);
-- ``mlx_lm_ms_per_token``: mlx-lm's MoE with all experts resident, where they fit in half the RAM;
-- prefill of a prompt: bytes read against the union of the experts it needs;
-- routing statistics of the run, next to those published for the real model;
-- peak memory, and per-token time, floor ratios and resident memory projected to the real model's 60
-  layers (the first MoE layer, which nothing predicts, counted once: ``project_decode_ms``).
+- ``resident_ms_per_token``: mlx-lm with every expert in memory (its SwitchGLU over all of a layer's
+  experts, no reads, no host synchronization), where they fit in half the memory;
+- ``sync_floor_ms_per_token``: the same with one host synchronization per MoE layer (the router's
+  choice brought to the host and back), which any engine that reads router-chosen experts needs;
+- ``warm_io_floor_ms_per_token``: plain parallel ``pread``s, from the page cache, of every record the
+  tokens route to (what an engine without a bank pays on every token);
+- ``cold_disk_gbps``: the disk's cold read bandwidth for records, with the engine's read threads;
+- per bank size (``--bank-fraction``: a share of all the experts), the engine through the same loop:
+  ``ms_per_token`` (median of the passes after the first; the bank carries over between passes),
+  ``first_pass_ms_per_token`` (from an empty bank, files evicted), ``bytes_read_per_token``,
+  ``bank_hit_rate``, ``lru_hit_rate_same_capacity`` and the bytes that LRU would read (simulated on
+  the requests the engine made, the same capacity, global and per layer), prefetch figures,
+  ``peak_rss_gb``; with ``--memory-limit`` the partial banks decode in a child process under a cgroup v2
+  ``memory.max`` (page cache charged), each read dropped from the page cache as on unified memory, and
+  the cgroup's peak memory is reported;
+- ``target_ms_per_token``: 1.10 x the sync floor for a bank that holds every expert, and 1.10 x (sync
+  floor + missed bytes per token / cold disk bandwidth) for a partial one;
+- prefill: bytes read against the union of the experts a prompt chunk needs;
+- the routing statistics of the run, and ``routing_calibration``: the same statistics at the real
+  model's 512 experts per layer, measured on a routing-only model (``routing_only``), next to the
+  ranges published for the real model;
+- graph primitives per MoE block for one decoded token (mlx-lm's block, the engine's block): a proxy for
+  kernel launches per layer.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .expert_store import DEFAULT_READ_THREADS
+from .expert_bank import DEFAULT_READ_THREADS, _Pool, drop_from_page_cache
 
-REAL_LAYERS, REAL_FULL_ATTENTION_LAYERS = 60, 15
 PUBLISHED_ROUTING = {"reuse_consecutive": [0.08, 0.34], "touched_over_30_tokens": [0.43, 0.57],
-                     "lru_hit_rate_16_to_128": [0.49, 0.71]}
+                     "lru_hit_rate_16_to_128": [0.49, 0.71], "next_layer_prediction_recall": [0.53, 0.88]}
 DECODE_START = 1024  # teacher-forced decode tokens start here; the prefill prompt uses 0..prompt_tokens-1
+TARGET_RATIO = 1.10
+CALIBRATION_EXPERTS, CALIBRATION_TOKENS = 512, 128
 
 
 @dataclass
 class BenchOptions:
     layers: int = 4
-    bits: Tuple[int, ...] = (2, 4)
+    experts_per_layer: int = 512
+    bits: Tuple[int, ...] = (4,)
     experts: Tuple[int, ...] = (4, 10)
-    tokens: int = 16
-    repeats: int = 3  # each timed decode is the median of this many passes
-    prompt_tokens: int = 512
+    tokens: int = 32
+    repeats: int = 3  # passes over the tokens; timed figures are medians
+    prompt_tokens: int = 64
+    bank_fractions: Tuple[float, ...] = (1.0, 1 / 3)
+    memory_limit_gb: Optional[float] = None
+    calibration_layers: int = 8  # 0 skips the routing calibration
     directory: Optional[Path] = None
     read_threads: int = DEFAULT_READ_THREADS
-    cache_gb: float = 0.0
-    levers: bool = False  # also measure the engine's settings one at a time (see ``levers``)
 
 
-LEVER_READ_THREADS = 16  # against the default (expert_store.DEFAULT_READ_THREADS)
-LEVER_CACHE_EXPERTS = 64  # per layer: an LRU of this size hits 49-71 % of the time on the real model
+# ------------------------------------------------------------------------------ decoding and timing
 
 
-# ------------------------------------------------------------------------------ measuring helpers
+def decode_tokens(opts: BenchOptions) -> List[int]:
+    return list(range(DECODE_START, DECODE_START + opts.tokens + 1))
 
 
-class Trace:
-    """Records every (layer, experts) the store is asked for, and how long each request took."""
-
-    def __init__(self, store):
-        self.calls: List[Tuple[int, Tuple[int, ...]]] = []
-        self.seconds: List[float] = []
-        self._load = store.load
-        store.load = self._record
-
-    def _record(self, layer, experts):
-        self.calls.append((layer, tuple(int(e) for e in experts)))
-        start = time.perf_counter()
-        try:
-            return self._load(layer, experts)
-        finally:
-            self.seconds.append(time.perf_counter() - start)
-
-    def first_layer_extra_ms(self, tokens: int) -> float:
-        """How much longer per token the first MoE layer waited for its records than the mean of the others:
-        nothing predicts a token's first layer (prefetch runs from one layer to the next), so it always reads
-        on demand. It weighs 1 in 4 layers here and 1 in 60 in the real model."""
-        first = min(layer for layer, _ in self.calls)
-        waits: Dict[int, float] = {}
-        for (layer, _), seconds in zip(self.calls, self.seconds):
-            waits[layer] = waits.get(layer, 0.0) + seconds
-        others = [w for layer, w in waits.items() if layer != first]
-        return (waits[first] - (np.mean(others) if others else 0.0)) * 1000 / tokens
-
-
-def calls_by_layer(calls) -> Dict[int, List[set]]:
-    """``(layer, experts)`` calls grouped by layer, in order."""
-    out: Dict[int, List[set]] = {}
-    for layer, experts in calls:
-        out.setdefault(layer, []).append(set(experts))
-    return out
-
-
-def routing_stats(per_layer: Dict[int, List[set]]) -> dict:
-    def lru_hit_rate(sequence, size):
-        cache, hits, total = OrderedDict(), 0, 0
-        for chosen in sequence:
-            for e in chosen:
-                total += 1
-                if e in cache:
-                    hits += 1
-                    cache.move_to_end(e)
-                else:
-                    cache[e] = True
-                    if len(cache) > size:
-                        cache.popitem(last=False)
-        return hits / total if total else 0.0
-
-    reuse, touched, lru = [], [], {n: [] for n in (16, 32, 64, 128)}
-    for sequence in per_layer.values():
-        k = len(sequence[0])
-        reuse += [len(a & b) / k for a, b in zip(sequence, sequence[1:])]
-        touched.append(len(set().union(*sequence[:30])) / 512)
-        for n in lru:
-            lru[n].append(lru_hit_rate(sequence, n))
-    return {"reuse_consecutive": round(float(np.mean(reuse)), 3),
-            "touched_over_30_tokens": round(float(np.mean(touched)), 3),
-            "lru_hit_rate": {str(n): round(float(np.mean(v)), 3) for n, v in lru.items()},
-            "published_for_the_real_model": PUBLISHED_ROUTING}
-
-
-def evict(paths) -> bool:
-    """Drop files from the OS page cache; False where the OS offers no way (then 'cold' is not measured)."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
-
-
-def io_floor_ms(model_dir: Path, manifest, calls, tokens: int, threads: int, direct: bool = False) -> float:
-    """Plain parallel preads of exactly the records in ``calls``, per token (``direct``: with O_DIRECT,
-    bypassing the page cache, into page-aligned buffers; records are 16 KiB multiples)."""
-    import mmap
-
-    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
-    fds = {layer.layer: os.open(model_dir / layer.file, flags) for layer in manifest.expert_layers}
-    size = manifest.expert_layers[0].layout.record_size
-    buffers = [mmap.mmap(-1, size) for _ in range(max(len(e) for _, e in calls))]
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            start = time.perf_counter()
-            for layer, experts in calls:
-                list(pool.map(lambda i: os.preadv(fds[layer], [buffers[i]], experts[i] * size),
-                              range(len(experts))))
-            return (time.perf_counter() - start) * 1000 / tokens
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
-class ResidentExperts:
-    """mlx-lm's SwitchGLU over experts held in memory: the compute floor and the fully resident baseline.
-
-    With ``synchronize`` each call first brings the router's choice to the host and back, as any engine
-    that reads the chosen experts must: the floor of an engine with one host synchronization per layer.
-    """
-
-    def __init__(self, model_dir: Path, entry, experts: List[int], dtype, synchronize: bool = False):
-        import mlx.core as mx
-
-        from .flash_layout import split_record
-
-        self.synchronize = synchronize
-        experts = sorted(experts)
-        remap = np.zeros(entry.num_experts, dtype=np.uint32)
-        remap[experts] = np.arange(len(experts), dtype=np.uint32)
-        self.remap, self.quant = mx.array(remap), entry.quantization
-        self.parts, raw = {}, {}
-        for part in entry.layout.parts:  # filled in place: peak memory is the experts themselves
-            buf = mx.zeros((len(experts), part.nbytes), dtype=mx.uint8)
-            self.parts[part.name] = buf.view(getattr(mx, part.dtype)).reshape(len(experts), *part.shape)
-            mx.eval(buf, self.parts[part.name])
-            raw[part.name] = np.array(buf, copy=False)
-        size = entry.layout.record_size
-        fd = os.open(model_dir / entry.file, os.O_RDONLY)
-        try:
-            for row, e in enumerate(experts):
-                record = np.frombuffer(os.pread(fd, size, e * size), dtype=np.uint8)
-                for name, view in split_record(record, entry.layout).items():
-                    raw[name][row] = view.reshape(-1).view(np.uint8)
-        finally:
-            os.close(fd)
-        # scales and biases in the activations' dtype once, as a model loaded in that dtype holds them
-        self.parts = {k: v if k.endswith(".weight") else v.astype(dtype) for k, v in self.parts.items()}
-        mx.eval(self.parts)
-
-    def __call__(self, x, indices):
-        import mlx.core as mx
-
-        from . import kernels
-
-        if self.synchronize:
-            indices = mx.array(np.array(indices))
-        return kernels.LoadedSwitchGLU(self.parts, self.quant)(x, mx.take(self.remap, indices))
-
-
-def decode_ms(flash, tokens: List[int], repeats: int = 1, cold_files=None) -> float:
-    """Teacher-forced decode of ``tokens`` from an empty cache; ms per token, the median of ``repeats``
-    passes (each after evicting ``cold_files`` from the page cache, when given)."""
+def decode_ms(model, tokens: List[int], before_pass=None) -> float:
+    """One teacher-forced decode of ``tokens`` from an empty cache; ms per token after the first."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    times = []
-    for _ in range(repeats):
-        if cold_files:
-            evict(cold_files)
-        cache = make_prompt_cache(flash.model)
-        mx.eval(flash.model(mx.array([[tokens[0]]]), cache=cache))  # first token: allocations, not timed
-        start = time.perf_counter()
-        for t in tokens[1:]:
-            mx.eval(flash.model(mx.array([[t]]), cache=cache))
-        times.append((time.perf_counter() - start) * 1000 / (len(tokens) - 1))
-    return float(np.median(times))
+    if before_pass is not None:
+        before_pass()
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[tokens[0]]]), cache=cache))  # first token: allocations, not timed
+    start = time.perf_counter()
+    for t in tokens[1:]:
+        mx.eval(model(mx.array([[t]]), cache=cache))
+    return (time.perf_counter() - start) * 1000 / (len(tokens) - 1)
 
 
-def decode_logits(flash, tokens: List[int]) -> np.ndarray:
-    """The logits of a teacher-forced decode of ``tokens`` (float32, one row per token)."""
+def median_ms(model, tokens: List[int], repeats: int, before_pass=None) -> float:
+    return float(np.median([decode_ms(model, tokens, before_pass) for _ in range(repeats)]))
+
+
+def decode_logits(model, tokens: List[int]) -> np.ndarray:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    cache = make_prompt_cache(flash.model)
-    rows = [np.array(flash.model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)) for t in tokens]
-    return np.stack(rows)
+    cache = make_prompt_cache(model)
+    return np.stack([np.array(model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)) for t in tokens])
 
 
 def agreement(engine: np.ndarray, reference: np.ndarray) -> dict:
@@ -242,56 +112,485 @@ def agreement(engine: np.ndarray, reference: np.ndarray) -> dict:
             "top1_agreement": float(np.mean(engine.argmax(axis=1) == reference.argmax(axis=1)))}
 
 
-def with_resident_experts(flash, experts_by_layer: Dict[int, List[int]], synchronize: bool = False):
-    """Swap every block's streaming experts for in-memory ones (``ResidentExperts``); returns a function
-    that swaps them back."""
+class Requests:
+    """Every (layer, experts) the bank is asked for, in order (the bank's ``trace`` callback)."""
+
+    def __init__(self, bank):
+        self.calls: List[Tuple[int, Tuple[int, ...]]] = []
+        bank.trace = lambda layer, experts: self.calls.append((layer, tuple(int(e) for e in experts)))
+
+
+# ------------------------------------------------------------------------------ routing statistics
+
+
+def by_layer(calls) -> Dict[int, List[set]]:
+    out: Dict[int, List[set]] = {}
+    for layer, experts in calls:
+        out.setdefault(layer, []).append(set(experts))
+    return out
+
+
+def lru_misses(calls, capacity: int, per_layer: bool = False, count_from: int = 0) -> int:
+    """Misses of an LRU of ``capacity`` entries over ``calls`` (global, or ``capacity`` per layer when
+    ``per_layer``), counted from call number ``count_from`` on."""
+    caches: Dict[object, OrderedDict] = {}
+    misses = 0
+    for i, (layer, experts) in enumerate(calls):
+        cache = caches.setdefault(layer if per_layer else None, OrderedDict())
+        for e in experts:
+            key = (layer, e)
+            if key in cache:
+                cache.move_to_end(key)
+                continue
+            misses += i >= count_from
+            cache[key] = True
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+    return misses
+
+
+def routing_stats(per_layer: Dict[int, List[set]], experts_per_layer: int, recall: Optional[float] = None) -> dict:
+    """Reuse between consecutive tokens, share of a layer's experts touched over 30 tokens, per-layer LRU
+    hit rates for 16-128 entries, and the next-layer prediction recall when given."""
+    reuse, touched, lru = [], [], {n: [] for n in (16, 32, 64, 128)}
+    for sequence in per_layer.values():
+        k = len(sequence[0])
+        reuse += [len(a & b) / k for a, b in zip(sequence, sequence[1:])]
+        touched.append(len(set().union(*sequence[:30])) / experts_per_layer)
+        total = sum(len(s) for s in sequence)
+        for n in lru:
+            lru[n].append(1 - lru_misses([(0, tuple(s)) for s in sequence], n) / total)
+    out = {"tokens": len(next(iter(per_layer.values()))), "experts_per_layer": experts_per_layer,
+           "reuse_consecutive": _r3(np.mean(reuse)), "touched_over_30_tokens": _r3(np.mean(touched)),
+           "lru_hit_rate": {str(n): _r3(np.mean(v)) for n, v in lru.items()}}
+    if recall is not None:
+        out["next_layer_prediction_recall"] = _r3(recall)
+    return out
+
+
+def routing_only(model_dir: Path, k: int, tokens: List[int]) -> dict:
+    """The routing statistics of a synthetic model without reading any expert: each MoE block routes
+    (and predicts the next layer's choice with the next router, as prefetch does) and adds only its
+    shared expert."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from .engine import load_resident_model
+    from .mlx_model import cast_floats, moe_blocks
+    from .streaming_moe import route
+
+    model, _ = load_resident_model(model_dir, lazy=True)
+    if mx.default_device() == mx.cpu:
+        cast_floats(model, mx.float32)
+    blocks = [b for _, b in moe_blocks(model)]
+    chosen: Dict[int, List[set]] = {}
+    recalls = []
+
+    class Probe:
+        def __init__(self, index, block, following):
+            self.index, self.block, self.following = index, block, following
+
+        def __call__(self, x):
+            block = self.block
+            block.top_k = k
+            inds = np.array(route(block, x)[0]).reshape(-1)
+            chosen.setdefault(self.index, []).append(set(inds.tolist()))
+            if self.index in predicted:
+                recalls.append(len(predicted.pop(self.index) & chosen[self.index][-1]) / k)
+            if self.following is not None:
+                self.following[1].top_k = k
+                guess = np.array(route(self.following[1], x)[0]).reshape(-1)
+                predicted[self.following[0]] = set(guess.tolist())
+            return mx.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+
+    predicted: Dict[int, set] = {}
+    pairs = moe_blocks(model)
+    for (index, block), following in zip(pairs, pairs[1:] + [None]):
+        model.layers[index].mlp = Probe(index, block, following)
+    cache = make_prompt_cache(model)
+    for t in tokens:
+        mx.eval(model(mx.array([[t]]), cache=cache))
+    return routing_stats(chosen, blocks[0].num_experts, float(np.mean(recalls)))
+
+
+def routing_calibration(directory: Path, opts: BenchOptions, log) -> Optional[dict]:
+    """The routing statistics at the real model's 512 experts per layer (routing-only model)."""
+    from .synthetic.flash_model import write_synthetic_model
+
+    if not opts.calibration_layers:
+        return None
+    model_dir = directory / f"qwen397-routing-{opts.calibration_layers}l"
+    log(f"routing calibration model {model_dir} (resident weights only)")
+    write_synthetic_model(model_dir, layers=opts.calibration_layers, bits=4, expert_files=False,
+                          experts_per_layer=CALIBRATION_EXPERTS)
+    tokens = list(range(DECODE_START, DECODE_START + CALIBRATION_TOKENS))
+    out = {"layers": opts.calibration_layers, "published_for_the_real_model": PUBLISHED_ROUTING}
+    for k in sorted(set(opts.experts) | {10}):
+        out[f"k{k}"] = routing_only(model_dir, k, tokens)
+        log(f"  routing at 512 experts, k={k}: {out[f'k{k}']}")
+    return out
+
+
+# ------------------------------------------------------------------------------ floors
+
+
+def read_records(model_dir: Path, manifest, calls, threads: int) -> float:
+    """Seconds to pread every record of ``calls`` ((layer, experts) in order; each call's records in
+    parallel) into page-aligned buffers."""
+    import mmap
+
+    fds = {layer.layer: os.open(model_dir / layer.file, os.O_RDONLY) for layer in manifest.expert_layers}
+    size = manifest.expert_layers[0].layout.record_size
+    buffers = [mmap.mmap(-1, size) for _ in range(max(len(e) for _, e in calls))]
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            start = time.perf_counter()
+            for layer, experts in calls:
+                list(pool.map(lambda i: os.preadv(fds[layer], [buffers[i]], experts[i] * size),
+                              range(len(experts))))
+            return time.perf_counter() - start
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def cold_disk_gbps(model_dir: Path, manifest, calls, threads: int) -> Optional[float]:
+    """Cold read bandwidth of the layer files for the records of ``calls`` (each once), or None where
+    the page cache cannot be emptied."""
+    if not drop_from_page_cache([model_dir / l.file for l in manifest.expert_layers]):
+        return None
+    seen, distinct = set(), []
+    for layer, experts in calls:
+        fresh = tuple(e for e in experts if (layer, e) not in seen)
+        seen.update((layer, e) for e in fresh)
+        if fresh:
+            distinct.append((layer, fresh))
+    seconds = read_records(model_dir, manifest, distinct, threads)
+    return len(seen) * manifest.expert_layers[0].layout.record_size / seconds / 1e9
+
+
+class ResidentMoE:
+    """mlx-lm's MoE arithmetic with every expert of the layer in memory (its SwitchGLU over them, indexed
+    by expert id), reusing the streaming block's router and shared expert. With ``synchronize`` the
+    router's choice goes to the host and back first: the sync floor."""
+
+    def __init__(self, block, pool: _Pool, synchronize: bool):
+        self.block, self.pool, self.synchronize = block, pool, synchronize
+
+    def __call__(self, x):
+        import mlx.core as mx
+
+        from . import kernels
+        from .streaming_moe import route
+
+        block = self.block
+        inds, scores = route(block, x)
+        if self.synchronize:
+            inds = mx.array(np.array(inds))
+        y = block._weighted(kernels.LoadedSwitchGLU(self.pool.arrays, block.quant)(x, inds), scores)
+        if block.shared:
+            return y + mx.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        return y
+
+
+def with_resident_experts(flash, synchronize: bool = False):
+    """Swap every streaming block for ``ResidentMoE`` over all its experts (read from the layer files);
+    returns a function that swaps them back."""
+    from .expert_bank import device_copies
     from .mlx_model import moe_blocks
 
-    saved = {}
-    dtype = flash.model.layers[0].mlp.gate.scales.dtype  # the activations' dtype
+    copies, saved = device_copies(), {}
     for index, block in moe_blocks(flash.model):
-        saved[index] = block.switch_mlp
-        block.switch_mlp = ResidentExperts(flash.directory, flash.manifest.layer(index), experts_by_layer[index],
-                                           dtype, synchronize)
+        info = flash.manifest.layer(index)
+        pool = _Pool(info.layout, info.num_experts, copies)
+        fd = os.open(flash.directory / info.file, os.O_RDONLY)
+        try:
+            with ThreadPoolExecutor(DEFAULT_READ_THREADS) as threads:
+                list(threads.map(lambda e: pool.read(fd, e * info.layout.record_size, e), range(info.num_experts)))
+        finally:
+            os.close(fd)
+        saved[index] = block
+        flash.model.layers[index].mlp = ResidentMoE(block, pool, synchronize)
 
     def restore():
-        for index, block in moe_blocks(flash.model):
-            block.switch_mlp = saved[index]
+        for index, block in saved.items():
+            flash.model.layers[index].mlp.pool.close()
+            flash.model.layers[index].mlp = block
 
     return restore
 
 
-def head_ms(flash) -> float:
-    """Time of what is outside the decoder layers for one token (embedding, final norm, lm_head)."""
+VIEWS = {"Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose", "AsStrided", "View", "Slice",
+         "StopGradient", "Depends"}  # no kernel of their own (or none for one decoded token)
+
+
+def count_primitives(*arrays) -> List[str]:
+    """The names of the unevaluated operations that ``arrays`` need, view-only ones apart."""
+    import tempfile
+
     import mlx.core as mx
 
-    inner = flash.model.language_model
-    x = inner.model.embed_tokens(mx.array([[1]]))
-    mx.eval(inner.lm_head(inner.model.norm(x)))
-    start = time.perf_counter()
-    for t in range(5):
-        x = inner.model.embed_tokens(mx.array([[t]]))
-        mx.eval(inner.lm_head(inner.model.norm(x)))
-    return (time.perf_counter() - start) * 1000 / 5
+    with tempfile.NamedTemporaryFile("w+", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *arrays)
+        names = [line.split('label ="')[1].split('"')[0] for line in open(f.name) if 'label ="' in line]
+    return [n for n in names if n not in VIEWS]
 
 
-def resident_projection(flash, record_size: int) -> dict:
-    """Resident bytes of this process's model, and projected to the real model's 60 layers."""
-    from mlx.utils import tree_flatten
+def primitives_per_block(flash) -> dict:
+    """Operations one MoE block runs for one decoded token (view-only ones apart): a proxy for its kernel
+    launches. The streaming block synchronizes midway, so its count is what its router (and the next
+    layer's, predicting) needs before the synchronization plus what the output needs after it."""
+    import mlx.core as mx
 
-    def nbytes(module):
-        return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+    from .streaming_moe import StreamingMoE, route
 
-    layers = flash.model.layers
-    linear = [nbytes(l) for l in layers if l.is_linear]
-    full = [nbytes(l) for l in layers if not l.is_linear]
-    outside = nbytes(flash.model) - sum(linear) - sum(full)
-    buffers = flash.store.slots * record_size
-    deltanet_state = (REAL_LAYERS - REAL_FULL_ATTENTION_LAYERS) * 4 * 2 ** 20
-    projected = (outside + (REAL_LAYERS - REAL_FULL_ATTENTION_LAYERS) * np.mean(linear)
-                 + REAL_FULL_ATTENTION_LAYERS * np.mean(full) + buffers + deltanet_state)
-    return {"model_bytes": nbytes(flash.model), "expert_buffer_bytes": buffers,
-            "projected_60_layers_gb": round(float(projected) / 1e9, 2)}
+    index = min(flash.bank.layers)
+    module = flash.model.layers[index].mlp
+    block = module if isinstance(module, StreamingMoE) else module.block
+    hidden = flash.bank.arrays(index)["down_proj.weight"].shape[1]
+    x = mx.random.normal((1, 1, hidden)).astype(block.shared_expert.down_proj.scales.dtype
+                                               if block.shared else mx.float32)
+    mx.eval(x)
+    names = []
+    if isinstance(module, StreamingMoE):
+        routers = [route(module, x)[0]] + ([route(module.next_block, x)[0]] if module.next_block is not None else [])
+        names += count_primitives(*routers)
+    y = module(x)
+    names += count_primitives(y)
+    mx.eval(y)
+    return {"count": len(names), "operations": {n: names.count(n) for n in sorted(set(names))}}
+
+
+# ------------------------------------------------------------------------------ one bank size
+
+
+@dataclass
+class BankRun:
+    """The engine with one bank size: what it read, how fast, against LRU on the same requests."""
+
+    bank_fraction: float
+    bank_gb: float = 0.0
+    bank_slots: int = 0
+    first_pass_ms_per_token: Optional[float] = None
+    ms_per_token: Optional[float] = None
+    pass_ms: List[float] = field(default_factory=list)
+    bytes_read_per_token: float = 0.0
+    bank_hit_rate: float = 0.0
+    lru_hit_rate_same_capacity: float = 0.0
+    lru_bytes_per_token: float = 0.0
+    lru_per_layer_hit_rate_same_capacity: float = 0.0
+    lru_per_layer_bytes_per_token: float = 0.0
+    prefetch_reads_per_token: float = 0.0
+    prefetch_hit_rate: float = 0.0
+    read_wait_ms_per_token: float = 0.0
+    router_ms_per_token: float = 0.0
+    peak_rss_gb: float = 0.0
+    drop_page_cache: bool = True
+    memory_limit_gb: Optional[float] = None
+    cgroup_peak_gb: Optional[float] = None
+    cgroup_file_gb_at_end: Optional[float] = None
+
+
+def bank_run(model_dir: Path, k: int, fraction: float, tokens: List[int], repeats: int, read_threads: int,
+             drop_page_cache: Optional[bool] = None, cold: bool = True) -> BankRun:
+    """Decode ``tokens`` ``repeats`` times with a bank of ``fraction`` of all experts: the first pass from
+    an empty bank, the others with what the bank kept (files evicted before every pass when ``cold``)."""
+    from .engine import load_flash_model
+    from .flash_layout import Manifest
+
+    manifest = Manifest.load(model_dir)
+    everything = sum(l.num_experts * l.layout.parts_bytes for l in manifest.expert_layers)
+    flash = load_flash_model(model_dir, experts_per_token=k, bank_bytes=int(round(fraction * everything)),
+                             read_threads=read_threads, drop_page_cache=drop_page_cache)
+    try:
+        files = [model_dir / l.file for l in manifest.expert_layers]
+        evict = (lambda: drop_from_page_cache(files)) if cold else None
+        requests = Requests(flash.bank)
+        result = BankRun(fraction, bank_gb=round(flash.bank.nbytes / 1e9, 3), bank_slots=flash.bank.slots,
+                         drop_page_cache=flash.bank.drop_page_cache)
+        result.first_pass_ms_per_token = _r(decode_ms(flash.model, tokens, evict))
+        first_calls = len(requests.calls)
+        before = replace(flash.bank.stats)
+        passes = [decode_ms(flash.model, tokens, evict) for _ in range(max(1, repeats - 1))]
+        during = flash.bank.stats.since(before)
+        timed = len(passes) * len(tokens)  # every token of a pass reads, the untimed first one too
+        record = manifest.expert_layers[0].layout.record_size
+        result.pass_ms = [_r(p) for p in passes]
+        result.ms_per_token = _r(np.median(passes))
+        result.bytes_read_per_token = during.bytes_read / timed
+        result.bank_hit_rate = _r3(during.hit_rate)
+        result.prefetch_reads_per_token = during.prefetch_reads / timed
+        result.prefetch_hit_rate = _r3(during.prefetch_hit_rate)
+        result.read_wait_ms_per_token = _r(during.read_wait_seconds * 1000 / timed)
+        result.router_ms_per_token = _r((during.router_launch_seconds + during.router_wait_seconds) * 1000 / timed)
+        layers = len(manifest.expert_layers)
+        for per_layer, capacity in ((False, flash.bank.slots), (True, max(1, flash.bank.slots // layers))):
+            misses = lru_misses(requests.calls, capacity, per_layer, count_from=first_calls)
+            hit = 1 - misses / during.requested
+            if per_layer:
+                result.lru_per_layer_hit_rate_same_capacity = _r3(hit)
+                result.lru_per_layer_bytes_per_token = misses * record / timed
+            else:
+                result.lru_hit_rate_same_capacity = _r3(hit)
+                result.lru_bytes_per_token = misses * record / timed
+        result.peak_rss_gb = peak_rss_gb()
+        return result
+    finally:
+        flash.close()
+
+
+def bank_run_capped(model_dir: Path, k: int, fraction: float, opts: BenchOptions, log) -> BankRun:
+    """``bank_run`` in a child process under a cgroup v2 ``memory.max`` of ``opts.memory_limit_gb``
+    (reads dropped from the page cache as on unified memory); skipped with a note where cgroups are not
+    available."""
+    group = Path("/sys/fs/cgroup") / f"flash-moe-bench-{os.getpid()}"
+    limit = int(opts.memory_limit_gb * 1e9)
+    try:
+        root = Path("/sys/fs/cgroup")
+        if "memory" not in (root / "cgroup.subtree_control").read_text().split():
+            (root / "cgroup.subtree_control").write_text("+memory")
+        group.mkdir(exist_ok=True)
+        (group / "memory.max").write_text(str(limit))
+        if (group / "memory.swap.max").exists():
+            (group / "memory.swap.max").write_text("0")
+    except OSError as e:
+        log(f"  memory limit skipped: no writable cgroup v2 memory controller ({e.strerror})")
+        result = bank_run(model_dir, k, fraction, decode_tokens(opts), opts.repeats, opts.read_threads, True)
+        return result
+    args = {"model_dir": str(model_dir), "k": k, "fraction": fraction, "tokens": decode_tokens(opts),
+            "repeats": opts.repeats, "read_threads": opts.read_threads}
+    procs = str(group / "cgroup.procs")
+
+    def enter():
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    try:
+        done = subprocess.run([sys.executable, "-m", "llm_flash_moe.benchmark", json.dumps(args)],
+                              preexec_fn=enter, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"the capped decode failed (exit {done.returncode}): {tail}")
+        result = BankRun(**json.loads(done.stdout.strip().splitlines()[-1]))
+        result.memory_limit_gb = opts.memory_limit_gb
+        peak = group / "memory.peak"
+        if peak.exists():
+            result.cgroup_peak_gb = round(int(peak.read_text()) / 1e9, 2)
+        stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
+        result.cgroup_file_gb_at_end = round(int(stat.get("file", 0)) / 1e9, 2)
+        return result
+    finally:
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------------------ one configuration
+
+
+def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
+    import mlx.core as mx
+
+    from .engine import load_flash_model
+    from .flash_layout import Manifest
+
+    manifest = Manifest.load(model_dir)
+    record = manifest.expert_layers[0].layout.record_size
+    everything = sum(l.num_experts * l.layout.parts_bytes for l in manifest.expert_layers)
+    files = [model_dir / l.file for l in manifest.expert_layers]
+    tokens = decode_tokens(opts)
+    name = f"{manifest.expert_layers[0].quantization.bits}-bit k={k}"
+    result = {"bits": manifest.expert_layers[0].quantization.bits, "experts_per_token": k, "record_bytes": record,
+              "layers": len(manifest.expert_layers), "experts_per_layer": manifest.num_experts,
+              "decode_tokens": opts.tokens, "all_experts_gb": round(everything / 1e9, 2)}
+
+    # The engine with a bank for every expert: warm-up pass (also the routing trace), then timed passes.
+    flash = load_flash_model(model_dir, experts_per_token=k, bank_bytes=everything, read_threads=opts.read_threads)
+    requests = Requests(flash.bank)
+    drop_from_page_cache(files)
+    before = replace(flash.bank.stats)
+    first = decode_ms(flash.model, tokens)
+    one_pass = list(requests.calls)
+    recall = flash.bank.stats.since(before).prediction_recall
+    trace = one_pass[len(manifest.expert_layers):]  # the timed tokens (the first token is not timed)
+    result["routing"] = routing_stats(by_layer(one_pass), manifest.num_experts, recall)
+    before = replace(flash.bank.stats)
+    warm = median_ms(flash.model, tokens, opts.repeats)
+    during = flash.bank.stats.since(before)
+    engine_logits = decode_logits(flash.model, tokens)
+    result["primitives_per_moe_block"] = {"engine": primitives_per_block(flash)}
+    result["full_bank"] = {"bank_gb": round(flash.bank.nbytes / 1e9, 3), "first_pass_ms_per_token": _r(first),
+                           "ms_per_token": _r(warm), "bank_hit_rate": _r3(during.hit_rate),
+                           "bytes_read_per_token": during.bytes_read / (opts.repeats * len(tokens)),
+                           "router_ms_per_token": _r((during.router_launch_seconds + during.router_wait_seconds)
+                                                     * 1000 / (opts.repeats * len(tokens))),
+                           "read_wait_ms_per_token": _r(during.read_wait_seconds * 1000 / (opts.repeats * len(tokens)))}
+    log(f"  {name}: engine, bank of every expert: first pass {first:.1f}, warm {warm:.1f} ms/token")
+
+    if opts.prompt_tokens:  # a prompt chunk reads each distinct expert once
+        from mlx_lm.models.cache import make_prompt_cache
+
+        flash.bank.resize(flash.bank.budget_bytes)  # empty
+        chunk = Requests(flash.bank)
+        before = flash.bank.stats.bytes_read
+        mx.eval(flash.model(mx.array([list(range(opts.prompt_tokens))]), cache=make_prompt_cache(flash.model)))
+        union = sum(len(set().union(*s)) for s in by_layer(chunk.calls).values())
+        result["prefill"] = {"tokens": opts.prompt_tokens, "bytes_read": flash.bank.stats.bytes_read - before,
+                             "union_bytes": union * record}
+
+    # mlx-lm with every expert resident, and the sync floor.
+    resident = sync_floor = None
+    memory = machine()["memory_gb"]
+    if memory and everything < memory * 1e9 / 2:
+        restore = with_resident_experts(flash)
+        resident = median_ms(flash.model, tokens, opts.repeats)
+        reference = decode_logits(flash.model, tokens)
+        result["primitives_per_moe_block"]["mlx_lm"] = primitives_per_block(flash)
+        restore()
+        restore = with_resident_experts(flash, synchronize=True)
+        sync_floor = median_ms(flash.model, tokens, opts.repeats)
+        restore()
+        mx.clear_cache()
+        result["agreement_with_mlx_lm"] = agreement(engine_logits, reference)
+        log(f"  {name}: mlx-lm all experts resident {resident:.1f}, with a host sync per layer {sync_floor:.1f} "
+            f"ms/token; logits {result['agreement_with_mlx_lm']}")
+    flash.close()
+    mx.clear_cache()
+    result["resident_ms_per_token"] = _r(resident)
+    result["sync_floor_ms_per_token"] = _r(sync_floor)
+
+    # Reads: every routed record from the page cache (warm), and the disk cold.
+    read_records(model_dir, manifest, trace, opts.read_threads)  # into the page cache
+    result["warm_io_floor_ms_per_token"] = _r(read_records(model_dir, manifest, trace, opts.read_threads)
+                                              * 1000 / opts.tokens)
+    gbps = cold_disk_gbps(model_dir, manifest, trace, opts.read_threads)
+    result["cold_disk_gbps"] = _r3(gbps)
+    log(f"  {name}: warm io floor {result['warm_io_floor_ms_per_token']} ms/token, cold disk {result['cold_disk_gbps']} GB/s")
+
+    runs = []
+    for fraction in opts.bank_fractions:
+        if fraction >= 1:
+            run = {"bank_fraction": 1.0, **result["full_bank"]}
+            run["target_ms_per_token"] = _r(TARGET_RATIO * sync_floor) if sync_floor else None
+        else:
+            if opts.memory_limit_gb:
+                run = asdict(bank_run_capped(model_dir, k, fraction, opts, log))
+            else:
+                run = asdict(bank_run(model_dir, k, fraction, tokens, opts.repeats, opts.read_threads))
+            missed_s = run["bytes_read_per_token"] / (gbps * 1e9) if gbps else None
+            run["target_ms_per_token"] = (_r(TARGET_RATIO * (sync_floor + 1000 * missed_s))
+                                          if sync_floor and missed_s is not None else None)
+            run["bytes_read_per_token"] = int(run["bytes_read_per_token"])
+            run["lru_bytes_per_token"] = int(run["lru_bytes_per_token"])
+            run["lru_per_layer_bytes_per_token"] = int(run["lru_per_layer_bytes_per_token"])
+        run["vs_sync_floor"] = _r3(run["ms_per_token"] / sync_floor) if sync_floor else None
+        run["vs_target"] = _r3(run["ms_per_token"] / run["target_ms_per_token"]) if run.get("target_ms_per_token") else None
+        runs.append(run)
+        log(f"  {name}: bank {fraction:.2f} of the experts: {json.dumps(run)}")
+    result["banks"] = runs
+    result["peak_rss_gb"] = peak_rss_gb()
+    return result
 
 
 def peak_rss_gb() -> float:
@@ -302,208 +601,20 @@ def peak_rss_gb() -> float:
 def machine() -> dict:
     import mlx.core as mx
 
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    from .memory import total_memory
+
+    memory = total_memory()
     return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
             "memory_gb": round(memory / 1e9, 1) if memory else None, "mlx_device": str(mx.default_device()),
             "mlx": mx.__version__, "python": platform.python_version()}
-
-
-# ------------------------------------------------------------------------------ one configuration
-
-
-def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
-    import mlx.core as mx
-
-    from .engine import load_flash_model
-
-    flash = load_flash_model(model_dir, experts_per_token=k, cache_bytes=int(opts.cache_gb * 1e9),
-                             read_threads=opts.read_threads)
-    manifest, store = flash.manifest, flash.store
-    record_size = manifest.expert_layers[0].layout.record_size
-    files = [model_dir / layer.file for layer in manifest.expert_layers]
-    tokens = list(range(DECODE_START, DECODE_START + opts.tokens + 1))
-    result = {"bits": manifest.expert_layers[0].quantization.bits, "experts_per_token": k,
-              "record_bytes": record_size, "decode_tokens": opts.tokens}
-
-    trace = Trace(store)
-    flash.set_prefetch(False)
-    cold = evict(files)
-    cold_files = files if cold else None
-    before = store.stats.bytes_read
-    plain_cold = decode_ms(flash, tokens, opts.repeats, cold_files)
-    one_pass = trace.calls[:len(trace.calls) // opts.repeats]  # every pass asks for the same records
-    decode_calls = one_pass[len(manifest.expert_layers):]  # the timed tokens only
-    exact_bytes = (store.stats.bytes_read - before) / (opts.repeats * len(tokens))
-    distinct = sum(len(e) for _, e in one_pass) / len(tokens)
-    result["routing"] = routing_stats(calls_by_layer(one_pass))
-    plain_warm = decode_ms(flash, tokens, opts.repeats)
-    store.load = trace._load  # stop tracing
-    log(f"  {result['bits']}-bit k={k}: engine without prefetch cold {plain_cold:.1f} warm {plain_warm:.1f} ms/token")
-
-    flash.set_prefetch(True)
-    before = replace(store.stats)
-    timed = Trace(store)
-    decode_cold = decode_ms(flash, tokens, opts.repeats, cold_files)
-    store.load = timed._load
-    first_layer_extra = {"cold": timed.first_layer_extra_ms(opts.repeats * len(tokens)) if cold else None}
-    prefetch = store.stats.since(before)
-    before = replace(store.stats)
-    timed = Trace(store)
-    decode_warm = decode_ms(flash, tokens, opts.repeats)
-    store.load = timed._load
-    first_layer_extra["warm"] = timed.first_layer_extra_ms(opts.repeats * len(tokens))
-    warm_split = warm_time_split(decode_warm, store.stats.since(before), opts.repeats * len(tokens))
-    log(f"  {result['bits']}-bit k={k}: engine with prefetch cold {decode_cold:.1f} warm {decode_warm:.1f} ms/token, "
-        f"prediction hit rate {prefetch.prefetch_hit_rate:.2f}")
-    bytes_per_token = prefetch.bytes_read / (opts.repeats * len(tokens))
-
-    io_cold = io_floor_ms(model_dir, manifest, decode_calls, opts.tokens, opts.read_threads) if evict(files) else None
-    io_warm = io_floor_ms(model_dir, manifest, decode_calls, opts.tokens, opts.read_threads)
-    log(f"  {result['bits']}-bit k={k}: io floor cold {io_cold} warm {io_warm:.1f} ms/token")
-
-    union = {}
-    for layer, experts in trace.calls:
-        union.setdefault(layer, set()).update(experts)
-    union = {l: sorted(e) for l, e in union.items()}
-    restore = with_resident_experts(flash, union)
-    compute = decode_ms(flash, tokens, opts.repeats)
-    reference_logits = decode_logits(flash, tokens)  # mlx-lm's SwitchGLU on the same experts
-    restore()
-    restore = with_resident_experts(flash, union, synchronize=True)
-    sync_floor = decode_ms(flash, tokens, opts.repeats)
-    restore()
-    log(f"  {result['bits']}-bit k={k}: compute floor {compute:.1f}, with a host sync per layer {sync_floor:.1f} ms/token")
-
-    result["agreement_with_mlx_lm"] = agreement(decode_logits(flash, tokens), reference_logits)
-    log(f"  {result['bits']}-bit k={k}: logits vs mlx-lm's SwitchGLU {result['agreement_with_mlx_lm']}")
-
-    mlx_lm = None
-    memory = machine()["memory_gb"]
-    if memory and manifest.expert_bytes < memory * 1e9 / 2:
-        restore = with_resident_experts(flash, {l.layer: list(range(l.num_experts)) for l in manifest.expert_layers})
-        mlx_lm = decode_ms(flash, tokens, opts.repeats)
-        restore()
-        mx.clear_cache()
-        log(f"  {result['bits']}-bit k={k}: mlx-lm fully resident {mlx_lm:.1f} ms/token")
-
-    result.update({
-        "io_floor_ms": {"cold": _r(io_cold), "warm": _r(io_warm)},
-        "compute_floor_ms": _r(compute),
-        "sync_floor_ms": _r(sync_floor),
-        "decode_ms_per_token": {"cold": _r(decode_cold) if cold else None, "warm": _r(decode_warm)},
-        "decode_without_prefetch_ms": {"cold": _r(plain_cold) if cold else None, "warm": _r(plain_warm)},
-        "prefetch_hit_rate": round(prefetch.prefetch_hit_rate, 3),
-        "warm_time_split_ms_per_token": warm_split,
-        "bytes_read_per_token": int(bytes_per_token),
-        "bytes_read_per_token_without_prefetch": int(exact_bytes),
-        "expected_bytes_per_token": int(distinct * record_size),
-        "hit_rate": round(store.stats.hit_rate, 3),
-        "mlx_lm_ms_per_token": _r(mlx_lm),
-        "mlx_lm_note": None if mlx_lm else "all experts do not fit in half the RAM",
-    })
-    result["ratio_vs_floor_sum"] = {m: _ratio(result["decode_ms_per_token"][m], result["io_floor_ms"][m], compute, sum)
-                                    for m in ("cold", "warm")}
-    result["ratio_vs_floor_max"] = {m: _ratio(result["decode_ms_per_token"][m], result["io_floor_ms"][m], compute, max)
-                                    for m in ("cold", "warm")}
-    result["warm_vs_mlx_lm_speed"] = round(mlx_lm / decode_warm, 3) if mlx_lm else None
-
-    if opts.prompt_tokens:
-        trace = Trace(store)
-        from mlx_lm.models.cache import make_prompt_cache
-
-        before = store.stats.bytes_read
-        start = time.perf_counter()
-        mx.eval(flash.model(mx.array([list(range(opts.prompt_tokens))]), cache=make_prompt_cache(flash.model)))
-        elapsed = time.perf_counter() - start
-        store.load = trace._load
-        union_records = sum(len(set().union(*[set(e) for l2, e in trace.calls if l2 == l]))
-                            for l in {l for l, _ in trace.calls})
-        result["prefill"] = {"tokens": opts.prompt_tokens, "ms": _r(elapsed * 1000),
-                             "bytes_read": store.stats.bytes_read - before,
-                             "union_bytes": union_records * record_size}
-        log(f"  {result['bits']}-bit k={k}: prefill {opts.prompt_tokens} tokens {elapsed:.1f} s")
-
-    if opts.levers:
-        try:
-            direct = io_floor_ms(model_dir, manifest, decode_calls, opts.tokens, opts.read_threads, direct=True)
-        except (OSError, AttributeError):  # a file system without O_DIRECT (tmpfs), or an OS without it
-            direct = None
-        result["levers"] = {"io_floor_o_direct_ms": _r(direct), **engine_levers(model_dir, manifest, k, tokens, cold_files, opts)}
-        log(f"  {result['bits']}-bit k={k}: levers {result['levers']}")
-
-    head = head_ms(flash)
-    projected = {m: None if v is None else project_decode_ms(v, head, first_layer_extra[m], opts.layers)
-                 for m, v in result["decode_ms_per_token"].items()}
-    result["projected_60_layers"] = {
-        "head_ms": _r(head),
-        "first_layer_extra_read_wait_ms": {m: _r(v) for m, v in first_layer_extra.items()},
-        "decode_ms_per_token": {m: _r(v) for m, v in projected.items()},
-        "tokens_per_second": {m: None if v is None else round(1000 / v, 3) for m, v in projected.items()},
-        **resident_projection(flash, record_size),
-    }
-    # the floors scale with the layers too: reads per layer, compute per layer plus the head once
-    io_projected = {m: None if v is None else REAL_LAYERS * v / opts.layers for m, v in result["io_floor_ms"].items()}
-    compute_projected = head + REAL_LAYERS * (compute - head) / opts.layers
-    for name, combine in (("ratio_vs_floor_sum", sum), ("ratio_vs_floor_max", max)):
-        result["projected_60_layers"][name] = {m: _ratio(projected[m], io_projected[m], compute_projected, combine)
-                                               for m in ("cold", "warm")}
-    result["peak_rss_gb"] = peak_rss_gb()
-    result["peak_mlx_gb"] = round(mx.get_peak_memory() / 1e9, 2)
-    flash.close()
-    return result
-
-
-def engine_levers(model_dir: Path, manifest, k: int, tokens: List[int], cold_files, opts: BenchOptions) -> dict:
-    """The engine (with prefetch) cold (when ``cold_files`` can be evicted) and warm under other settings,
-    one at a time."""
-    from .engine import load_flash_model
-
-    record = max(layer.layout.parts_bytes for layer in manifest.expert_layers)
-    variants = {f"read_threads_{LEVER_READ_THREADS}": {"read_threads": LEVER_READ_THREADS}}
-    variants[f"record_cache_{LEVER_CACHE_EXPERTS}_per_layer"] = {
-        "cache_bytes": LEVER_CACHE_EXPERTS * len(manifest.expert_layers) * record, "read_threads": opts.read_threads}
-    out = {}
-    for name, settings in variants.items():
-        flash = load_flash_model(model_dir, experts_per_token=k, **settings)
-        try:
-            cold = decode_ms(flash, tokens, opts.repeats, cold_files) if cold_files else None
-            before = replace(flash.store.stats)
-            warm = decode_ms(flash, tokens, opts.repeats)
-            during = flash.store.stats.since(before)
-            out[name] = {"cold": _r(cold), "warm": _r(warm), "warm_cache_hit_rate": round(during.hit_rate, 3),
-                         "warm_time_split_ms_per_token": warm_time_split(warm, during, opts.repeats * len(tokens))}
-        finally:
-            flash.close()
-    return out
-
-
-def warm_time_split(decode_ms_per_token: float, stats, tokens: int) -> dict:
-    """Where a warm token's time goes on the host (``stats``: the store's counters over ``tokens`` decoded
-    tokens): waiting for records, launching the GPU work up to each router, waiting for the router's
-    choice, and the rest (Python building the graph, the kernels' calls, the final evaluation)."""
-    split = {"read_wait": stats.read_seconds, "router_launch": stats.router_launch_seconds,
-             "router_wait": stats.router_wait_seconds}
-    split = {name: seconds * 1000 / tokens for name, seconds in split.items()}
-    split["other"] = decode_ms_per_token - sum(split.values())
-    return {name: _r(v) for name, v in split.items()}
-
-
-def project_decode_ms(decode: float, head: float, first_layer_extra: float, layers: int) -> float:
-    """A token's time in the real model's 60 layers from this model's ``layers``: the time outside the
-    layers (``head``), the first MoE layer's extra wait for its unpredicted records once, and 60 typical
-    layers (the others' mean)."""
-    typical = (decode - head - first_layer_extra) / layers
-    return head + first_layer_extra + REAL_LAYERS * typical
 
 
 def _r(v):
     return None if v is None else round(float(v), 2)
 
 
-def _ratio(decode, io, compute, combine):
-    if decode is None or io is None:
-        return None
-    return round(decode / combine([io, compute]), 3)
+def _r3(v):
+    return None if v is None else round(float(v), 3)
 
 
 def run(opts: BenchOptions, log=print) -> dict:
@@ -511,11 +622,22 @@ def run(opts: BenchOptions, log=print) -> dict:
     from .synthetic.flash_model import write_synthetic_model
 
     directory = Path(opts.directory or root() / "bench")
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "options": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}}
+    out["routing_calibration"] = routing_calibration(directory, opts, log)
     results = []
     for bits in opts.bits:
-        model_dir = directory / f"qwen397-shape-{opts.layers}l-{bits}bit"
+        model_dir = directory / f"qwen397-shape-{opts.layers}l-{opts.experts_per_layer}e-{bits}bit"
         log(f"synthetic model {model_dir} (built once, reused)")
-        write_synthetic_model(model_dir, layers=opts.layers, bits=bits)
+        write_synthetic_model(model_dir, layers=opts.layers, bits=bits, experts_per_layer=opts.experts_per_layer)
         for k in opts.experts:
             results.append(bench_one(model_dir, k, opts, log))
-    return {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "layers": opts.layers, "results": results}
+    out["results"] = results
+    return out
+
+
+if __name__ == "__main__":  # the capped decode's child process (see bank_run_capped)
+    args = json.loads(sys.argv[1])
+    done = bank_run(Path(args["model_dir"]), args["k"], args["fraction"], args["tokens"], args["repeats"],
+                    args["read_threads"], drop_page_cache=True)
+    print(json.dumps(asdict(done)))

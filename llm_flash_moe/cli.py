@@ -335,40 +335,53 @@ def repair_command(manifest, path: Path) -> str:
 
 @flash_moe.command()
 @click.option("--layers", type=click.IntRange(min=4), default=4, show_default=True,
-              help="Decoder layers of the synthetic model (at least 4: one full-attention layer).")
+              help="Decoder layers of the synthetic model (60 is the real depth; at least 4: one "
+                   "full-attention layer).")
+@click.option("--experts-per-layer", type=click.IntRange(min=16, max=512), default=512, show_default=True,
+              help="Experts per layer (the real model has 512; fewer keep a deep model's files on a normal "
+                   "disk: 60 layers x 64 experts is 27 GB at 4 bits).")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), multiple=True,
-              help="Expert bits to measure (repeatable; default 2 and 4).")
+              help="Expert bits to measure (repeatable; default 4).")
 @click.option("--experts", type=click.IntRange(min=1, max=512), multiple=True,
               help="Experts per token to measure (repeatable; default 4 and 10).")
-@click.option("--tokens", type=click.IntRange(min=2), default=16, show_default=True,
-              help="Decoded tokens per measurement.")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Passes per timed decode; the median is reported.")
-@click.option("--prompt-tokens", type=click.IntRange(min=0), default=512, show_default=True,
+@click.option("--bank-fraction", "bank_fractions", type=click.FloatRange(min=0, max=1, min_open=True),
+              multiple=True,
+              help="Expert bank sizes to measure, as a share of all the experts (repeatable; default 1 and 1/3).")
+@click.option("--memory-limit", "memory_limit_gb", type=click.FloatRange(min=1), default=None,
+              help="Decode the partial banks in a child process under a cgroup v2 memory.max of this many "
+                   "GB, page cache included (Linux, as root; measured without the limit where unavailable).")
+@click.option("--tokens", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Decoded tokens per pass.")
+@click.option("--repeats", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Passes per measurement; the median is reported (a partial bank: of the passes after "
+                   "the first).")
+@click.option("--prompt-tokens", type=click.IntRange(min=0), default=64, show_default=True,
               help="Prompt length for the prefill measurement (0 skips it; slow on the CPU backend).")
+@click.option("--calibration-layers", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Layers of the routing-only model that measures the routing at 512 experts (0 skips it).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the synthetic models are built and kept (~3.6 GB per layer at 4 bits). "
-                   "Default: flash-moe/bench under llm's user directory.")
-@click.option("--levers", is_flag=True,
-              help="Also measure the engine with 16 read threads and with a record cache, and the I/O floor "
-                   "with O_DIRECT (slower: reloads the model per setting).")
+              help="Where the synthetic models are built and kept. Default: flash-moe/bench under llm's "
+                   "user directory.")
 @click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
-def bench(layers, bits, experts, tokens, repeats, prompt_tokens, directory, levers, json_):
-    """Measure decode speed against the I/O and compute floors and against mlx-lm.
+def bench(layers, experts_per_layer, bits, experts, bank_fractions, memory_limit_gb, tokens, repeats,
+          prompt_tokens, calibration_layers, directory, json_):
+    """Measure decode speed against its floors and mlx-lm, at any depth, with banks of any size.
 
-    Builds once (and then reuses) a synthetic model with Qwen3.5-397B-A17B's exact per-layer shapes
-    and realistic routing, then measures for each bits/experts setting: plain reads of exactly the
-    records needed (cold and warm), the same tokens with the experts in memory (without and with one
-    host synchronization per layer), the engine cold and warm with where its warm time goes, mlx-lm
-    with all experts resident where they fit, a prefill, peak memory, and projections to the real 60
-    layers. See docs/PERFORMANCE.md for results and how to read them.
+    Builds once (and then reuses) a synthetic model with Qwen3.5-397B-A17B's exact per-layer shapes and
+    calibrated routing, then measures for each bits/experts setting: mlx-lm with every expert resident,
+    the same with one host synchronization per layer (the sync floor), page-cache reads of every routed
+    record (the warm I/O floor), the disk's cold bandwidth, and the engine with each bank size (bytes
+    read, hit rate, and what LRU of the same capacity reads on the same requests). See
+    docs/PERFORMANCE.md for results and how to read them.
     """
     from .benchmark import BenchOptions, run
 
     defaults = BenchOptions()
-    opts = BenchOptions(layers=layers, bits=tuple(int(b) for b in bits) or defaults.bits,
-                        experts=tuple(experts) or defaults.experts, tokens=tokens, repeats=repeats,
-                        prompt_tokens=prompt_tokens, directory=directory, levers=levers)
+    opts = BenchOptions(layers=layers, experts_per_layer=experts_per_layer,
+                        bits=tuple(int(b) for b in bits) or defaults.bits, experts=tuple(experts) or defaults.experts,
+                        bank_fractions=tuple(bank_fractions) or defaults.bank_fractions,
+                        memory_limit_gb=memory_limit_gb, tokens=tokens, repeats=repeats,
+                        prompt_tokens=prompt_tokens, calibration_layers=calibration_layers, directory=directory)
     result = run(opts, log=(lambda line: None) if json_ else (lambda line: click.echo(line, err=True)))
     click.echo(json.dumps(result, indent=None if json_ else 1))
 

@@ -104,3 +104,14 @@ class DeviceCopies:
         status = self.lib.cudaStreamSynchronize(stream)
         if status != 0:
             raise RuntimeError(f"cudaStreamSynchronize failed with CUDA error {status}")
+
+
+def memory_info():
+    """(free, total) bytes of GPU memory (cudaMemGetInfo), or None where CUDA's runtime is absent."""
+    lib = _cudart()
+    if lib is None:
+        return None
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    if lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) != 0:
+        return None
+    return free.value, total.value

@@ -1,4 +1,4 @@
-"""Loading a prepared model: mlx-lm's model class with resident weights, experts streamed from the store."""
+"""Loading a prepared model: mlx-lm's model class with resident weights, routed experts in the expert bank."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import FlashMoeError
-from .expert_store import ExpertStore
+from .expert_bank import MIN_SLOTS_PER_TOKEN, ExpertBank
 from .flash_layout import Manifest
 from .mlx_model import cast_floats, moe_blocks, no_experts, streaming_model_classes
 
@@ -34,7 +34,7 @@ class FlashModel:
     manifest: Manifest
     model: object
     tokenizer: object
-    store: ExpertStore
+    bank: ExpertBank
 
     @property
     def experts_per_token(self) -> int:
@@ -50,16 +50,22 @@ class FlashModel:
         """Let each MoE layer predict the next layer's experts with that layer's router and read them ahead."""
         blocks = [block for _, block in moe_blocks(self.model)]
         for block, following in zip(blocks, blocks[1:] + [None]):
-            object.__setattr__(block.switch_mlp, "next_block", following if enabled else None)
+            object.__setattr__(block, "next_block", following if enabled else None)
+
+    def set_bank_bytes(self, budget_bytes: Optional[int]) -> None:
+        """Give the expert bank another budget (None: the automatic one); it starts empty."""
+        budget = auto_bank_budget(self.manifest) if budget_bytes is None else int(budget_bytes)
+        if budget != self.bank.budget_bytes:
+            self.bank.resize(budget)
 
     def resident_bytes(self) -> int:
-        """Bytes of every array the model holds (the expert buffers belong to the store, not the model)."""
+        """Bytes of every array the model holds (the expert bank's arrays are not the model's)."""
         from mlx.utils import tree_flatten
 
         return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
     def close(self) -> None:
-        self.store.close()
+        self.bank.close()
 
 
 COMPUTE_DTYPES = ("auto", "model", "float32")
@@ -80,41 +86,83 @@ def activation_dtype(compute: str):
     return mx.float32 if compute == "float32" else None
 
 
-def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, cache_bytes: int = 0,
-                     compute: str = "auto", prefetch: bool = True, **store_options) -> FlashModel:
-    """Load a prepared model. ``compute``: "auto", "model" (bit-identical to mlx-lm) or "float32";
-    ``prefetch``: read the next layer's predicted experts while this layer computes (see set_prefetch)."""
+def auto_bank_budget(manifest: Manifest) -> int:
+    """The bank's default budget: what the memory it lives in has free (less a reserve), at most every
+    expert of the model; the smallest bank when the free memory cannot be told."""
+    from .memory import auto_bank_bytes
+
+    budget = auto_bank_bytes()
+    everything = sum(layer.num_experts * layer.layout.parts_bytes for layer in manifest.expert_layers)
+    return min(everything, budget) if budget is not None else 0
+
+
+def clamp_bank_bytes(want: int, manifest: Manifest, held: int = 0, loaded: bool = True):
+    """(bytes, warning): a requested bank budget, clamped to what the memory the bank lives in can hold
+    (its free memory, plus the bank it would replace, less the reserve; less the resident weights when
+    the model is not loaded yet)."""
+    from .memory import bank_memory, reserve_bytes
+
+    free, total = bank_memory()
+    if free is None:
+        return int(want), None
+    limit = max(0, int(free + held - reserve_bytes(total) - (0 if loaded else manifest.resident_bytes)))
+    if want <= limit:
+        return int(want), None
+    return limit, (f"-o bank_gb {want / 1e9:g} is more than this machine can hold ({free / 1e9:.1f} GB free "
+                   f"where the bank lives, {reserve_bytes(total) / 1e9:.1f} GB of it kept free); "
+                   f"using {limit / 1e9:.2f} GB")
+
+
+def min_bank_slots(manifest: Manifest) -> int:
+    """The fewest slots per record layout: twice the model's own experts per token."""
+    native = manifest.config.get("num_experts_per_tok") or manifest.config.get("text_config", {}).get(
+        "num_experts_per_tok") or manifest.experts_per_token
+    return MIN_SLOTS_PER_TOKEN * max(int(native), manifest.experts_per_token)
+
+
+def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, bank_bytes: Optional[int] = None,
+                     compute: str = "auto", prefetch: bool = True, **bank_options) -> FlashModel:
+    """Load a prepared model. ``bank_bytes``: the expert bank's budget (None: ``auto_bank_budget``);
+    ``compute``: "auto", "model" (bit-identical to mlx-lm) or "float32"; ``prefetch``: read the next
+    layer's predicted experts while this layer computes (see set_prefetch)."""
     import mlx.core as mx
 
     from mlx_lm.utils import load_tokenizer
 
-    from .streaming_moe import StreamingExperts
+    from .streaming_moe import StreamingMoE
 
     model_dir = Path(model_dir)
     manifest = Manifest.load(model_dir)
     dtype = activation_dtype(compute)
-    store = ExpertStore(model_dir, manifest, cache_bytes=cache_bytes, **store_options)
+    bank = ExpertBank(model_dir, manifest, budget_bytes=0, min_slots=min_bank_slots(manifest), **bank_options)
     try:
-        model, config = load_resident_model(model_dir, lazy=True, make_experts=lambda i, b: StreamingExperts(i, store))
+        model, config = load_resident_model(model_dir, lazy=True)
+        for index, block in moe_blocks(model):
+            model.layers[index].mlp = StreamingMoE(block, index, bank)
         if dtype is not None:
             cast_floats(model, dtype)
         mx.eval(model.parameters())  # reads the resident weights: a damaged file fails here, not mid-answer
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        store.close()
+        bank.close()
         raise FlashMoeError(f"cannot load the resident weights of {model_dir}: "
-                            f"{(str(e) or type(e).__name__).splitlines()[0]}; {store.remedy}")
+                            f"{(str(e) or type(e).__name__).splitlines()[0]}; {bank.remedy}")
     except BaseException:
-        store.close()
+        bank.close()
         raise
     try:
         if not has_tokenizer(model_dir):
             raise FileNotFoundError(f"none of {', '.join(TOKENIZER_VOCAB_FILES)} is there")
         tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id", None))
     except Exception as e:  # a missing or damaged tokenizer file: transformers raises many kinds
-        store.close()
+        bank.close()
         raise FlashMoeError(f"cannot load the tokenizer of {model_dir}: "
-                            f"{(str(e) or type(e).__name__).splitlines()[0]}; {store.remedy}")
-    flash = FlashModel(model_dir, manifest, model, tokenizer, store)
+                            f"{(str(e) or type(e).__name__).splitlines()[0]}; {bank.remedy}")
+    flash = FlashModel(model_dir, manifest, model, tokenizer, bank)
+    try:
+        flash.set_bank_bytes(bank_bytes)  # once the resident weights are in: the free memory is known
+    except BaseException:
+        bank.close()
+        raise
     flash.set_experts_per_token(experts_per_token or manifest.experts_per_token)
     flash.set_prefetch(prefetch)
     return flash

@@ -9,7 +9,8 @@ the same model at other bits), and reports for each:
 - against the reference configuration (the model at its own ``num_experts_per_tok``, or the ``--against``
   model), token by token: top-1 agreement (both put the same token first) and the mean KL divergence
   KL(reference || configuration) in nats per token, from float32 log-softmax of both;
-- the expert bytes read from disk (the store's counters) and the time it took.
+- the expert bytes read from disk (the bank's counters; each setting's window starts from an empty bank,
+  so the bytes are what the setting reads) and the time it took.
 
 The reference and every configuration run window by window, so memory stays at one window's logits per
 configuration whatever the length of the text.
@@ -68,7 +69,7 @@ class Result:
     tokens_run: int = 0  # tokens through the model (every window's tokens)
     bytes_read: int = 0
     expert_reads: int = 0
-    cache_hits: int = 0
+    bank_hits: int = 0
     seconds: float = 0.0
 
     @property
@@ -92,7 +93,7 @@ class Result:
             "model": self.name, "bits": self.bits, "experts_per_token": self.experts_per_token,
             "reference": self.reference, "perplexity": self.perplexity, "mean_nll": self.mean_nll,
             "top1_agreement": self.top1_agreement, "kl_mean": self.kl_mean, "scored_tokens": self.scored,
-            "bytes_read": self.bytes_read, "expert_reads": self.expert_reads, "cache_hits": self.cache_hits,
+            "bytes_read": self.bytes_read, "expert_reads": self.expert_reads, "bank_hits": self.bank_hits,
             "bytes_read_per_token": self.bytes_read / self.tokens_run if self.tokens_run else 0.0,
             "seconds": round(self.seconds, 3),
         }
@@ -172,16 +173,17 @@ def _log_probs(config: Configuration, chunk: Sequence[int], result: Result):
     flash = config.flash
     if flash.experts_per_token != config.experts:
         flash.set_experts_per_token(config.experts)
-    before = replace(flash.store.stats)
+    flash.bank.clear()  # each setting's reads are its own, not what another setting left in the bank
+    before = replace(flash.bank.stats)
     start = time.perf_counter()
     logits = flash.model(mx.array(chunk)[None])[0, :-1].astype(mx.float32)
     log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     mx.eval(log_probs)
     result.seconds += time.perf_counter() - start
-    delta = flash.store.stats.since(before)
+    delta = flash.bank.stats.since(before)
     result.bytes_read += delta.bytes_read
     result.expert_reads += delta.reads
-    result.cache_hits += delta.cache_hits
+    result.bank_hits += delta.hits
     result.tokens_run += len(chunk)
     return log_probs
 

@@ -41,8 +41,9 @@ def cast_floats(model, dtype, cast=lambda path: True) -> None:
 
 
 def moe_blocks(model) -> List[Tuple[int, object]]:
-    """(layer index, sparse MoE block) for every decoder layer whose MLP has routed experts."""
-    return [(i, layer.mlp) for i, layer in enumerate(model.layers) if hasattr(layer.mlp, "switch_mlp")]
+    """(layer index, sparse MoE block) for every decoder layer whose MLP routes to experts (mlx-lm's
+    block, or the streaming block that replaces it)."""
+    return [(i, layer.mlp) for i, layer in enumerate(model.layers) if hasattr(layer.mlp, "top_k")]
 
 
 def build_model(config: dict, make_experts: Callable[[int, object], object]):

@@ -25,8 +25,6 @@ DEFAULT_TEMPERATURE = 0.6  # Qwen3.5's generation_config.json (thinking-mode sam
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 20
 DEFAULT_MIN_P = 0.0
-DEFAULT_CACHE_GB = 0.0  # the OS page cache is the only cache unless cache_gb asks for more
-CACHE_MEMORY_SHARE = 0.75  # cache_gb may use this share of the machine's memory, less the resident weights
 
 # What `llm flash-moe prepare` (flagship defaults: 4-bit experts, group 64, 4-bit resident) writes,
 # and what it downloads first (the MLX 4-bit release) unless --delete-source drops each shard once used.
@@ -470,33 +468,6 @@ def pick(value, default):
     return default if value is None else value
 
 
-def total_memory() -> Optional[int]:
-    """Bytes of physical memory of this machine, or None when it cannot be told."""
-    import subprocess
-
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        pass
-    try:  # macOS
-        return int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True,
-                                  timeout=5).stdout.strip())
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
-
-
-def cache_budget(cache_gb: float, resident_bytes: int, memory: Optional[int]) -> Tuple[int, Optional[str]]:
-    """(bytes, warning): the in-memory cache budget for ``-o cache_gb``, clamped to what the machine has."""
-    want = cache_gb * 1e9
-    if memory is None:
-        return int(min(want, 1 << 62)), None
-    limit = max(0, int(memory * CACHE_MEMORY_SHARE) - resident_bytes)
-    if want <= limit:
-        return int(round(want)), None
-    return limit, (f"-o cache_gb {cache_gb:g} is more than this machine can hold ({memory / 1e9:.1f} GB of memory, "
-                   f"{resident_bytes / 1e9:.1f} GB of it for the resident weights); using {limit / 1e9:.2f} GB")
-
-
 def vocab_size(config: dict) -> Optional[int]:
     size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     return size if isinstance(size, int) else None
@@ -532,8 +503,9 @@ def resolve_settings(options, manifest, model_dir: Path, model_id: str, has_thin
 # ------------------------------------------------------------------------------ loading
 
 
-def load(model_dir: Path, cache_bytes: int = 0):
-    """The FlashModel of ``model_dir``, loaded once per process (reloaded if it was prepared again)."""
+def load(model_dir: Path, bank_bytes: Optional[int] = None):
+    """The FlashModel of ``model_dir``, loaded once per process (reloaded if it was prepared again);
+    ``bank_bytes``: its expert bank's budget when it is loaded now (None: automatic)."""
     from . import engine
 
     model_dir = Path(model_dir)
@@ -546,7 +518,7 @@ def load(model_dir: Path, cache_bytes: int = 0):
     if flash is None:
         unload(model_dir)
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
-        flash = engine.load_flash_model(model_dir, cache_bytes=cache_bytes)
+        flash = engine.load_flash_model(model_dir, bank_bytes=bank_bytes)
         _LOADED[key] = flash
     return flash
 
@@ -685,11 +657,11 @@ class _FlashMoe:
         thinking: Optional[bool] = Field(
             None, description="Let the model think before answering; its thinking is shown as reasoning "
                               "(default: the conversation's earlier choice, else on when the model can think)")
-        cache_gb: Optional[float] = Field(
-            None, description=f"Expert cache budget in GB (GPU memory on CUDA, RAM elsewhere), on top of the OS "
-                              f"page cache "
-                              f"(default {DEFAULT_CACHE_GB:g}; at most {CACHE_MEMORY_SHARE:.0%} of the machine's "
-                              "memory less the resident weights)", ge=0, allow_inf_nan=False)
+        bank_gb: Optional[float] = Field(
+            None, description="Expert bank budget in GB: the experts kept in memory where the kernels read them "
+                              "(GPU memory on CUDA, unified memory/RAM elsewhere), read from disk only when "
+                              "missing (default: the free memory less a reserve, chosen when the model loads)",
+            ge=0, allow_inf_nan=False)
         prompt_cache: Optional[bool] = Field(
             None, description="Reuse the model state of the conversation so far (kept in memory and on disk) "
                               "so a follow-up only processes its new tokens (default on)")
@@ -747,7 +719,7 @@ class _FlashMoe:
         if settings.seed is not None:
             mx.random.seed(settings.seed)
         sampler = make_sampler(settings)
-        stats_before = replace(flash.store.stats)
+        stats_before = replace(flash.bank.stats)
         mx.reset_peak_memory()
         last = None
         try:
@@ -757,7 +729,7 @@ class _FlashMoe:
             yield from answer.route(splitter.finish(), final=True)
             turn.save(next_turns(tokenizer, prompt.messages, answer.message(), tools, settings.thinking))
         finally:
-            record_usage(response, last, turn, settings, flash.store.stats.since(stats_before))
+            record_usage(response, last, turn, settings, flash.bank.stats.since(stats_before), flash.bank)
         prompt_cache.remember(conversation_id, thinking=settings.thinking)
 
     def _prompt_cache(self, flash):
@@ -777,17 +749,23 @@ class _FlashMoe:
         model_dir = self.model_dir()
         manifest = Manifest.load(model_dir)
         check_experts(options.experts, manifest, self.model_id)  # a bad value fails before the slow load
-        cache_bytes, warning = cache_budget(pick(options.cache_gb, DEFAULT_CACHE_GB), manifest.resident_bytes,
-                                            total_memory())
-        if warning:
-            warn(warning)
-        flash = load(model_dir, cache_bytes=cache_bytes)
+        from . import engine
+
+        loaded = _LOADED.get((str(model_dir), (model_dir / "manifest.json").stat().st_mtime_ns))
+        bank_bytes = None
+        if options.bank_gb is not None:
+            bank_bytes, warning = engine.clamp_bank_bytes(int(options.bank_gb * 1e9), manifest,
+                                                          held=loaded.bank.nbytes if loaded else 0,
+                                                          loaded=loaded is not None)
+            if warning:
+                warn(warning)
+        flash = load(model_dir, bank_bytes=bank_bytes)
+        if bank_bytes is not None:
+            flash.set_bank_bytes(bank_bytes)
         settings = resolve_settings(options, manifest, model_dir, self.model_id, flash.tokenizer.has_thinking,
                                     vocab_size=vocab_size(manifest.config),
                                     thinking=thinking)
         flash.set_experts_per_token(settings.experts_per_token)
-        if flash.store.cache_bytes != cache_bytes:
-            flash.store.set_cache_bytes(cache_bytes)
         return flash, settings
 
 
@@ -869,10 +847,10 @@ def check_finite(step, name: str) -> None:
         )
 
 
-def record_usage(response, last, turn: Turn, settings: Settings, stats) -> None:
+def record_usage(response, last, turn: Turn, settings: Settings, stats, bank) -> None:
     """Token usage and ``response_json``: what this run cost (also after an interrupted one).
 
-    ``stats``: the expert store's StoreStats for this response alone (``stats.since(before)``).
+    ``stats``: the expert bank's BankStats for this response alone (``stats.since(before)``).
     """
     generated = last.generation_tokens if last is not None else 0
     prompt_tokens = len(turn.prompt_ids)
@@ -894,8 +872,10 @@ def record_usage(response, last, turn: Turn, settings: Settings, stats) -> None:
         "experts_per_token": settings.experts_per_token,
         "bytes_read": stats.bytes_read,
         "expert_reads": stats.reads,
-        "cache_hits": stats.cache_hits,
-        "cache_hit_rate": round(stats.hit_rate, 4),
-        "read_seconds": round(stats.read_seconds, 4),
+        "bank_gb": round(bank.nbytes / 1e9, 6),
+        "bank_hits": stats.hits,
+        "bank_hit_rate": round(stats.hit_rate, 4),
+        "prefetch_reads": stats.prefetch_reads,
+        "read_seconds": round(stats.read_wait_seconds, 4),
         "peak_memory_gb": round(last.peak_memory, 3) if last is not None else None,
     }

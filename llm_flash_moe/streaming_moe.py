@@ -1,10 +1,13 @@
-"""The streaming MoE layer: stands in for mlx-lm's SwitchGLU inside mlx-lm's own sparse MoE block.
+"""The streaming MoE block: mlx-lm's sparse MoE block with its routed experts in the expert bank.
 
-mlx-lm's block still computes the router (fp32 softmax, top-k, renormalization) and the shared expert;
-this module receives the chosen expert indices, has the store read each distinct expert once per call
-(a whole prompt chunk shares one read per expert), and computes on the buffers the reads filled: for
-one token with the fused kernel where the backend has one (``kernels.expert_glu``), otherwise with
-mlx-lm's SwitchGLU arithmetic (``kernels.LoadedSwitchGLU``, the kernels' twin).
+It replaces the whole block (``model.layers[i].mlp``) and reuses mlx-lm's own router and shared expert
+modules (their weights and their ``__call__``). Per call: the router (fp32 softmax, top-k, renormalized
+scores, as mlx-lm computes them) -> one host synchronization for the chosen experts (and, when decoding,
+the next layer's prediction) -> the bank's slots for them (hits cost nothing, misses are read) -> the
+chosen experts computed on the bank with their routing weights -> + the shared expert. For one token the
+expert compute is the fused kernel's weighted path where the backend has one (``kernels``), otherwise
+mlx-lm's SwitchGLU arithmetic over the bank (the kernels' twin, bit-identical to mlx-lm). A prompt chunk
+reads each distinct expert at most once, through the bank.
 """
 
 from __future__ import annotations
@@ -16,84 +19,108 @@ import mlx.nn as nn
 import numpy as np
 
 from . import kernels
-from .expert_store import ExpertStore
+from .expert_bank import ExpertBank
 
 
-def route(block, x: mx.array) -> mx.array:
-    """The experts mlx-lm's MoE ``block`` would choose for ``x`` (its router: softmax, then top-k)."""
+def route(block, x: mx.array):
+    """mlx-lm's routing for ``block``: (chosen experts [..., k], their renormalized scores [..., k])."""
     gates = mx.softmax(block.gate(x), axis=-1, precise=True)
-    return mx.argpartition(gates, kth=-block.top_k, axis=-1)[..., -block.top_k:]
+    k = block.top_k
+    inds = mx.argpartition(gates, kth=-k, axis=-1)[..., -k:]
+    scores = mx.take_along_axis(gates, inds, axis=-1)
+    if block.norm_topk_prob:
+        scores = scores / scores.sum(axis=-1, keepdims=True)
+    return inds, scores
 
 
-class StreamingExperts(nn.Module):
-    """Drop-in for ``block.switch_mlp``: ``(x [..., H], indices [..., k]) -> [..., k, H]``.
+class StreamingMoE(nn.Module):
+    """Stands in for mlx-lm's ``Qwen3NextSparseMoeBlock`` (qwen3_5_moe, qwen3_next) or
+    ``Qwen3MoeSparseMoeBlock`` (qwen3_moe, no shared expert), built from the loaded block.
 
-    With ``next_block`` set (the next MoE block), a decoded token also runs that block's router on this
-    layer's input and starts reading the experts it predicts, so the next layer's reads overlap this
-    layer's compute; the store counts how many predictions were right.
+    With ``next_block`` set (the following StreamingMoE), a decoded token also runs that block's router on
+    this layer's input and has the bank read the experts it predicts while this layer computes.
     """
 
-    def __init__(self, layer: int, store: ExpertStore):
+    def __init__(self, block, layer: int, bank: ExpertBank):
         super().__init__()
+        self.gate = block.gate
+        self.shared = hasattr(block, "shared_expert")
+        if self.shared:
+            self.shared_expert = block.shared_expert
+            self.shared_expert_gate = block.shared_expert_gate
+        self.top_k, self.norm_topk_prob, self.num_experts = block.top_k, block.norm_topk_prob, block.num_experts
         self.layer = layer
-        self.store = store
-        self.next_block = None  # a plain attribute (set with object.__setattr__): not a child module
+        object.__setattr__(self, "bank", bank)  # plain attributes, not child modules
+        object.__setattr__(self, "next_block", None)
+        self.quant = bank.layers[layer].quantization
+        self.kernel = kernels.backend()  # "cuda", "metal" or "twin", resolved once
 
-    @property
-    def quant(self):
-        return self.store.layers[self.layer].quantization
-
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        one_token = indices.size == indices.shape[-1] <= self.store.slots
-        predicted = route(self.next_block, x) if one_token and self.next_block is not None else None
-        if one_token:
-            self._synchronize(indices, predicted)
-        if predicted is not None:
-            self.store.prefetch(self.store.next_layer[self.layer], np.array(predicted).reshape(-1))
-        chosen = np.array(indices)  # the host synchronization per layer: which experts to read
-        if one_token:  # k distinct experts
-            parts, slots = self.store.load(self.layer, chosen.reshape(-1))
-            backend = kernels.backend()
-            if backend == "twin" or not kernels.supported(x, parts, self.quant):
-                y = kernels.LoadedSwitchGLU(parts, self.quant)(x.reshape(1, -1), mx.array(slots)[None])
-            else:  # the fused kernel computes every loaded slot (prefetched ones too); keep the chosen
-                y = kernels.kernel_glu(x, parts, self.quant, backend=backend)[mx.array(slots)].astype(x.dtype)
-            y = y.reshape(*chosen.shape, x.shape[-1])
+    def __call__(self, x: mx.array) -> mx.array:
+        inds, scores = route(self, x)
+        if x.size == x.shape[-1]:
+            y = self._one_token(x, inds, scores)
         else:
-            unique, local = np.unique(chosen, return_inverse=True)
-            if len(unique) <= self.store.slots:
-                parts, slots = self.store.load(self.layer, unique)
-                y = kernels.LoadedSwitchGLU(parts, self.quant)(x, mx.array(slots[local].reshape(chosen.shape)))
-            else:
-                y = self._in_groups(x, chosen, unique)
-        self.store.retain(self.layer, y)
+            y = self._chunk(x, inds, scores)
+        if self.shared:
+            return y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y
 
-    def _synchronize(self, indices, predicted) -> None:
+    def _one_token(self, x, inds, scores):
+        predicted = route(self.next_block, x)[0] if self.next_block is not None else None
+        self._synchronize(inds, predicted)
+        ahead = None if predicted is None else (self.next_block.layer, np.array(predicted).reshape(-1))
+        slots = self.bank.lookup(self.layer, np.array(inds).reshape(-1), prefetch=ahead)
+        pool = self.bank.arrays(self.layer)
+        chosen = mx.array(slots.astype(np.uint32))
+        if self.kernel != "twin" and kernels.supported(x, pool, self.quant):
+            y = kernels.kernel_glu(x, pool, self.quant, scores, slots=chosen, backend=self.kernel)
+            y = y.reshape(x.shape).astype(x.dtype)
+        else:
+            y = self._weighted(kernels.LoadedSwitchGLU(pool, self.quant)(x, chosen.reshape(inds.shape)), scores)
+        self.bank.retain(self.layer, slots, y)
+        return y
+
+    def _weighted(self, y, scores):
+        """mlx-lm's weighted sum of the experts' outputs, with its dtypes."""
+        out = (y * scores[..., None]).sum(axis=-2)
+        return out if self.shared else out.astype(y.dtype)
+
+    def _chunk(self, x, inds, scores):
+        """Several tokens: each distinct expert read once (a group of them at a time if the bank is smaller)."""
+        chosen = np.array(inds)
+        unique, inverse = np.unique(chosen, return_inverse=True)
+        limit = self.bank.capacity(self.layer)
+        pool = self.bank.arrays(self.layer)
+        if len(unique) <= limit:
+            slots = self.bank.lookup(self.layer, unique)
+            local = mx.array(slots[inverse.reshape(chosen.shape)].astype(np.uint32))
+            y = self._weighted(kernels.LoadedSwitchGLU(pool, self.quant)(x, local), scores)
+            mx.eval(y)  # the bank may refill these slots before anything else evaluates this output
+            return y
+        H, k = x.shape[-1], chosen.shape[-1]
+        flat_x, flat = x.reshape(-1, H), chosen.reshape(-1)
+        out = mx.zeros((flat.size, H), dtype=x.dtype)
+        slot_of = np.zeros(int(unique[-1]) + 1, dtype=np.uint32)
+        for start in range(0, len(unique), limit):
+            group = unique[start:start + limit]
+            pairs = np.nonzero(np.isin(flat, group))[0]
+            slot_of[group] = self.bank.lookup(self.layer, group)
+            part = kernels.LoadedSwitchGLU(pool, self.quant)(flat_x[mx.array(pairs // k)],
+                                                             mx.array(slot_of[flat[pairs]])[:, None])
+            out = out.at[mx.array(pairs)].add(part[:, 0, :])
+            mx.eval(out)  # before the next group refills the slots
+        y = self._weighted(out.reshape(*chosen.shape, H), scores)
+        mx.eval(y)
+        return y
+
+    def _synchronize(self, inds, predicted) -> None:
         """The one host synchronization of a decoded token's layer (for the router's choice and the
         prediction together), timed in two halves: launching the GPU work queued so far, then waiting."""
-        arrays = [indices] if predicted is None else [indices, predicted]
+        arrays = [inds] if predicted is None else [inds, predicted]
         start = time.perf_counter()
         mx.async_eval(*arrays)
         launched = time.perf_counter()
         mx.eval(*arrays)
-        stats = self.store.stats
+        stats = self.bank.stats
         stats.router_launch_seconds += launched - start
         stats.router_wait_seconds += time.perf_counter() - launched
-
-    def _in_groups(self, x, chosen, unique):
-        """More distinct experts than slots: run them a group at a time over the (token, k) pairs they serve."""
-        H, k, slots = x.shape[-1], chosen.shape[-1], self.store.slots
-        flat_x = x.reshape(-1, H)
-        flat = chosen.reshape(-1)
-        y = mx.zeros((flat.size, H), dtype=x.dtype)
-        slot_of = np.zeros(int(unique[-1]) + 1, dtype=np.uint32)
-        for start in range(0, len(unique), slots):
-            group = unique[start:start + slots]
-            pairs = np.nonzero(np.isin(flat, group))[0]
-            parts, slot_of[group] = self.store.load(self.layer, group)
-            glu = kernels.LoadedSwitchGLU(parts, self.quant)
-            out = glu(flat_x[mx.array(pairs // k)], mx.array(slot_of[flat[pairs]])[:, None])
-            y = y.at[mx.array(pairs)].add(out[:, 0, :])
-            self.store.retain(self.layer, y)  # evaluated before the next group refills the buffers
-        return y.reshape(*chosen.shape, H)

@@ -590,10 +590,15 @@ def test_file_truncated_after_load_stops_mid_generation(copy):
     assert run(*args).exit_code == 0  # loaded and kept by this process
     with open(copy / "experts/layer-002.bin", "r+b") as f:
         f.truncate(0)
+    assert run(*args).exit_code == 0  # every expert it needs is in the bank: nothing is read
+    (flash,) = plugin._LOADED.values()
+    flash.bank.clear()  # now each must be read again
     result = run(*args)
     line = one_line_error(result)
     assert "experts/layer-002.bin is truncated at expert" in line and "llm flash-moe verify rel" in line
     assert result.stdout == ""
+    again = one_line_error(run(*args))  # no slot claims the expert whose read failed: read (and failed) again
+    assert "experts/layer-002.bin is truncated at expert" in again
 
 
 def test_non_finite_logits_stop_before_any_garbage(copy):
@@ -755,7 +760,7 @@ def test_hub_download_failing_midway_is_one_line(source, tmp_path, user, monkeyp
 
 @pytest.mark.parametrize("option,value,expected", [
     ("temperature", "nan", "temperature"), ("temperature", "-1", "temperature"), ("top_p", "2", "top_p"),
-    ("min_p", "inf", "min_p"), ("cache_gb", "inf", "cache_gb"), ("cache_gb", "-1", "cache_gb"),
+    ("min_p", "inf", "min_p"), ("bank_gb", "inf", "bank_gb"), ("bank_gb", "-1", "bank_gb"),
     ("seed", "-1", "seed"), ("seed", str(2 ** 64), "seed"), ("max_tokens", "0", "max_tokens"),
     ("experts", "0", "experts"), ("experts", "99", "-o experts must be between 1 and 8"),
     ("nonsense", "1", "nonsense"),
@@ -774,25 +779,30 @@ def test_top_k_beyond_the_vocabulary_means_no_top_k(copy):
     assert big.stdout == off.stdout
 
 
-def test_cache_gb_above_memory_is_clamped_with_a_warning(copy, monkeypatch):
-    monkeypatch.setattr(plugin, "total_memory", lambda: 2_000_000_000)
-    result = run("-m", MODEL, "hi", *GREEDY, "-o", "max_tokens", "3", "-o", "cache_gb", "5")
+def test_bank_gb_above_memory_is_clamped_with_a_warning(copy, monkeypatch):
+    from llm_flash_moe import memory
+
+    monkeypatch.setattr(memory, "bank_memory", lambda: (3_000_000_000, 4_000_000_000))  # reserve: 2 GB
+    result = run("-m", MODEL, "hi", *GREEDY, "-o", "max_tokens", "3", "-o", "bank_gb", "5")
     assert result.exit_code == 0, result.output
     resident = Manifest.load(copy).resident_bytes
-    limit = 1_500_000_000 - resident
-    assert "Warning: -o cache_gb 5 is more than this machine can hold (2.0 GB of memory" in result.stderr
+    limit = 1_000_000_000 - resident  # free, less the reserve, less the weights about to be loaded
+    assert ("Warning: -o bank_gb 5 is more than this machine can hold (3.0 GB free where the bank lives, "
+            "2.0 GB of it kept free); using") in result.stderr
     (flash,) = plugin._LOADED.values()
-    assert flash.store.cache_bytes == limit
-    fits = run("-m", MODEL, "hi", *GREEDY, "-o", "max_tokens", "3", "-o", "cache_gb", "1")
-    assert "Warning" not in fits.stderr and flash.store.cache_bytes == 1_000_000_000
-    assert plugin.total_memory() is not None
+    assert flash.bank.budget_bytes == limit
+    fits = run("-m", MODEL, "hi", *GREEDY, "-o", "max_tokens", "3", "-o", "bank_gb", "0.5")
+    assert "Warning" not in fits.stderr and flash.bank.budget_bytes == 500_000_000
 
 
-def test_total_memory_is_this_machines():
-    memory = plugin.total_memory()
-    assert memory is None or memory > 100_000_000
-    assert plugin.cache_budget(1e300, 10, 1000)[0] == 740
-    assert plugin.cache_budget(0.5, 0, None) == (500_000_000, None)
+def test_machine_memory_is_this_machines():
+    from llm_flash_moe import memory
+
+    total = memory.total_memory()
+    assert total is None or total > 100_000_000
+    free, whole = memory.bank_memory()
+    assert free is None or 0 <= free <= whole
+    assert memory.reserve_bytes(100e9) == 15e9 and memory.reserve_bytes(4e9) == memory.RESERVE_MIN
 
 
 # ------------------------------------------------------------------------------ 6. two processes at once

@@ -1,0 +1,450 @@
+"""The expert bank: experts kept where the kernels read them, addressed by slot; only misses are read.
+
+For each record layout of the model (usually one for all layers) the bank holds a pool: per record part
+an MLX array ``[slots, *shape]`` that the matmuls and the fused kernels index by slot id. A host table
+maps (layer, expert) to its slot. A hit costs no read and no copy: the layer computes on the slot where
+the expert already is. A miss is read straight into a victim slot chosen by the replacement policy
+(``bank_policy``): with unified memory (Metal, CPU) ``preadv`` fills the pool's own memory; on CUDA the
+read lands in pinned staging and the reading thread copies it into the slot in GPU memory
+(``cuda_memory.DeviceCopies``). Experts read ahead on a prediction (``prefetch``) land in the bank too.
+
+One cache, not two: where the bank lives in the memory the OS page cache uses (unified memory, the CPU
+backend), every record read is dropped from the page cache (``posix_fadvise(DONTNEED)`` on Linux,
+``F_NOCACHE`` on macOS), so RAM holds each expert at most once, under the bank's policy. On CUDA the bank
+is GPU memory and host RAM keeps the page cache as a second tier.
+
+A slot is refilled only when nothing pending reads it: the experts of the call being served are never
+victims, reads in flight are never victims, and the output last computed from a slot is evaluated before
+the slot is overwritten (a no-op when decode's per-layer synchronization already did it).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .bank_policy import make_policy
+from .errors import FlashMoeError
+from .flash_layout import ExpertLayer, Manifest, RecordLayout
+
+DEFAULT_READ_THREADS = 8  # 8, 16 and 32 measured equal within noise on the H100, 4 slower (docs/PERFORMANCE.md)
+MIN_SLOTS_PER_TOKEN = 2  # the smallest bank holds this many times the model's experts per token
+
+
+@dataclass
+class BankStats:
+    requested: int = 0  # experts asked for by the layers (distinct within a call)
+    hits: int = 0  # ... already in the bank (a prefetched expert counts once it is asked for)
+    reads: int = 0  # records read from the layer files: misses and prefetches
+    bytes_read: int = 0
+    prefetch_reads: int = 0  # records read ahead on a prediction
+    prefetch_used: int = 0  # ... that a layer then asked for
+    predicted: int = 0  # experts a prediction named for a layer that then asked for its experts
+    predicted_right: int = 0  # ... that the layer did ask for
+    read_wait_seconds: float = 0.0  # the layers waiting for their records
+    router_launch_seconds: float = 0.0  # host launching the GPU work up to a decoded layer's router
+    router_wait_seconds: float = 0.0  # host then waiting for the router's choice
+
+    @property
+    def misses(self) -> int:
+        return self.requested - self.hits
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requested if self.requested else 0.0
+
+    @property
+    def prefetch_hit_rate(self) -> float:
+        return self.prefetch_used / self.prefetch_reads if self.prefetch_reads else 0.0
+
+    @property
+    def prediction_recall(self) -> float:
+        return self.predicted_right / self.predicted if self.predicted else 0.0
+
+    def since(self, before: "BankStats") -> "BankStats":
+        """What happened between ``before`` (a copy taken earlier: ``replace(stats)``) and now."""
+        return BankStats(**{k: getattr(self, k) - getattr(before, k) for k in asdict(self)})
+
+
+def drop_from_page_cache(paths) -> bool:
+    """Drop files from the OS page cache; False where the OS offers no way (Linux has one)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def device_copies():
+    """How records reach the GPU: a DeviceCopies on MLX's CUDA backend, else None (unified memory)."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.gpu or not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        return None
+    from .cuda_memory import DeviceCopies
+
+    return DeviceCopies()
+
+
+def allocate_rows(layout: RecordLayout, rows: int, on_device: bool = False):
+    """Per record part, an MLX array ``[rows, *shape]`` of the part's dtype and a numpy uint8 view
+    ``[rows, nbytes]`` of the same memory (advised to stay in GPU memory when ``on_device``)."""
+    import mlx.core as mx
+
+    typed, raw = {}, {}
+    for part in layout.parts:
+        buf = mx.zeros((rows, part.nbytes), dtype=mx.uint8)
+        typed[part.name] = buf.view(getattr(mx, part.dtype)).reshape(rows, *part.shape)
+        mx.eval(buf, typed[part.name])
+        raw[part.name] = np.array(buf, copy=False)
+        if on_device:
+            from .cuda_memory import keep_on_device
+
+            keep_on_device(raw[part.name].ctypes.data, raw[part.name].nbytes)
+    return typed, raw
+
+
+class _Pool:
+    """``slots`` experts of one record layout, and how one record is read into one slot."""
+
+    def __init__(self, layout: RecordLayout, slots: int, copies=None):
+        self.layout, self.slots, self.copies = layout, slots, copies
+        self.arrays, self._rows = allocate_rows(layout, slots, on_device=copies is not None)
+        self._local = threading.local()
+        self._staging: List[mmap.mmap] = []
+        self._lock = threading.Lock()
+        gaps, position = [], 0
+        for part in layout.parts:
+            gaps.append(part.offset - position)
+            position = part.offset + part.nbytes
+        self._gaps, self._tail = gaps, layout.record_size - position
+
+    @property
+    def nbytes(self) -> int:
+        return sum(rows.nbytes for rows in self._rows.values())
+
+    def read(self, fd: int, offset: int, slot: int) -> int:
+        """One record from ``fd`` at ``offset`` into ``slot``; returns the bytes read."""
+        if self.copies is None:  # unified memory: scatter the record straight into the pool
+            scratch = getattr(self._local, "scratch", None)
+            if scratch is None:
+                scratch = self._local.scratch = np.empty(max(self._gaps + [self._tail, 1]), dtype=np.uint8)
+            vecs = []
+            for gap, part in zip(self._gaps, self.layout.parts):
+                if gap:
+                    vecs.append(memoryview(scratch[:gap]))
+                vecs.append(memoryview(self._rows[part.name][slot]))
+            if self._tail:
+                vecs.append(memoryview(scratch[:self._tail]))
+            return os.preadv(fd, vecs, offset)
+        staging = self._staging_buffer()  # CUDA: pinned staging, then the copy engines
+        n = os.preadv(fd, [staging], offset)
+        base = np.frombuffer(staging, dtype=np.uint8).ctypes.data
+        self.copies.copy([(self._rows[p.name][slot].ctypes.data, base + p.offset, p.nbytes) for p in self.layout.parts])
+        return n
+
+    def _staging_buffer(self) -> mmap.mmap:
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
+            staging = self._local.staging = mmap.mmap(-1, self.layout.record_size)  # page-aligned
+            self.copies.pin(np.frombuffer(staging, dtype=np.uint8).ctypes.data, len(staging))
+            with self._lock:
+                self._staging.append(staging)
+        return staging
+
+    def close(self) -> None:
+        for staging in self._staging:
+            self.copies.unpin(np.frombuffer(staging, dtype=np.uint8).ctypes.data)
+        self._staging.clear()
+
+
+def slots_for(budget_bytes: int, layers: Sequence[ExpertLayer], minimum: int) -> Dict[RecordLayout, int]:
+    """Slots per record layout: ``budget_bytes`` shared in proportion to each layout's layers, at least
+    ``minimum`` and at most every expert of those layers."""
+    by_layout: Dict[RecordLayout, List[ExpertLayer]] = {}
+    for layer in layers:
+        by_layout.setdefault(layer.layout, []).append(layer)
+    weight = sum(len(ls) * layout.parts_bytes for layout, ls in by_layout.items())
+    out = {}
+    for layout, ls in by_layout.items():
+        share = budget_bytes * len(ls) / weight if weight else 0
+        out[layout] = int(min(sum(l.num_experts for l in ls), max(minimum, share))) if ls else 0
+    return out
+
+
+class ExpertBank:
+    """The experts of a prepared model's layers, read on demand into a bank of slots (module docstring)."""
+
+    def __init__(self, model_dir: Path, manifest: Manifest, budget_bytes: int, min_slots: int = 1,
+                 read_threads: int = DEFAULT_READ_THREADS, policy: str = "decayed",
+                 drop_page_cache: Optional[bool] = None):
+        self.model_dir = Path(model_dir)
+        self.name = manifest.name
+        self.layers: Dict[int, ExpertLayer] = {layer.layer: layer for layer in manifest.expert_layers}
+        order = sorted(self.layers)
+        self.next_layer = dict(zip(order, order[1:]))
+        self.stats = BankStats()
+        self.trace: Optional[Callable[[int, np.ndarray], None]] = None  # called with every layer's request
+        self._copies = device_copies()
+        self.drop_page_cache = self._copies is None if drop_page_cache is None else drop_page_cache
+        self._fds: Dict[int, int] = {}
+        try:
+            for layer in manifest.expert_layers:
+                self._fds[layer.layer] = self._open(layer)
+        except BaseException:
+            self._close_files()
+            raise
+        self._threads = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="flash-moe-read")
+        self.policy_name, self.min_slots = policy, min_slots
+        self._pools: List[_Pool] = []
+        self.resize(budget_bytes)
+
+    # ------------------------------------------------------------------ files
+
+    def _open(self, layer: ExpertLayer) -> int:
+        path = self.model_dir / layer.file
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            what = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({e.strerror})"
+            raise FlashMoeError(f"expert file {path} is {what}; {self.remedy}")
+        size = os.fstat(fd).st_size
+        if size != layer.file_size:
+            os.close(fd)
+            raise FlashMoeError(f"expert file {path} has {size:,} bytes, expected {layer.file_size:,}; {self.remedy}")
+        if self.drop_page_cache and sys.platform == "darwin":
+            import fcntl
+
+            fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)  # reads bypass the unified buffer cache
+        return fd
+
+    @property
+    def remedy(self) -> str:
+        return (f"run `llm flash-moe verify {self.name}`, then the `llm flash-moe prepare ... --repair` "
+                "it prints")
+
+    # ------------------------------------------------------------------ size
+
+    def resize(self, budget_bytes: int) -> None:
+        """(Re)allocate the bank for ``budget_bytes``; it starts empty."""
+        if self._pools:
+            self.clear()  # reads finished, pending outputs evaluated
+            for pool in self._pools:
+                pool.close()
+        self._pools = []
+        import mlx.core as mx
+
+        mx.clear_cache()
+        self.budget_bytes = int(budget_bytes)
+        slots = slots_for(self.budget_bytes, list(self.layers.values()), self.min_slots)
+        index: Dict[RecordLayout, int] = {}
+        for layout, n in slots.items():
+            index[layout] = len(self._pools)
+            self._pools.append(_Pool(layout, n, self._copies))
+        self._pool_of = {layer: index[info.layout] for layer, info in self.layers.items()}
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every expert the bank holds (its memory stays allocated)."""
+        import mlx.core as mx
+
+        self._drain()
+        for outputs in getattr(self, "_last_output", []):
+            if outputs:
+                mx.eval(*{id(o): o for o in outputs.values()}.values())
+        self._slot_of = {layer: np.full(info.num_experts, -1, dtype=np.int64) for layer, info in self.layers.items()}
+        self._owner = [np.full((pool.slots, 2), -1, dtype=np.int64) for pool in self._pools]  # slot -> (layer, expert)
+        experts = {i: {l: self.layers[l].num_experts for l in self.layers if self._pool_of[l] == i}
+                   for i in range(len(self._pools))}
+        self._policies = [make_policy(self.policy_name, pool.slots, experts[i]) for i, pool in enumerate(self._pools)]
+        self._filling: List[Dict[int, Future]] = [{} for _ in self._pools]  # slot -> read in flight
+        self._unused_prefetch: List[set] = [set() for _ in self._pools]
+        self._last_output: List[Dict[int, object]] = [{} for _ in self._pools]  # slot -> output computed from it
+        self._pinned = (-1, np.zeros(0, dtype=np.int64))  # (pool, slots) of the call being served
+        self._clock = {layer: 0 for layer in self.layers}
+        self._predictions: Dict[int, set] = {}  # layer -> experts the last prediction named
+
+    @property
+    def slots(self) -> int:
+        return sum(pool.slots for pool in self._pools)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(pool.nbytes for pool in self._pools)
+
+    def capacity(self, layer: int) -> int:
+        """How many distinct experts of ``layer`` one call can ask for."""
+        return self._pools[self._pool_of[layer]].slots
+
+    def held(self) -> int:
+        """Experts in the bank now."""
+        return int(sum((owner[:, 0] >= 0).sum() for owner in self._owner))
+
+    def arrays(self, layer: int) -> Dict[str, "object"]:
+        """The pool ``layer``'s experts live in: per record part an array ``[slots, *shape]``."""
+        return self._pools[self._pool_of[layer]].arrays
+
+    # ------------------------------------------------------------------ serving the layers
+
+    def lookup(self, layer: int, experts: np.ndarray, prefetch=None) -> np.ndarray:
+        """The slots of ``experts`` (distinct expert ids of ``layer``, at most ``capacity(layer)``), each
+        read into the bank first if it is not there; they stay put until the next call. ``prefetch``:
+        ``(next layer, predicted experts)`` to start reading once this call's misses are under way."""
+        experts = np.asarray(experts, dtype=np.int64).reshape(-1)
+        if self.trace is not None:
+            self.trace(layer, experts)
+        guess = self._predictions.pop(layer, None)
+        if guess is not None:
+            self.stats.predicted += len(guess)
+            self.stats.predicted_right += len(guess.intersection(experts.tolist()))
+        p = self._pool_of[layer]
+        policy, table = self._policies[p], self._slot_of[layer]
+        self._clock[layer] += 1
+        now = self._clock[layer]
+        slots = table[experts].copy()
+        hit = slots >= 0
+        waits = [self._filling[p].pop(int(s)) for s in slots[hit] if int(s) in self._filling[p]]
+        used = self._unused_prefetch[p].intersection(slots[hit].tolist())
+        self._unused_prefetch[p].difference_update(used)
+        self.stats.prefetch_used += len(used)
+        policy.requested(slots[hit], layer, experts[hit], now)
+        missing = experts[~hit]
+        if len(missing):
+            victims = self._claim(p, len(missing), exclude=slots[hit])
+            slots[~hit] = victims
+            waits += self._fill(p, layer, missing, victims)
+            policy.requested(victims, layer, missing, now)
+        self.stats.requested += len(experts)
+        self.stats.hits += int(hit.sum())
+        self._pinned = (p, slots)
+        if prefetch is not None:
+            self.prefetch(*prefetch)
+        start = time.perf_counter()
+        self._wait(p, waits)
+        self.stats.read_wait_seconds += time.perf_counter() - start
+        return slots
+
+    def prefetch(self, layer: int, experts: np.ndarray) -> None:
+        """Start reading those of ``experts`` (a prediction for ``layer``) that the bank lacks, into slots no
+        pending work reads; skipped when the bank has no such slots to spare."""
+        experts = np.unique(np.asarray(experts, dtype=np.int64).reshape(-1))
+        self._predictions[layer] = set(experts.tolist())
+        p = self._pool_of[layer]
+        missing = experts[self._slot_of[layer][experts] < 0]
+        if not len(missing):
+            return
+        exclude = np.array(list(self._filling[p]) + (self._pinned[1].tolist() if self._pinned[0] == p else []),
+                           dtype=np.int64)
+        if self._pools[p].slots - len(np.unique(exclude)) < 2 * len(missing):
+            return  # a small bank: keep its slots for what the layers actually ask for
+        victims = self._claim(p, len(missing), exclude=exclude, wait_for_reads=False)
+        for slot, future in zip(victims.tolist(), self._fill(p, layer, missing, victims)):
+            self._filling[p][slot] = future
+        self._unused_prefetch[p].update(victims.tolist())
+        self._policies[p].prefetched(victims, layer, missing, self._clock[layer])
+        self.stats.prefetch_reads += len(missing)
+
+    def retain(self, layer: int, slots: np.ndarray, output) -> None:
+        """Note that ``output`` (not yet evaluated) reads ``slots``: it is evaluated before any is refilled."""
+        last = self._last_output[self._pool_of[layer]]
+        for s in slots.tolist():
+            last[s] = output
+
+    def _claim(self, p: int, n: int, exclude: np.ndarray, wait_for_reads: bool = True) -> np.ndarray:
+        """``n`` victim slots of pool ``p`` outside ``exclude`` and reads in flight; their experts leave the
+        table, and whatever pending work reads them is evaluated first."""
+        filling = np.fromiter(self._filling[p], dtype=np.int64, count=len(self._filling[p]))
+        if wait_for_reads and self._pools[p].slots - len(np.union1d(exclude, filling)) < n:
+            self._wait(p, list(self._filling[p].values()))  # a small bank: reads in flight become candidates
+            self._filling[p].clear()
+            filling = np.zeros(0, dtype=np.int64)
+        victims = self._policies[p].victims(n, np.union1d(exclude, filling).astype(np.int64))
+        owner = self._owner[p]
+        for slot in victims.tolist():
+            layer, expert = owner[slot]
+            if layer >= 0:
+                self._slot_of[int(layer)][expert] = -1
+            self._unused_prefetch[p].discard(slot)
+        pending = {id(o): o for o in (self._last_output[p].pop(s, None) for s in victims.tolist()) if o is not None}
+        if pending:
+            import mlx.core as mx
+
+            mx.eval(*pending.values())
+        return victims
+
+    def _fill(self, p: int, layer: int, experts: np.ndarray, slots: np.ndarray) -> List[Future]:
+        """Enter ``experts`` in the table at ``slots`` and start reading them there."""
+        self._slot_of[layer][experts] = slots
+        self._owner[p][slots, 0], self._owner[p][slots, 1] = layer, experts
+        info, fd, pool = self.layers[layer], self._fds[layer], self._pools[p]
+        size = info.layout.record_size
+        self.stats.reads += len(experts)
+        self.stats.bytes_read += len(experts) * size
+        return [self._threads.submit(self._read, pool, fd, info, int(e), int(s))
+                for e, s in zip(experts.tolist(), slots.tolist())]
+
+    def _read(self, pool: _Pool, fd: int, info: ExpertLayer, expert: int, slot: int) -> None:
+        size = info.layout.record_size
+        try:
+            n = pool.read(fd, expert * size, slot)
+        except OSError as e:
+            raise FlashMoeError(f"cannot read expert {expert} from {self.model_dir / info.file} "
+                                f"({e.strerror}); {self.remedy}")
+        if n != size:
+            raise FlashMoeError(f"{self.model_dir / info.file} is truncated at expert {expert}; {self.remedy}")
+        if self.drop_page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, expert * size, size, os.POSIX_FADV_DONTNEED)
+
+    def _wait(self, p: int, futures: List[Future]) -> None:
+        """Wait for reads; if one failed, forget everything they were filling (its slot holds no expert)."""
+        error = None
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the table is made right
+                error = error or e
+        if error is not None:
+            owner = self._owner[p]
+            for layer in self.layers:
+                if self._pool_of[layer] == p:
+                    self._slot_of[layer][:] = -1
+            owner[:] = -1
+            self._filling[p].clear()
+            self._unused_prefetch[p].clear()
+            self._policies[p].freed(np.arange(len(owner)))
+            raise error
+
+    def _drain(self) -> None:
+        for p, filling in enumerate(getattr(self, "_filling", [])):
+            for future in filling.values():
+                future.exception()
+            filling.clear()
+
+    # ------------------------------------------------------------------ end
+
+    def _close_files(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def close(self) -> None:
+        self._drain()
+        self._threads.shutdown(wait=True)
+        for pool in self._pools:
+            pool.close()
+        self._pools = []
+        self._close_files()
