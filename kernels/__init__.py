@@ -71,13 +71,16 @@ def supported(x, parts: dict, quant) -> bool:
     """Whether the kernels handle these shapes and this quantization (else the twin runs)."""
     import mlx.core as mx
 
-    n, I, _ = parts["gate_proj.weight"].shape
-    H = x.size
-    return (getattr(quant, "mode", "affine") == "affine" and quant.bits in SUPPORTED_BITS
-            and x.dtype in (mx.float32, mx.bfloat16, mx.float16)
-            and "gate_proj.biases" in parts and H % 32 == 0 and I % 32 == 0
-            and parts["down_proj.weight"].shape[1] == H
-            and I % ROWS["gate_up"] == 0 and H % ROWS["down"] == 0)
+    _, I, _ = parts["gate_proj.weight"].shape
+    return (x.dtype in (mx.float32, mx.bfloat16, mx.float16) and parts["down_proj.weight"].shape[1] == x.size
+            and shapes_supported(x.size, I, quant, "gate_proj.biases" in parts))
+
+
+def shapes_supported(hidden: int, intermediate: int, quant, has_biases: bool = True) -> bool:
+    """Whether the kernels handle experts of these sizes and this quantization."""
+    return (getattr(quant, "mode", "affine") == "affine" and quant.bits in SUPPORTED_BITS and has_biases
+            and hidden % 32 == 0 and intermediate % 32 == 0
+            and intermediate % ROWS["gate_up"] == 0 and hidden % ROWS["down"] == 0)
 
 
 class _LoadedProjection(dict):

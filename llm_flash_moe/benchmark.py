@@ -295,7 +295,8 @@ class ResidentMoE:
 
 def with_resident_experts(flash, synchronize: bool = False):
     """Swap every streaming block for ``ResidentMoE`` over all its experts (read from the layer files);
-    returns a function that swaps them back."""
+    returns a function that swaps them back. ``restore.blocks`` are the resident blocks (their
+    ``synchronize`` can be switched without reading the experts again)."""
     from .expert_bank import device_copies
     from .mlx_model import moe_blocks
 
@@ -317,6 +318,7 @@ def with_resident_experts(flash, synchronize: bool = False):
             flash.model.layers[index].mlp.pool.close()
             flash.model.layers[index].mlp = block
 
+    restore.blocks = [flash.model.layers[index].mlp for index in saved]
     return restore
 
 
@@ -352,8 +354,11 @@ def primitives_per_block(flash) -> dict:
                                                if block.shared else mx.float32)
     mx.eval(x)
     names = []
-    if isinstance(module, StreamingMoE):
-        routers = [route(module, x)[0]] + ([route(module.next_block, x)[0]] if module.next_block is not None else [])
+    if isinstance(module, StreamingMoE) and not flash.bank.complete(index):  # synchronizes after its routers
+        following = module.next_block
+        routers = [route(module, x)[0]]
+        if following is not None and not flash.bank.complete(following.layer):
+            routers.append(route(following, x)[0])
         names += count_primitives(*routers)
     y = module(x)
     names += count_primitives(y)
@@ -531,7 +536,7 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     if opts.prompt_tokens:  # a prompt chunk reads each distinct expert once
         from mlx_lm.models.cache import make_prompt_cache
 
-        flash.bank.resize(flash.bank.budget_bytes)  # empty
+        flash.bank.clear()
         chunk = Requests(flash.bank)
         before = flash.bank.stats.bytes_read
         mx.eval(flash.model(mx.array([list(range(opts.prompt_tokens))]), cache=make_prompt_cache(flash.model)))
@@ -539,20 +544,34 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
         result["prefill"] = {"tokens": opts.prompt_tokens, "bytes_read": flash.bank.stats.bytes_read - before,
                              "union_bytes": union * record}
 
+    # A bank that holds every expert of the model: each layer picks its slots on the device, no host sync.
+    flash.bank.fill()
+    before = replace(flash.bank.stats)
+    preloaded = median_ms(flash.model, tokens, opts.repeats)
+    during = flash.bank.stats.since(before)
+    result["primitives_per_moe_block"]["engine_preloaded"] = primitives_per_block(flash)
+    result["preloaded_bank"] = {"ms_per_token": _r(preloaded), "bank_hit_rate": _r3(during.hit_rate),
+                                "router_ms_per_token": _r((during.router_launch_seconds + during.router_wait_seconds)
+                                                          * 1000 / (opts.repeats * len(tokens)))}
+    preloaded_logits = decode_logits(flash.model, tokens)
+    log(f"  {name}: engine, bank filled with every expert (no host sync): {preloaded:.1f} ms/token")
+
     # mlx-lm with every expert resident, and the sync floor.
     resident = sync_floor = None
     memory = machine()["memory_gb"]
     if memory and everything < memory * 1e9 / 2:
+        flash.bank.resize(0)  # make room
         restore = with_resident_experts(flash)
         resident = median_ms(flash.model, tokens, opts.repeats)
         reference = decode_logits(flash.model, tokens)
         result["primitives_per_moe_block"]["mlx_lm"] = primitives_per_block(flash)
-        restore()
-        restore = with_resident_experts(flash, synchronize=True)
+        for block in restore.blocks:
+            block.synchronize = True
         sync_floor = median_ms(flash.model, tokens, opts.repeats)
         restore()
         mx.clear_cache()
         result["agreement_with_mlx_lm"] = agreement(engine_logits, reference)
+        result["agreement_with_mlx_lm_preloaded"] = agreement(preloaded_logits, reference)
         log(f"  {name}: mlx-lm all experts resident {resident:.1f}, with a host sync per layer {sync_floor:.1f} "
             f"ms/token; logits {result['agreement_with_mlx_lm']}")
     flash.close()

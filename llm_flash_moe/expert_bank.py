@@ -263,9 +263,10 @@ class ExpertBank:
         import mlx.core as mx
 
         self._drain()
-        for outputs in getattr(self, "_last_output", []):
-            if outputs:
-                mx.eval(*{id(o): o for o in outputs.values()}.values())
+        pending = [o for outputs in getattr(self, "_last_output", []) for o in outputs.values()]
+        pending += list(getattr(self, "_layer_output", {}).values())
+        if pending:
+            mx.eval(*{id(o): o for o in pending}.values())
         self._slot_of = {layer: np.full(info.num_experts, -1, dtype=np.int64) for layer, info in self.layers.items()}
         self._owner = [np.full((pool.slots, 2), -1, dtype=np.int64) for pool in self._pools]  # slot -> (layer, expert)
         experts = {i: {l: self.layers[l].num_experts for l in self.layers if self._pool_of[l] == i}
@@ -277,6 +278,9 @@ class ExpertBank:
         self._pinned = (-1, np.zeros(0, dtype=np.int64))  # (pool, slots) of the call being served
         self._clock = {layer: 0 for layer in self.layers}
         self._predictions: Dict[int, set] = {}  # layer -> experts the last prediction named
+        self._held = {layer: 0 for layer in self.layers}  # experts of each layer in the bank
+        self._tables: Dict[int, object] = {}  # complete layer -> its expert -> slot table, on the device
+        self._layer_output: Dict[int, object] = {}  # complete layer -> output computed from any of its slots
 
     @property
     def slots(self) -> int:
@@ -293,6 +297,52 @@ class ExpertBank:
     def held(self) -> int:
         """Experts in the bank now."""
         return int(sum((owner[:, 0] >= 0).sum() for owner in self._owner))
+
+    def complete(self, layer: int) -> bool:
+        """Whether every expert of ``layer`` is in the bank."""
+        return self._held[layer] == self.layers[layer].num_experts
+
+    def device_table(self, layer: int):
+        """For a complete layer, its expert -> slot table as a uint32 MLX array (the layer can then pick
+        its slots on the device, with no host synchronization); None otherwise."""
+        if not self.complete(layer):
+            return None
+        table = self._tables.get(layer)
+        if table is None:
+            import mlx.core as mx
+
+            p = self._pool_of[layer]
+            ours = [f for s, f in self._filling[p].items() if self._owner[p][s, 0] == layer]
+            if ours:  # a prefetch still writing one of its slots
+                self._wait(p, ours)
+                for s in [s for s in self._filling[p] if self._owner[p][s, 0] == layer]:
+                    del self._filling[p][s]
+            table = self._tables[layer] = mx.array(self._slot_of[layer].astype(np.uint32))
+        return table
+
+    def served_on_device(self, layer: int, count: int, output) -> None:
+        """Account a complete layer's call that picked ``count`` experts on the device; ``output`` reads
+        some of its slots (which, unknown to the host: it is evaluated before any of them is refilled)."""
+        self.stats.requested += count
+        self.stats.hits += count
+        self._layer_output[layer] = output
+
+    def fill(self, progress=None) -> None:
+        """Read every expert the bank lacks, layer by layer, when it has room for all of them (a bank that
+        holds the whole model then serves every layer without host synchronization)."""
+        for layer, info in sorted(self.layers.items()):
+            p = self._pool_of[layer]
+            missing = np.nonzero(self._slot_of[layer] < 0)[0]
+            free = self._pools[p].slots - int((self._owner[p][:, 0] >= 0).sum())
+            if len(missing) > free:
+                raise FlashMoeError(f"the expert bank ({self.nbytes / 1e9:.2f} GB) cannot hold every expert; "
+                                    "give it a larger budget (-o bank_gb)")
+            if len(missing):
+                victims = self._claim(p, len(missing), exclude=np.zeros(0, dtype=np.int64))
+                self._wait(p, self._fill(p, layer, missing, victims))
+                self._policies[p].prefetched(victims, layer, missing, self._clock[layer])
+            if progress is not None:
+                progress(layer)
 
     def arrays(self, layer: int) -> Dict[str, "object"]:
         """The pool ``layer``'s experts live in: per record part an array ``[slots, *shape]``."""
@@ -374,12 +424,20 @@ class ExpertBank:
             filling = np.zeros(0, dtype=np.int64)
         victims = self._policies[p].victims(n, np.union1d(exclude, filling).astype(np.int64))
         owner = self._owner[p]
+        pending = {}
         for slot in victims.tolist():
-            layer, expert = owner[slot]
+            layer, expert = (int(v) for v in owner[slot])
             if layer >= 0:
-                self._slot_of[int(layer)][expert] = -1
+                self._slot_of[layer][expert] = -1
+                self._held[layer] -= 1
+                self._tables.pop(layer, None)
+                output = self._layer_output.pop(layer, None)
+                if output is not None:
+                    pending[id(output)] = output
             self._unused_prefetch[p].discard(slot)
-        pending = {id(o): o for o in (self._last_output[p].pop(s, None) for s in victims.tolist()) if o is not None}
+            output = self._last_output[p].pop(slot, None)
+            if output is not None:
+                pending[id(output)] = output
         if pending:
             import mlx.core as mx
 
@@ -390,6 +448,7 @@ class ExpertBank:
         """Enter ``experts`` in the table at ``slots`` and start reading them there."""
         self._slot_of[layer][experts] = slots
         self._owner[p][slots, 0], self._owner[p][slots, 1] = layer, experts
+        self._held[layer] += len(experts)
         info, fd, pool = self.layers[layer], self._fds[layer], self._pools[p]
         size = info.layout.record_size
         self.stats.reads += len(experts)
@@ -422,6 +481,8 @@ class ExpertBank:
             for layer in self.layers:
                 if self._pool_of[layer] == p:
                     self._slot_of[layer][:] = -1
+                    self._held[layer] = 0
+                    self._tables.pop(layer, None)
             owner[:] = -1
             self._filling[p].clear()
             self._unused_prefetch[p].clear()

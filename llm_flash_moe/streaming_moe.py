@@ -53,7 +53,10 @@ class StreamingMoE(nn.Module):
         object.__setattr__(self, "bank", bank)  # plain attributes, not child modules
         object.__setattr__(self, "next_block", None)
         self.quant = bank.layers[layer].quantization
-        self.kernel = kernels.backend()  # "cuda", "metal" or "twin", resolved once
+        layout = bank.layers[layer].layout
+        hidden, intermediate = layout.part("down_proj.weight").shape[0], layout.part("gate_proj.weight").shape[0]
+        supported = kernels.shapes_supported(hidden, intermediate, self.quant, self.quant.has_biases)
+        self.kernel = kernels.backend() if supported else "twin"  # "cuda", "metal" or "twin", resolved once
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, scores = route(self, x)
@@ -66,19 +69,29 @@ class StreamingMoE(nn.Module):
         return y
 
     def _one_token(self, x, inds, scores):
-        predicted = route(self.next_block, x)[0] if self.next_block is not None else None
+        table = self.bank.device_table(self.layer)
+        if table is not None:  # every expert of the layer is in the bank: pick the slots on the device
+            y = self._experts(x, mx.take(table, inds.reshape(-1)), inds, scores)
+            self.bank.served_on_device(self.layer, inds.size, y)
+            return y
+        following = self.next_block
+        if following is not None and self.bank.complete(following.layer):
+            following = None  # nothing to read ahead for it
+        predicted = route(following, x)[0] if following is not None else None
         self._synchronize(inds, predicted)
-        ahead = None if predicted is None else (self.next_block.layer, np.array(predicted).reshape(-1))
+        ahead = None if predicted is None else (following.layer, np.array(predicted).reshape(-1))
         slots = self.bank.lookup(self.layer, np.array(inds).reshape(-1), prefetch=ahead)
-        pool = self.bank.arrays(self.layer)
-        chosen = mx.array(slots.astype(np.uint32))
-        if self.kernel != "twin" and kernels.supported(x, pool, self.quant):
-            y = kernels.kernel_glu(x, pool, self.quant, scores, slots=chosen, backend=self.kernel)
-            y = y.reshape(x.shape).astype(x.dtype)
-        else:
-            y = self._weighted(kernels.LoadedSwitchGLU(pool, self.quant)(x, chosen.reshape(inds.shape)), scores)
+        y = self._experts(x, mx.array(slots.astype(np.uint32)), inds, scores)
         self.bank.retain(self.layer, slots, y)
         return y
+
+    def _experts(self, x, chosen, inds, scores):
+        """The routed experts' weighted sum for one token, ``chosen`` being their slots in the bank."""
+        pool = self.bank.arrays(self.layer)
+        if self.kernel != "twin":
+            y = kernels.kernel_glu(x, pool, self.quant, scores, slots=chosen, backend=self.kernel)
+            return y.reshape(x.shape).astype(x.dtype)
+        return self._weighted(kernels.LoadedSwitchGLU(pool, self.quant)(x, chosen.reshape(inds.shape)), scores)
 
     def _weighted(self, y, scores):
         """mlx-lm's weighted sum of the experts' outputs, with its dtypes."""

@@ -357,3 +357,42 @@ def test_staged_copies_give_the_same_results(models, monkeypatch):
     assert 1 <= len(copies.pinned) <= 8  # one staging record per read thread
     staged.close()
     assert not copies.pinned
+
+
+def test_a_bank_holding_whole_layers_serves_them_without_host_synchronization(models):
+    """Once every expert of a layer is in the bank the layer picks its slots on the device: a filled bank
+    decodes with no host synchronization and no read, and still gives mlx-lm's tokens exactly."""
+    hf = models.hf("bfloat16")
+    reference, tokenizer = mlx_lm.load(str(models.reference(hf)))
+    flash = load_flash_model(models.prepared(hf), compute="model")
+    flash.bank.fill()
+    assert all(flash.bank.complete(layer) for layer in flash.bank.layers)
+    ids = tokenizer.encode(PROMPT)
+    before = replace(flash.bank.stats)
+    assert greedy_tokens(flash.model, flash.tokenizer, ids) == greedy_tokens(reference, tokenizer, ids)
+    during = flash.bank.stats.since(before)
+    assert during.router_launch_seconds == during.router_wait_seconds == 0  # no decode step synchronized
+    assert during.reads == 0 and during.hits == during.requested > 0
+
+
+def test_layers_completing_and_losing_experts_keep_mlx_lm_results(models):
+    """A bank of 20 of the 32 experts: layers become complete (device-side slots) and then lose experts to
+    other layers' misses, with prefetch on; tokens and logits stay mlx-lm's."""
+    hf = models.hf("bfloat16")
+    reference, tokenizer = mlx_lm.load(str(models.reference(hf)))
+    flash = small_bank(load_flash_model(models.prepared(hf), compute="model"), 20)
+    completed = []
+    original = flash.bank.device_table
+
+    def spy(layer):
+        table = original(layer)
+        if table is not None:
+            completed.append(layer)
+        return table
+
+    flash.bank.device_table = spy
+    for prompt in (PROMPT, "A different prompt about something else entirely, to route elsewhere."):
+        ids = tokenizer.encode(prompt)
+        assert greedy_tokens(flash.model, flash.tokenizer, ids, n=16) == greedy_tokens(reference, tokenizer, ids, n=16)
+        assert mx.array_equal(flash.model(mx.array(ids)[None]), reference(mx.array(ids)[None]))
+    assert completed and flash.bank.stats.misses > 20

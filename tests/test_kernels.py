@@ -43,6 +43,9 @@ def test_twin_equals_switch_glu(bits, group_size, dtype):
     block = (expected * scores[..., None]).sum(axis=-2)  # what mlx-lm's MoE block does next
     assert mx.array_equal(kernels.twin_glu(x, loaded, quant, scores), block).item()
     assert mx.array_equal(kernels.expert_glu(x[None, None], loaded, quant, scores), block).item()
+    # the same experts addressed by slot in a bank that holds them all (the bank is the stacked experts)
+    assert mx.array_equal(kernels.twin_glu(x, parts, quant, slots=experts), expected).item()
+    assert mx.array_equal(kernels.expert_glu(x, parts, quant, scores, slots=experts), block).item()
 
 
 def test_twin_on_store_shaped_bf16_parts_with_fp32_activations():
