@@ -358,7 +358,8 @@ def primitives_per_block(flash) -> dict:
         following = module.next_block
         routers = [route(module, x)[0]]
         if following is not None and not flash.bank.complete(following.layer):
-            routers.append(route(following, x)[0])
+            guess, likelihood = route(following, x)
+            routers += [guess, likelihood.astype(mx.float32)]
         names += count_primitives(*routers)
     y = module(x)
     names += count_primitives(y)
@@ -386,7 +387,8 @@ class BankRun:
     lru_per_layer_hit_rate_same_capacity: float = 0.0
     lru_per_layer_bytes_per_token: float = 0.0
     prefetch_reads_per_token: float = 0.0
-    prefetch_hit_rate: float = 0.0
+    prefetch_hit_rate: float = 0.0  # of the records read ahead, the share the layer's next call asked for
+    prediction_recall: float = 0.0
     read_wait_ms_per_token: float = 0.0
     router_ms_per_token: float = 0.0
     peak_rss_gb: float = 0.0
@@ -426,6 +428,7 @@ def bank_run(model_dir: Path, k: int, fraction: float, tokens: List[int], repeat
         result.bank_hit_rate = _r3(during.hit_rate)
         result.prefetch_reads_per_token = during.prefetch_reads / timed
         result.prefetch_hit_rate = _r3(during.prefetch_hit_rate)
+        result.prediction_recall = _r3(during.prediction_recall)
         result.read_wait_ms_per_token = _r(during.read_wait_seconds * 1000 / timed)
         result.router_ms_per_token = _r((during.router_launch_seconds + during.router_wait_seconds) * 1000 / timed)
         layers = len(manifest.expert_layers)

@@ -47,7 +47,8 @@ class BankStats:
     reads: int = 0  # records read from the layer files: misses and prefetches
     bytes_read: int = 0
     prefetch_reads: int = 0  # records read ahead on a prediction
-    prefetch_used: int = 0  # ... that a layer then asked for
+    prefetch_used: int = 0  # ... that the layer's next call asked for
+    prefetch_wasted: int = 0  # ... that it did not (they stay in the bank, first in line to leave)
     predicted: int = 0  # experts a prediction named for a layer that then asked for its experts
     predicted_right: int = 0  # ... that the layer did ask for
     read_wait_seconds: float = 0.0  # the layers waiting for their records
@@ -64,7 +65,8 @@ class BankStats:
 
     @property
     def prefetch_hit_rate(self) -> float:
-        return self.prefetch_used / self.prefetch_reads if self.prefetch_reads else 0.0
+        judged = self.prefetch_used + self.prefetch_wasted
+        return self.prefetch_used / judged if judged else 0.0
 
     @property
     def prediction_recall(self) -> float:
@@ -273,7 +275,7 @@ class ExpertBank:
                    for i in range(len(self._pools))}
         self._policies = [make_policy(self.policy_name, pool.slots, experts[i]) for i, pool in enumerate(self._pools)]
         self._filling: List[Dict[int, Future]] = [{} for _ in self._pools]  # slot -> read in flight
-        self._unused_prefetch: List[set] = [set() for _ in self._pools]
+        self._prefetched: Dict[int, set] = {}  # layer -> slots read ahead for its next call
         self._last_output: List[Dict[int, object]] = [{} for _ in self._pools]  # slot -> output computed from it
         self._pinned = (-1, np.zeros(0, dtype=np.int64))  # (pool, slots) of the call being served
         self._clock = {layer: 0 for layer in self.layers}
@@ -353,7 +355,8 @@ class ExpertBank:
     def lookup(self, layer: int, experts: np.ndarray, prefetch=None) -> np.ndarray:
         """The slots of ``experts`` (distinct expert ids of ``layer``, at most ``capacity(layer)``), each
         read into the bank first if it is not there; they stay put until the next call. ``prefetch``:
-        ``(next layer, predicted experts)`` to start reading once this call's misses are under way."""
+        ``(next layer, predicted experts most likely first, how many of them to read)``, started once this
+        call's misses are under way."""
         experts = np.asarray(experts, dtype=np.int64).reshape(-1)
         if self.trace is not None:
             self.trace(layer, experts)
@@ -368,9 +371,11 @@ class ExpertBank:
         slots = table[experts].copy()
         hit = slots >= 0
         waits = [self._filling[p].pop(int(s)) for s in slots[hit] if int(s) in self._filling[p]]
-        used = self._unused_prefetch[p].intersection(slots[hit].tolist())
-        self._unused_prefetch[p].difference_update(used)
-        self.stats.prefetch_used += len(used)
+        ahead = self._prefetched.pop(layer, None)
+        if ahead:
+            used = ahead.intersection(slots[hit].tolist())
+            self.stats.prefetch_used += len(used)
+            self.stats.prefetch_wasted += len(ahead) - len(used)
         policy.requested(slots[hit], layer, experts[hit], now)
         missing = experts[~hit]
         if len(missing):
@@ -388,13 +393,15 @@ class ExpertBank:
         self.stats.read_wait_seconds += time.perf_counter() - start
         return slots
 
-    def prefetch(self, layer: int, experts: np.ndarray) -> None:
-        """Start reading those of ``experts`` (a prediction for ``layer``) that the bank lacks, into slots no
-        pending work reads; skipped when the bank has no such slots to spare."""
-        experts = np.unique(np.asarray(experts, dtype=np.int64).reshape(-1))
+    def prefetch(self, layer: int, experts: np.ndarray, read: Optional[int] = None) -> None:
+        """A prediction of ``layer``'s next experts, most likely first: start reading those of the first
+        ``read`` (default all) that the bank lacks, into slots no pending work reads; skipped when the bank
+        has no such slots to spare. Every predicted expert counts for the prediction's recall."""
+        experts = np.asarray(experts, dtype=np.int64).reshape(-1)
         self._predictions[layer] = set(experts.tolist())
         p = self._pool_of[layer]
-        missing = experts[self._slot_of[layer][experts] < 0]
+        candidates = experts[:read]
+        missing = candidates[self._slot_of[layer][candidates] < 0]
         if not len(missing):
             return
         exclude = np.array(list(self._filling[p]) + (self._pinned[1].tolist() if self._pinned[0] == p else []),
@@ -404,7 +411,7 @@ class ExpertBank:
         victims = self._claim(p, len(missing), exclude=exclude, wait_for_reads=False)
         for slot, future in zip(victims.tolist(), self._fill(p, layer, missing, victims)):
             self._filling[p][slot] = future
-        self._unused_prefetch[p].update(victims.tolist())
+        self._prefetched.setdefault(layer, set()).update(victims.tolist())
         self._policies[p].prefetched(victims, layer, missing, self._clock[layer])
         self.stats.prefetch_reads += len(missing)
 
@@ -434,7 +441,9 @@ class ExpertBank:
                 output = self._layer_output.pop(layer, None)
                 if output is not None:
                     pending[id(output)] = output
-            self._unused_prefetch[p].discard(slot)
+            if layer >= 0 and slot in self._prefetched.get(layer, ()):
+                self._prefetched[layer].discard(slot)  # read ahead and evicted before its layer came
+                self.stats.prefetch_wasted += 1
             output = self._last_output[p].pop(slot, None)
             if output is not None:
                 pending[id(output)] = output
@@ -485,7 +494,7 @@ class ExpertBank:
                     self._tables.pop(layer, None)
             owner[:] = -1
             self._filling[p].clear()
-            self._unused_prefetch[p].clear()
+            self._prefetched.clear()
             self._policies[p].freed(np.arange(len(owner)))
             raise error
 
