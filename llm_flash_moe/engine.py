@@ -8,16 +8,8 @@ from typing import Optional
 
 from .errors import FlashMoeError
 from .expert_store import ExpertStore
-from .flash_layout import Manifest
+from .flash_layout import TOKENIZER_VOCAB_FILES, Manifest, has_tokenizer
 from .mlx_model import cast_floats, moe_blocks, no_experts, streaming_model_classes
-
-
-# A prepared model needs at least one of these for its tokenizer (copied from the source by prepare).
-TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "qwen.tiktoken")
-
-
-def has_tokenizer(model_dir: Path) -> bool:
-    return any((Path(model_dir) / f).exists() for f in TOKENIZER_VOCAB_FILES)
 
 
 def load_resident_model(model_dir: Path, lazy: bool = False, make_experts=no_experts):
@@ -41,8 +33,7 @@ class FlashModel:
         return moe_blocks(self.model)[0][1].top_k
 
     def set_experts_per_token(self, k: int) -> None:
-        if not 1 <= k <= self.manifest.num_experts:
-            raise FlashMoeError(f"experts per token must be between 1 and {self.manifest.num_experts}, not {k}")
+        self.manifest.check_experts_per_token(k)
         for _, block in moe_blocks(self.model):
             block.top_k = k
 

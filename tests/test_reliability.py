@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from llm.cli import cli
 
-from llm_flash_moe import plugin, registry
+from llm_flash_moe import plugin, registry, session, settings
 from llm_flash_moe.conversion import experts as experts_module
 from llm_flash_moe.conversion import faults
 from llm_flash_moe.errors import FlashMoeError
@@ -233,9 +233,9 @@ def user(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("LLM_USER_PATH", str(path))
     monkeypatch.delenv("LLM_RAISE_ERRORS", raising=False)
     monkeypatch.delenv(faults.ENV, raising=False)
-    plugin.unload()
+    session.unload()
     yield path
-    plugin.unload()
+    session.unload()
 
 
 @pytest.fixture
@@ -441,7 +441,7 @@ def test_full_disk_is_one_line_and_a_rerun_resumes(source, reference, tmp_path, 
         assert all_files(out) == all_files(reference)
         assert registry.prepared()[NAME] == out.resolve()
     finally:
-        plugin.unload()
+        session.unload()
         disk.close()
 
 
@@ -565,7 +565,8 @@ def _missing_tokenizer(d):
     (_truncated_file, "layer-001.bin has 1,000 bytes, expected 131,072; run `llm flash-moe verify rel`"),
     (_grown_file, "layer-001.bin has 147,456 bytes, expected 131,072; run `llm flash-moe verify rel`"),
     (_newer_manifest, f"uses flash layout version {FORMAT_VERSION + 1}, newer than this plugin understands"),
-    (_damaged_manifest, "manifest.json is damaged; run `llm flash-moe prepare` again"),
+    (_damaged_manifest, "manifest.json is damaged; run the `llm flash-moe prepare` command that made this model "
+                        "again (`llm flash-moe prepare --demo` for the demo)"),
     (_truncated_resident, "cannot load the resident weights"),
     (_missing_tokenizer, "cannot load the tokenizer"),
 ])
@@ -781,18 +782,18 @@ def test_cache_gb_above_memory_is_clamped_with_a_warning(copy, monkeypatch):
     resident = Manifest.load(copy).resident_bytes
     limit = 1_500_000_000 - resident
     assert "Warning: -o cache_gb 5 is more than this machine can hold (2.0 GB of memory" in result.stderr
-    (flash,) = plugin._LOADED.values()
+    (flash,) = session._LOADED.values()
     assert flash.store.cache_bytes == limit
     fits = run("-m", MODEL, "hi", *GREEDY, "-o", "max_tokens", "3", "-o", "cache_gb", "1")
     assert "Warning" not in fits.stderr and flash.store.cache_bytes == 1_000_000_000
-    assert plugin.total_memory() is not None
+    assert settings.total_memory() is not None
 
 
 def test_total_memory_is_this_machines():
-    memory = plugin.total_memory()
+    memory = settings.total_memory()
     assert memory is None or memory > 100_000_000
-    assert plugin.cache_budget(1e300, 10, 1000)[0] == 740
-    assert plugin.cache_budget(0.5, 0, None) == (500_000_000, None)
+    assert settings.cache_budget(1e300, 10, 1000)[0] == 740
+    assert settings.cache_budget(0.5, 0, None) == (500_000_000, None)
 
 
 # ------------------------------------------------------------------------------ 6. two processes at once
@@ -815,7 +816,7 @@ def test_two_llm_processes_at_once_answer_as_one_alone(copy, user):
         result = run("-m", MODEL, p, *args)
         assert result.exit_code == 0, result.output
         alone.append(result.stdout)
-        plugin.unload()
+        session.unload()
     assert alone[0] != alone[1] and all(a.strip() for a in alone)
     # One llm user directory each (the same prepared model registered in all): llm's own logging of
     # concurrent responses into one logs.db can fail with sqlite's "database is locked" on a loaded machine

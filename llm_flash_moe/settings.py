@@ -1,0 +1,127 @@
+"""One response's generation settings: the prompt's options resolved against the model's own defaults.
+
+Nothing here imports mlx: llm imports the plugin (and its option defaults) on every command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+from .demo import is_demo
+
+DEFAULT_MAX_TOKENS = 4096
+DEFAULT_TEMPERATURE = 0.6  # Qwen3.5's generation_config.json (thinking-mode sampling)
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 20
+DEFAULT_MIN_P = 0.0
+DEFAULT_CACHE_GB = 0.0  # the OS page cache is the only cache unless cache_gb asks for more
+CACHE_MEMORY_SHARE = 0.75  # cache_gb may use this share of the machine's memory, less the resident weights
+
+
+@dataclass
+class Settings:
+    """One response's generation settings, options resolved against the model's defaults."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: Optional[int]
+    experts_per_token: int
+    thinking: bool
+    prompt_cache: bool = True
+
+
+def generation_defaults(model_dir: Path) -> dict:
+    """temperature / top_p / top_k from the model's generation_config.json, else Qwen3.5's."""
+    defaults = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P, "top_k": DEFAULT_TOP_K}
+    try:
+        config = json.loads((Path(model_dir) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return defaults
+    if not isinstance(config, dict):
+        return defaults
+    for key in defaults:
+        if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):
+            defaults[key] = config[key]
+    return defaults
+
+
+def check_experts(experts: Optional[int], manifest, model_id: str) -> int:
+    """The experts-per-token to use: ``-o experts``, checked against the model, or the model's default."""
+    if experts is None:
+        return manifest.experts_per_token
+    return manifest.check_experts_per_token(experts, "-o experts",
+                                            f"{model_id} (default {manifest.experts_per_token})")
+
+
+def pick(value, default):
+    """An option's value, or its default when the option was not given."""
+    return default if value is None else value
+
+
+def total_memory() -> Optional[int]:
+    """Bytes of physical memory of this machine, or None when it cannot be told."""
+    import subprocess
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:  # macOS
+        return int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def cache_budget(cache_gb: float, resident_bytes: int, memory: Optional[int]) -> Tuple[int, Optional[str]]:
+    """(bytes, warning): the in-memory cache budget for ``-o cache_gb``, clamped to what the machine has."""
+    want = cache_gb * 1e9
+    if memory is None:
+        return int(min(want, 1 << 62)), None
+    limit = max(0, int(memory * CACHE_MEMORY_SHARE) - resident_bytes)
+    if want <= limit:
+        return int(round(want)), None
+    return limit, (f"-o cache_gb {cache_gb:g} is more than this machine can hold ({memory / 1e9:.1f} GB of memory, "
+                   f"{resident_bytes / 1e9:.1f} GB of it for the resident weights); using {limit / 1e9:.2f} GB")
+
+
+def vocab_size(config: dict) -> Optional[int]:
+    text = config.get("text_config")
+    size = config.get("vocab_size") or (text.get("vocab_size") if isinstance(text, dict) else None)
+    return size if isinstance(size, int) else None
+
+
+def warn(message: str) -> None:
+    import click
+
+    click.echo(f"Warning: {message}", err=True)
+
+
+def resolve_settings(options, manifest, model_dir: Path, model_id: str, has_thinking: bool,
+                     vocab_size: Optional[int] = None, thinking: Optional[bool] = None) -> Settings:
+    """``vocab_size`` bounds top_k; ``thinking``: the conversation's earlier choice, used when
+    ``-o thinking`` is not given. Without either, a model that can think does, except the random-weight
+    demo: its output is not language, and as reasoning it would only show on stderr."""
+    defaults = generation_defaults(model_dir)
+    top_k = int(pick(options.top_k, defaults["top_k"]))
+    if vocab_size is not None and top_k >= vocab_size:
+        top_k = 0  # every token: the same as no top-k (mlx-lm refuses a top_k as large as the vocabulary)
+    can_think = has_thinking and not is_demo(manifest)
+    return Settings(
+        max_tokens=pick(options.max_tokens, DEFAULT_MAX_TOKENS),
+        temperature=float(pick(options.temperature, defaults["temperature"])),
+        top_p=float(pick(options.top_p, defaults["top_p"])),
+        top_k=top_k,
+        min_p=float(pick(options.min_p, DEFAULT_MIN_P)),
+        seed=options.seed,
+        experts_per_token=check_experts(options.experts, manifest, model_id),
+        thinking=bool(pick(options.thinking, pick(thinking, can_think))),
+        prompt_cache=bool(pick(options.prompt_cache, True)),
+    )
