@@ -86,14 +86,15 @@ SETTING_OPTIONS = {"bits": "--bits", "group_size": "--group-size", "resident_bit
                    "experts_per_token": "--experts-per-token"}
 
 
-def other_model_message(existing: Manifest, plan: Plan) -> str:
-    """Why a complete model in the output is not the one asked for (naming the options that differ)."""
-    old, new = existing.settings, plan.settings
-    changed = [k for k in SETTING_OPTIONS if old.get(k) != new.get(k)]
+def other_model_message(existing: Manifest, settings: dict, output: Path) -> str:
+    """Why the complete model in ``output`` is not the one asked for (``settings``), naming the options that
+    differ."""
+    old = existing.settings
+    changed = [k for k in SETTING_OPTIONS if old.get(k) != settings.get(k)]
     options = ", ".join(f"{SETTING_OPTIONS[k]} {old.get(k)}" for k in changed)
-    asked = ", ".join(f"{SETTING_OPTIONS[k]} {new.get(k)}" for k in changed)
+    asked = ", ".join(f"{SETTING_OPTIONS[k]} {settings.get(k)}" for k in changed)
     prepared_with = f", prepared with {options}, not {asked}" if changed else ""
-    return (f"{plan.output} already holds a different model ({existing.name} from {existing.source}{prepared_with}); "
+    return (f"{output} already holds a different model ({existing.name} from {existing.source}{prepared_with}); "
             f"choose another --output or remove it with `llm flash-moe remove {existing.name}`")
 
 

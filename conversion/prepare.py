@@ -58,7 +58,7 @@ def _prepare(opts: PrepareOptions, plan: Plan, existing, echo) -> Manifest:
         existing = None
     if existing is not None:
         if existing.settings != plan.settings:
-            raise FlashMoeError(other_model_message(existing, plan))
+            raise FlashMoeError(other_model_message(existing, plan.settings, output))
         if not opts.repair:
             _remove_leftovers(output)
             echo(f"{name} is already prepared in {output} (`llm flash-moe verify {name}` checks it)")

@@ -178,7 +178,7 @@ def info(name, json_):
     """
     from .flash_layout import Manifest
 
-    name = _strip_suffix(name)
+    name = registry.name_of(name)
     path = registry.model_dir(name)
     summary = manifest_summary(Manifest.load(path), path)
     if json_:
@@ -208,7 +208,7 @@ def verify(name):
     from .flash_layout import Manifest
     from .verify import verify_model
 
-    name = _strip_suffix(name)
+    name = registry.name_of(name)
     path = registry.model_dir(name)
     manifest = Manifest.load(path)
     report = verify_model(path, manifest, progress=True)
@@ -320,19 +320,19 @@ def eval_command(name, text_file, experts, against, window, max_tokens, compute,
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise FlashMoeError(f"{text_file} is not UTF-8 text ({e.reason} at byte {e.start})")
-    name = _strip_suffix(name)
+    name = registry.name_of(name)
     flash = load_flash_model(registry.model_dir(name), compute=compute)
     other = None
     try:
         if against:
-            against = _strip_suffix(against)
+            against = registry.name_of(against)
             other = flash if against == name else load_flash_model(registry.model_dir(against), compute=compute)
             reference = Configuration(against, other, native_experts_per_token(other.manifest))
         else:
             reference = Configuration(name, flash, native_experts_per_token(flash.manifest))
         configurations = [Configuration(name, flash, k) for k in dict.fromkeys(experts or [flash.experts_per_token])]
         for config in configurations:
-            flash.manifest.check_experts_per_token(config.experts, "--experts")
+            flash_layout.check_experts_per_token(config.experts, flash.manifest.num_experts, "--experts")
         ids = tokenize(text, [reference] + configurations)[:max_tokens]
         from huggingface_hub.utils import tqdm
 
@@ -360,7 +360,7 @@ def remove(name, yes):
     """
     from .flash_layout import MANIFEST_NAME, PARTIAL_DIR
 
-    name = _strip_suffix(name)
+    name = registry.name_of(name)
     path = registry.registered().get(name)
     if path is None:
         partial = registry.default_output(name)
@@ -391,12 +391,3 @@ def remove(name, yes):
     if name in registry.registered():
         registry.unregister(name)
     click.echo(f"Removed {name}")
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def _strip_suffix(name: str) -> str:
-    if name.endswith(registry.MODEL_SUFFIX) and name not in registry.registered():
-        return name[: -len(registry.MODEL_SUFFIX)]
-    return name

@@ -37,22 +37,25 @@ def prepare_demo(opts, echo: Callable[[str], None]):
     """Write the random-weight demo checkpoint to a temporary directory and prepare it from there.
 
     An output that already holds the demo prepared with these options is only registered again (writing
-    the checkpoint takes seconds); anything else (other options, a damaged manifest, a repair) goes
-    through `prepare`, which says what differs or rebuilds it.
+    the checkpoint takes seconds), one prepared with other options is refused at once, naming them; a
+    damaged one, or a repair, goes through `prepare`, which rebuilds or repairs it.
     """
-    from .conversion.plan import name_and_output
+    from .conversion.plan import name_and_output, other_model_message
     from .conversion.prepare import Interrupted, prepare
 
     opts.name = opts.name or DEMO_NAME
     opts.source_label = DEMO_SOURCE  # the temporary checkpoint will be gone: say what it was instead
-    echo(DEMO_NOTE)
     name, output = name_and_output(opts)
-    existing = _prepared_as_asked(opts, name, output)
-    if existing is not None and not opts.repair:
-        registry.register(name, output)
-        echo(f"{name} is already prepared in {output}; to rebuild it: "
-             f"llm flash-moe remove {name} --yes && llm flash-moe prepare --demo")
-        return existing
+    existing, wanted = _existing(opts, name, output)
+    if existing is not None:
+        if existing.settings != wanted:
+            raise FlashMoeError(other_model_message(existing, wanted, output))
+        if not opts.repair:
+            registry.register(name, output)
+            echo(f"{name} is already prepared in {output}; to rebuild it: "
+                 f"llm flash-moe remove {name} --yes && llm flash-moe prepare --demo")
+            return existing
+    echo(DEMO_NOTE)
     with tempfile.TemporaryDirectory(prefix="flash-moe-demo-") as tmp:
         echo("Writing the demo checkpoint (the real Qwen3.5 tokenizer takes a few seconds)...")
         try:
@@ -63,22 +66,21 @@ def prepare_demo(opts, echo: Callable[[str], None]):
         return prepare(opts, echo=echo)
 
 
-def _prepared_as_asked(opts, name: str, output: Path):
-    """The demo's Manifest in ``output`` when it was prepared with exactly these options, else None."""
+def _existing(opts, name: str, output: Path):
+    """(the complete model in ``output``, the settings the demo with these options would have), or
+    (None, None) when there is none or its manifest cannot be read (`prepare` rebuilds it)."""
     from .conversion.plan import plan_settings
     from .flash_layout import MANIFEST_NAME, BitsRule, Manifest
 
     if not (output / MANIFEST_NAME).exists():
-        return None
+        return None, None
     try:
         existing = Manifest.load(output)
-        layers = [layer.layer for layer in existing.expert_layers]
-        bits = BitsRule.parse(opts.bits).resolve(layers)
     except FlashMoeError:
-        return None  # prepare says what is wrong (or rebuilds a damaged model)
+        return None, None
+    bits = BitsRule.parse(opts.bits).resolve([layer.layer for layer in existing.expert_layers])
     k = opts.experts_per_token or demo_spec().num_experts_per_tok
-    wanted = plan_settings(opts, name, DEMO_SOURCE, None, bits, k)
-    return existing if existing.settings == wanted else None
+    return existing, plan_settings(opts, name, DEMO_SOURCE, None, bits, k)
 
 
 def write_demo_checkpoint(directory: Path) -> Path:

@@ -8,7 +8,7 @@ from typing import Optional
 
 from .errors import FlashMoeError
 from .expert_store import ExpertStore
-from .flash_layout import TOKENIZER_VOCAB_FILES, Manifest, has_tokenizer
+from .flash_layout import TOKENIZER_VOCAB_FILES, Manifest, check_experts_per_token, has_tokenizer
 from .mlx_model import cast_floats, moe_blocks, no_experts, streaming_model_classes
 
 
@@ -33,7 +33,7 @@ class FlashModel:
         return moe_blocks(self.model)[0][1].top_k
 
     def set_experts_per_token(self, k: int) -> None:
-        self.manifest.check_experts_per_token(k)
+        check_experts_per_token(k, self.manifest.num_experts)
         for _, block in moe_blocks(self.model):
             block.top_k = k
 

@@ -36,6 +36,9 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 # A prepared model needs at least one of these for its tokenizer (copied from the source by prepare).
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "qwen.tiktoken")
+# A damaged manifest does not say which command made it (a bare `prepare` would download the flagship).
+DAMAGED_REMEDY = ("run the `llm flash-moe prepare` command that made this model again (`llm flash-moe prepare --demo` "
+                  "for the demo): it starts over; or delete it with `llm flash-moe remove NAME`")
 
 _DTYPE_BYTES = {"uint32": 4, "uint8": 1, "bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -49,10 +52,7 @@ def has_tokenizer(model_dir: Path) -> bool:
 
 
 def check_experts_per_token(k, num_experts: int, option: str = "experts per token", model: str = "") -> int:
-    """The one bound on experts per token, wherever it is chosen: 1 to the model's experts per layer.
-
-    ``option`` names what the user gave (``-o experts``, ``--experts``...), ``model`` what it was for.
-    """
+    """The one bound on experts per token, 1 to the experts per layer; ``option`` names what the user gave."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
         target = f" for {model}" if model else ""
         raise FlashMoeError(f"{option} must be between 1 and {num_experts}{target}, not {k}")
@@ -330,9 +330,6 @@ class Manifest:
         bits = sorted({layer.quantization.bits for layer in self.expert_layers})
         return "/".join(str(b) for b in bits)
 
-    def check_experts_per_token(self, k, option: str = "experts per token", model: str = "") -> int:
-        return check_experts_per_token(k, self.num_experts, option, model)
-
     def layer(self, index: int) -> ExpertLayer:
         for layer in self.expert_layers:
             if layer.layer == index:
@@ -377,12 +374,6 @@ class Manifest:
             return cls.from_json(data)
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise FlashMoeError(f"{path} is damaged ({type(e).__name__}: {e}); {DAMAGED_REMEDY}")
-
-
-# What to do about a manifest that cannot be read: its directory does not say which command made it, and a
-# bare `llm flash-moe prepare` would start the flagship's download.
-DAMAGED_REMEDY = ("run the `llm flash-moe prepare` command that made this model again (`llm flash-moe prepare --demo` "
-                  "for the demo): it starts over; or delete it with `llm flash-moe remove NAME`")
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -45,6 +45,13 @@ def model_id(name: str) -> str:
     return name + MODEL_SUFFIX
 
 
+def name_of(name_or_model_id: str) -> str:
+    """A model's name from its name (`qwen397`) or its model id (`qwen397-flash`)."""
+    if name_or_model_id.endswith(MODEL_SUFFIX) and name_or_model_id not in registered():
+        return name_or_model_id[: -len(MODEL_SUFFIX)]
+    return name_or_model_id
+
+
 def not_prepared_message(name: str) -> str:
     """The one line shown when a listed model is used before `llm flash-moe prepare` made it."""
     if name == FLAGSHIP_NAME:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from .demo import is_demo
+from .flash_layout import check_experts_per_token
 
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_TEMPERATURE = 0.6  # Qwen3.5's generation_config.json (thinking-mode sampling)
@@ -56,8 +57,8 @@ def check_experts(experts: Optional[int], manifest, model_id: str) -> int:
     """The experts-per-token to use: ``-o experts``, checked against the model, or the model's default."""
     if experts is None:
         return manifest.experts_per_token
-    return manifest.check_experts_per_token(experts, "-o experts",
-                                            f"{model_id} (default {manifest.experts_per_token})")
+    return check_experts_per_token(experts, manifest.num_experts, "-o experts",
+                                   f"{model_id} (default {manifest.experts_per_token})")
 
 
 def pick(value, default):

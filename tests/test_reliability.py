@@ -344,6 +344,70 @@ def test_remove_refuses_while_prepare_is_writing(copy):
     assert run("flash-moe", "remove", NAME, "--yes").exit_code == 0 and not copy.exists()
 
 
+def _interrupt_after(monkeypatch, writes: int) -> None:
+    """Ctrl-C (KeyboardInterrupt) in the converter after ``writes`` expert units, each journaled."""
+    real_write, calls = experts_module.ExpertRecordWriter._write, {"n": 0}
+
+    def write(self, *args):
+        calls["n"] += 1
+        if calls["n"] > writes:
+            raise KeyboardInterrupt
+        return real_write(self, *args)
+
+    monkeypatch.setattr(experts_module.ExpertRecordWriter, "_write", write)
+    monkeypatch.setattr(experts_module, "COMMIT_EVERY_BYTES", 1)
+
+
+def test_ctrl_c_says_what_is_kept_and_the_same_command_continues(source, reference, user, monkeypatch):
+    args = ["flash-moe", "prepare", str(source), "--name", NAME]
+    out = registry.default_output(NAME)
+    _interrupt_after(monkeypatch, 40)
+    line = one_line_error(run(*args))
+    assert line == (f"Error: interrupted; the work done so far is kept in {out}: run the same command again to "
+                    f"continue where it stopped (`llm flash-moe remove {NAME}` discards it)")
+    assert NAME not in registry.registered() and 30 <= journal_units(out) <= 40
+    listed = run("flash-moe", "models").output
+    assert f"unfinished prepare ({out})" in listed
+    assert "continues where it stopped when its command is run again" in listed
+    monkeypatch.undo()
+    monkeypatch.setenv("LLM_USER_PATH", str(user))
+    resumed = run(*args)
+    assert resumed.exit_code == 0, resumed.output
+    assert all_files(out) == all_files(reference)
+    assert "unfinished" not in run("flash-moe", "models").output
+
+
+def test_failure_before_any_work_leaves_nothing(source, user, monkeypatch, tmp_path):
+    _interrupt_after(monkeypatch, 0)
+    line = one_line_error(run("flash-moe", "prepare", str(source), "--name", NAME))
+    assert line == f"Error: interrupted; nothing was left in {registry.default_output(NAME)}"
+    assert not registry.default_output(NAME).exists()
+    out = tmp_path / "elsewhere"
+    line = one_line_error(run("flash-moe", "prepare", str(source), "--name", NAME, "--output", str(out)))
+    assert not out.exists() and NAME not in registry.registered()
+
+
+def test_a_failure_after_some_work_says_where_it_is(source, user, monkeypatch, tmp_path):
+    def broken(output, **kwargs):  # mlx's message for extra weights: one name per line
+        raise ValueError("Received 2 parameters not in model: \nmodel.extra.a,\nmodel.extra.b.")
+
+    monkeypatch.setattr("llm_flash_moe.engine.load_resident_model", broken)
+    out = tmp_path / "out"
+    line = one_line_error(run("flash-moe", "prepare", str(source), "--name", NAME, "--output", str(out)))
+    assert "Received 2 parameters not in model: model.extra.a, model.extra.b." in line  # not cut mid-list
+    assert line.endswith(f"the work done so far is kept in {out}: run the same command again to continue "
+                         f"where it stopped (deleting {out} discards it)")
+    assert (out / ".partial").exists() and NAME not in registry.registered()
+
+
+def test_remove_deletes_the_models_saved_conversation_states(copy, user):
+    assert run("-m", MODEL, "hello there", *GREEDY, "-o", "max_tokens", "3").exit_code == 0
+    snapshots = user / "flash-moe" / "prompt-cache" / NAME
+    assert list(snapshots.glob("*.safetensors"))
+    assert run("flash-moe", "remove", NAME, "--yes").exit_code == 0
+    assert not snapshots.exists() and not copy.exists()
+
+
 # ------------------------------------------------------------------------------ 2. full disk
 
 
@@ -758,7 +822,7 @@ def test_hub_download_failing_midway_is_one_line(source, tmp_path, user, monkeyp
     ("temperature", "nan", "temperature"), ("temperature", "-1", "temperature"), ("top_p", "2", "top_p"),
     ("min_p", "inf", "min_p"), ("cache_gb", "inf", "cache_gb"), ("cache_gb", "-1", "cache_gb"),
     ("seed", "-1", "seed"), ("seed", str(2 ** 64), "seed"), ("max_tokens", "0", "max_tokens"),
-    ("experts", "0", "experts"), ("experts", "99", "-o experts must be between 1 and 8"),
+    ("experts", "0", "-o experts must be between 1 and 8"), ("experts", "99", "-o experts must be between 1 and 8"),
     ("nonsense", "1", "nonsense"),
 ])
 def test_prompt_options_out_of_range(copy, option, value, expected):
