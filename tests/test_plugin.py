@@ -267,7 +267,7 @@ def test_options_apply_per_response(user_path):
 def test_seed_repeats_sampling(user_path):
     args = ["-m", MODEL, "hi", "-o", "temperature", "1.5", "-o", "max_tokens", "8", *NO_THINK]
     outputs = [run(*args, "-o", "seed", seed).stdout for seed in ("7", "7", "8")]
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
 
 
 def test_system_prompt_reaches_the_template(user_path, spy):
