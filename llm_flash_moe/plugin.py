@@ -17,6 +17,8 @@ import llm
 from pydantic import Field, field_validator
 
 from . import registry
+from .answer import Answer
+from .chat import chat_messages, next_turns, render_prompt, reuse_point, template_tools
 from .errors import FlashMoeError
 from .session import GENERATION_LOCK, Turn, check_finite, load, make_sampler
 from .settings import (CACHE_MEMORY_SHARE, DEFAULT_CACHE_GB, DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMPERATURE,
@@ -94,8 +96,6 @@ class _FlashMoe:
         import mlx.core as mx
 
         from . import prompt_cache
-        from .answer import Answer
-        from .chat import chat_messages, next_turns, render_prompt, reuse_point, template_tools
 
         conversation_id = getattr(conversation, "id", None)
         flash, settings = self._ready(prompt.options, prompt_cache.recall(conversation_id).get("thinking"))
@@ -145,15 +145,14 @@ class _FlashMoe:
 
         model_dir = self.model_dir()
         manifest = Manifest.load(model_dir)
-        check_experts(options.experts, manifest, self.model_id)  # a bad value fails before the slow load
+        experts = check_experts(options.experts, manifest, self.model_id)  # a bad value fails before the slow load
         cache_bytes, warning = cache_budget(pick(options.cache_gb, DEFAULT_CACHE_GB), manifest.resident_bytes,
                                             total_memory())
         if warning:
             warn(warning)
         flash = load(model_dir, cache_bytes=cache_bytes)
-        settings = resolve_settings(options, manifest, model_dir, self.model_id, flash.tokenizer.has_thinking,
-                                    vocab_size=vocab_size(manifest.config),
-                                    thinking=thinking)
+        settings = resolve_settings(options, manifest, model_dir, experts, flash.tokenizer.has_thinking,
+                                    vocab_size=vocab_size(manifest.config), thinking=thinking)
         flash.set_experts_per_token(settings.experts_per_token)
         if flash.store.cache_bytes != cache_bytes:
             flash.store.set_cache_bytes(cache_bytes)

@@ -105,11 +105,12 @@ def warn(message: str) -> None:
     click.echo(f"Warning: {message}", err=True)
 
 
-def resolve_settings(options, manifest, model_dir: Path, model_id: str, has_thinking: bool,
+def resolve_settings(options, manifest, model_dir: Path, experts_per_token: int, has_thinking: bool,
                      vocab_size: Optional[int] = None, thinking: Optional[bool] = None) -> Settings:
-    """``vocab_size`` bounds top_k; ``thinking``: the conversation's earlier choice, used when
-    ``-o thinking`` is not given. Without either, a model that can think does, except the random-weight
-    demo: its output is not language, and as reasoning it would only show on stderr."""
+    """``experts_per_token``: ``check_experts``'s answer; ``vocab_size`` bounds top_k; ``thinking``: the
+    conversation's earlier choice, used when ``-o thinking`` is not given. Without either, a model that can
+    think does, except the random-weight demo: its output is not language, and as reasoning it would only
+    show on stderr."""
     defaults = generation_defaults(model_dir)
     top_k = int(pick(options.top_k, defaults["top_k"]))
     if vocab_size is not None and top_k >= vocab_size:
@@ -122,7 +123,7 @@ def resolve_settings(options, manifest, model_dir: Path, model_id: str, has_thin
         top_k=top_k,
         min_p=float(pick(options.min_p, DEFAULT_MIN_P)),
         seed=options.seed,
-        experts_per_token=check_experts(options.experts, manifest, model_id),
+        experts_per_token=experts_per_token,
         thinking=bool(pick(options.thinking, pick(thinking, can_think))),
         prompt_cache=bool(pick(options.prompt_cache, True)),
     )
