@@ -29,9 +29,9 @@ def prepare(opts: PrepareOptions, echo: Callable[[str], None] = print) -> Manife
     """Convert (or resume converting, or repair) one model; registers it only once it is complete.
 
     Every failure is a FlashMoeError with one line saying what to do (Ctrl-C: an ``Interrupted``, still a
-    KeyboardInterrupt, with such a line). Work done so far
-    stays in the output (``.partial/``), the message says so, and the same command continues it; a run
-    that fails before any of its work was journaled on a new output leaves nothing behind.
+    KeyboardInterrupt, with such a line). Work done so far stays in the output (``.partial/``), the
+    message says so, and the same command continues it; a run that fails before any of its work was
+    journaled on a new output leaves nothing behind.
     """
     check_options(opts)
     name, output = name_and_output(opts)
