@@ -377,6 +377,15 @@ def test_ctrl_c_says_what_is_kept_and_the_same_command_continues(source, referen
     assert "unfinished" not in run("flash-moe", "models").output
 
 
+def test_unfinished_prepare_is_removed_by_name(source, user, monkeypatch):
+    _interrupt_after(monkeypatch, 10)
+    one_line_error(run("flash-moe", "prepare", str(source), "--name", NAME))
+    out = registry.default_output(NAME)
+    assert (out / ".partial").exists() and f"unfinished prepare ({out})" in run("flash-moe", "models").output
+    assert run("flash-moe", "remove", NAME, "--yes").exit_code == 0
+    assert not out.exists() and "unfinished" not in run("flash-moe", "models").output
+
+
 def test_failure_before_any_work_leaves_nothing(source, user, monkeypatch, tmp_path):
     _interrupt_after(monkeypatch, 0)
     line = one_line_error(run("flash-moe", "prepare", str(source), "--name", NAME))
