@@ -53,20 +53,53 @@ def classify(key: str) -> Optional[ExpertKey]:
 
 
 def load_config(directory: Path) -> dict:
+    """The checkpoint's config.json, checked: a supported model type whose fields mlx-lm can build from."""
+    from ..mlx_model import config_problem, json_kind
+
     path = Path(directory) / "config.json"
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
         raise FlashMoeError(f"{directory} is not a checkpoint: it has no config.json")
-    except ValueError as e:
-        raise FlashMoeError(f"{path} is not valid JSON ({e})")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FlashMoeError(f"{path} is not valid JSON ({e}); download the checkpoint's config.json again")
+    if not isinstance(config, dict):
+        raise FlashMoeError(f"{path} is {json_kind(config)}, not a JSON object; download the checkpoint's "
+                            "config.json again")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise FlashMoeError(
             f"model type {model_type!r} is not supported; llm-flash-moe converts "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints"
         )
+    problem = config_problem(config) or _our_fields_problem(config)
+    if problem:
+        raise FlashMoeError(f"{path} does not describe a {model_type} model: {problem}; download the "
+                            "checkpoint's config.json again (or fix that field)")
     return config
+
+
+def _our_fields_problem(config: dict) -> Optional[str]:
+    """Fields the converter and the engine read beside mlx-lm's model arguments."""
+    from ..mlx_model import json_kind
+
+    text = config.get("text_config")
+    for prefix, values in (("", config), ("text_config.", text if isinstance(text, dict) else {})):
+        q = values.get("quantization")
+        if q is not None:
+            if not isinstance(q, dict):
+                return f"{prefix}quantization must be an object, not {json_kind(q)}"
+            for key in ("bits", "group_size"):
+                if not isinstance(q.get(key), int) or isinstance(q.get(key), bool):
+                    return f"{prefix}quantization.{key} must be an integer, not {json_kind(q.get(key))}"
+            for key, layer in q.items():
+                if isinstance(layer, dict) and not all(isinstance(layer.get(k), int) for k in ("bits", "group_size")):
+                    return f"{prefix}quantization.{key} must give integer bits and group_size"
+        eos = values.get("eos_token_id")
+        if eos is not None and not (isinstance(eos, int) or (isinstance(eos, list) and all(
+                isinstance(t, int) for t in eos))):
+            return f"{prefix}eos_token_id must be an integer or a list of integers, not {json_kind(eos)}"
+    return None
 
 
 def shard_names(directory: Path) -> List[str]:
@@ -76,22 +109,30 @@ def shard_names(directory: Path) -> List[str]:
     if index.exists():
         try:
             weight_map: Dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise FlashMoeError(f"{index} is damaged ({e})")
-        return sorted(set(weight_map.values()))
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise FlashMoeError(f"{index} is damaged ({type(e).__name__}: {e}); download it again")
+        if not all(isinstance(n, str) for n in names):
+            raise FlashMoeError(f"{index} is damaged (its weight_map names non-files); download it again")
+        return names
     names = sorted(p.name for p in directory.glob("*.safetensors"))
     if not names:
         raise FlashMoeError(f"{directory} is not a checkpoint: it has no .safetensors files")
     return names
 
 
+def _text_config(config: dict) -> dict:
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else {}
+
+
 def quantization_of(config: dict) -> Optional[dict]:
     """The MLX quantization of a source checkpoint ({bits, group_size, mode, per-layer...}) or None."""
-    q = config.get("quantization") or config.get("text_config", {}).get("quantization")
+    q = config.get("quantization") or _text_config(config).get("quantization")
     return dict(q) if q else None
 
 
 def conversion_dtype(config: dict) -> Optional[str]:
     """The float dtype mlx-lm's converter casts weights to (config torch_dtype), or None to keep the source's."""
-    dtype = config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    dtype = config.get("torch_dtype") or _text_config(config).get("dtype")
     return dtype if dtype in ("float16", "bfloat16", "float32") else None

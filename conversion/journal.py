@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 from ..errors import FlashMoeError
-from ..flash_layout import write_json_atomic
+from ..flash_layout import PARTIAL_DIR, write_json_atomic
 from . import faults
-
-PARTIAL_DIR = ".partial"
 
 
 class Journal:
@@ -83,6 +81,10 @@ class Journal:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the lock
             self._lock_fd = None
+
+    def is_empty(self) -> bool:
+        """Nothing has been journaled (so nothing in the output can be reused by a re-run)."""
+        return not (self.done_units or self.checksums or self.done_shards or self.staged or self._pending)
 
     def reset(self) -> None:
         """Forget everything: the next conversion starts from the beginning (the lock stays held)."""

@@ -1,135 +1,118 @@
-"""`llm flash-moe prepare`: checkpoint -> flash layout, resumable, in bounded memory and checked disk space."""
+"""`llm flash-moe prepare`: checkpoint -> flash layout, resumable, in bounded memory and checked disk space.
+
+This module runs a conversion (and says what is left when one stops); ``plan`` decides what it will do."""
 
 from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional
 
 from .. import registry
-from ..errors import FlashMoeError
-from ..flash_layout import (
-    EXPERT_BITS, FORMAT_VERSION, GROUP_SIZES, RESIDENT_BITS, MANIFEST_NAME, RESIDENT_WEIGHTS_NAME, BitsRule, ExpertLayer, ExpertQuantization,
-    Manifest, RecordLayout, canonical_bits, expert_file_name,
-)
-from ..mlx_model import build_model
-from .checkpoint import TOKENIZER_FILES, classify, conversion_dtype, quantization_of
+from ..errors import FlashMoeError, one_line
+from ..flash_layout import FORMAT_VERSION, MANIFEST_NAME, PARTIAL_DIR, RESIDENT_WEIGHTS_NAME, Manifest
 from . import faults
-from .experts import DiskFullError, ExpertRecordWriter, SourceQuantization
-from .journal import PARTIAL_DIR, Journal
-from .resident import estimate_resident_bytes, resident_parameters, write_resident
-from .safetensors_io import DTYPES, TensorInfo, copy_tensors, read_header
-from .source import Source, hub_errors, resolve_source
-
-
-
-@dataclass
-class PrepareOptions:
-    source: str = registry.FLAGSHIP_SOURCE
-    name: Optional[str] = None
-    output: Optional[Path] = None
-    # Expert bits: an int for every layer, or a per-layer rule such as "3,first=4,last=4" (flash_layout.BitsRule)
-    bits: Union[int, str] = 4
-    group_size: int = 64
-    resident_bits: int = 4
-    experts_per_token: Optional[int] = None
-    delete_source: bool = False
-    revision: Optional[str] = None
-    # What the manifest (and the settings a re-run must match) call the source, instead of its path:
-    # for a checkpoint written to a temporary directory (the demo), whose path means nothing later.
-    source_label: Optional[str] = None
-    # On a complete output with the same settings: verify it and rewrite only the damaged records
-    # (and the resident weights, config and tokenizer), instead of saying "already prepared".
-    repair: bool = False
-
-
-@dataclass
-class Plan:
-    """Everything decided before the first byte is written."""
-
-    name: str
-    output: Path
-    source: Source
-    layers: list
-    experts_per_token: int
-    source_quant: Dict[Tuple[int, str], SourceQuantization]  # (layer, projection) -> source's quantization
-    dtype: Optional[str]
-    tensor_meta: Dict[str, Tuple[str, tuple]]  # key -> (mlx dtype, shape), every source tensor
-    settings: dict
-    source_label: str  # manifest.source
-
-    @cached_property
-    def resident_estimate(self) -> int:
-        """Bytes of the resident weights, from shapes (built on first use: an already prepared model
-        never needs it)."""
-        return estimate_resident_bytes(self.source.config, self.settings["resident_bits"])
+from .checkpoint import TOKENIZER_FILES, classify
+from .experts import DiskFullError, ExpertRecordWriter
+from .journal import Journal
+from .plan import (PrepareOptions, Plan, check_disk_space, check_options, make_plan, name_and_output,
+                   other_model_message, space_needed_message)
+from .resident import resident_parameters, write_resident
+from .safetensors_io import TensorInfo, copy_tensors, read_header
+from .source import Source, resolve_source
 
 
 def prepare(opts: PrepareOptions, echo: Callable[[str], None] = print) -> Manifest:
     """Convert (or resume converting, or repair) one model; registers it only once it is complete.
 
-    Every failure is a FlashMoeError with one line saying what to do; the output keeps the work done
-    so far (``.partial/``) and the same command continues it.
+    Every failure is a FlashMoeError with one line saying what to do (Ctrl-C: an ``Interrupted``, still a
+    KeyboardInterrupt, with such a line). Work done so far stays in the output (``.partial/``), the
+    message says so, and the same command continues it; a run that fails before any of its work was
+    journaled on a new output leaves nothing behind.
     """
-    _check_options(opts)
-    name = registry.check_name(opts.name or registry.name_from_source(opts.source))
-    output = Path(opts.output).expanduser().resolve() if opts.output else registry.default_output(name)
+    check_options(opts)
+    name, output = name_and_output(opts)
     plan = None
     try:
         existing = _existing_output(output)
         source = resolve_source(opts.source, opts.revision, opts.delete_source)
-        plan = _plan(opts, name, output, source)
-        damaged_manifest = existing is DAMAGED
-        if damaged_manifest:
-            existing = None
-        if existing is not None:
-            if existing.settings != plan.settings:
-                raise FlashMoeError(
-                    f"{output} already holds a different model ({existing.name} from {existing.source}); "
-                    f"choose another --output or remove it with `llm flash-moe remove {existing.name}`"
-                )
-            if not opts.repair:
-                _remove_leftovers(output)
-                registry.register(name, output)
-                echo(f"{name} is already prepared in {output} (`llm flash-moe verify {name}` checks it)")
-                return existing
-        journal = Journal(output)
-        journal.lock()
-        try:
-            if damaged_manifest:
-                echo(f"{output / MANIFEST_NAME} is damaged and nothing in {output} can be trusted: "
-                     "preparing it again from the start")
-                journal.reset()
-                (output / MANIFEST_NAME).unlink()
-            intact = None
-            if existing is not None:
-                intact = _start_repair(existing, plan, echo)
-                if intact is None:
-                    registry.register(name, output)
-                    return existing
-            journal.check_plan(plan.settings)
-            _check_disk_space(plan, journal)
-            manifest = _convert(plan, journal, opts.resident_bits, echo, intact)
-        finally:
-            journal.unlock()
-    except DiskFullError as e:
-        raise FlashMoeError(f"{e}: {_space_needed_message(plan)}; free some space and run the same command "
-                            "again to continue where it stopped") from None
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise FlashMoeError(f"the disk filled up ({e.filename or output}): {_space_needed_message(plan)}; "
-                                "free some space and run the same command again to continue where it stopped"
-                                ) from None
-        raise FlashMoeError(f"cannot prepare {name} in {output}: {e.strerror or e} "
-                            f"({e.filename or 'during the conversion'})") from None
+        plan = make_plan(opts, name, output, source)
+        manifest = _prepare(opts, plan, existing, echo)
+    except (KeyboardInterrupt, OSError) as e:
+        raise _explained(e, plan, name, output) from None
     registry.register(name, output)
     return manifest
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `prepare`, with the one line that says what is left and how to continue."""
+
+
+def _prepare(opts: PrepareOptions, plan: Plan, existing, echo) -> Manifest:
+    name, output = plan.name, plan.output
+    damaged_manifest = existing is DAMAGED
+    if damaged_manifest:
+        existing = None
+    if existing is not None:
+        if existing.settings != plan.settings:
+            raise FlashMoeError(other_model_message(existing, plan.settings, output))
+        if not opts.repair:
+            _remove_leftovers(output)
+            echo(f"{name} is already prepared in {output} (`llm flash-moe verify {name}` checks it)")
+            return existing
+    new_output = not output.exists()
+    journal = Journal(output)
+    journal.lock()
+    try:
+        if damaged_manifest:
+            echo(f"{output / MANIFEST_NAME} is damaged and nothing in {output} can be trusted: "
+                 "preparing it again from the start")
+            journal.reset()
+            (output / MANIFEST_NAME).unlink()
+        intact = None
+        if existing is not None:
+            intact = _start_repair(existing, plan, echo)
+            if intact is None:
+                return existing
+        journal.check_plan(plan.settings)
+        check_disk_space(plan, journal)
+        return _convert(plan, journal, opts.resident_bits, echo, intact)
+    except BaseException as e:
+        if new_output and journal.is_empty():
+            shutil.rmtree(output, ignore_errors=True)  # nothing a re-run could reuse, and no one else's
+        raise _explained(e, plan, name, output) from None
+    finally:
+        journal.unlock()
+
+
+def _explained(e: BaseException, plan: Optional[Plan], name: str, output: Path) -> BaseException:
+    """The one-line FlashMoeError for an interruption or failure of `prepare` (other exceptions as they are):
+    what went wrong, and what is left in the output."""
+    if isinstance(e, KeyboardInterrupt):
+        return e if isinstance(e, Interrupted) else Interrupted(f"interrupted; {_left_behind(name, output)}")
+    if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        what = str(e) if isinstance(e, DiskFullError) else f"the disk filled up ({e.filename or output})"
+        return FlashMoeError(f"{what}: {space_needed_message(plan)}; free some space and run the same command "
+                             "again to continue where it stopped")
+    if isinstance(e, OSError):
+        e = FlashMoeError(f"cannot prepare {name} in {output}: {e.strerror or e} "
+                          f"({e.filename or 'during the conversion'})")
+    if isinstance(e, FlashMoeError) and (output / PARTIAL_DIR).exists() and "run the same command again" not in str(e):
+        return FlashMoeError(f"{e}; {_left_behind(name, output)}")
+    return e
+
+
+def _left_behind(name: str, output: Path) -> str:
+    """What an interrupted or failed run leaves in ``output``, and what the user can do with it."""
+    if not (output / PARTIAL_DIR).exists():
+        return f"nothing was left in {output}"
+    discard = (f"`llm flash-moe remove {name}`" if output == registry.default_output(name)
+               else f"deleting {output}")
+    return (f"the work done so far is kept in {output}: run the same command again to continue where it "
+            f"stopped ({discard} discards it)")
 
 
 def _remove_leftovers(output: Path) -> None:
@@ -168,14 +151,6 @@ def _start_repair(existing: Manifest, plan: Plan, echo) -> Optional[Dict[str, st
             if (layer.layer, e) not in report.bad_experts}
 
 
-def _check_options(opts: PrepareOptions) -> None:
-    BitsRule.parse(opts.bits)  # one line saying what is wrong with it
-    if opts.group_size not in GROUP_SIZES:
-        raise FlashMoeError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {opts.group_size}")
-    if opts.resident_bits not in RESIDENT_BITS:
-        raise FlashMoeError(f"--resident-bits must be one of 4, 8, 16, not {opts.resident_bits}")
-
-
 DAMAGED = "damaged"  # _existing_output: a manifest that cannot be read (and is not from a newer version)
 
 
@@ -196,128 +171,6 @@ def _existing_output(output: Path):
     if output.exists() and any(output.iterdir()) and not (output / PARTIAL_DIR).exists():
         raise FlashMoeError(f"{output} is not empty and is not a flash-moe model; choose another --output")
     return None
-
-
-def _tensor_meta(source: Source) -> Dict[str, Tuple[str, tuple]]:
-    """Dtype and shape of every source tensor, from local headers or, for shards not yet downloaded, the hub."""
-    meta: Dict[str, Tuple[str, tuple]] = {}
-    remote = []
-    for shard in source.shards:
-        path = source.directory / shard
-        if path.exists():
-            meta.update({k: (i.mlx_dtype, i.shape) for k, i in read_header(path).items()})
-        elif source.repo_id is None:
-            raise FlashMoeError(f"shard {shard} is missing from {source.directory}")
-        else:
-            remote.append(shard)
-    if remote:
-        from huggingface_hub import HfApi
-
-        with hub_errors(source.repo_id):
-            info = HfApi().get_safetensors_metadata(source.repo_id, revision=source.revision)
-        for shard in remote:
-            for k, t in info.files_metadata[shard].tensors.items():
-                meta[k] = (DTYPES[t.dtype][1], tuple(t.shape))
-    return meta
-
-
-def _plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> Plan:
-    config = source.config
-    tensor_meta = _tensor_meta(source)
-    shapes = {}
-
-    def record_shape(index, block):
-        import mlx.nn as nn
-
-        shapes[index] = (block.num_experts, *block.switch_mlp.gate_proj.weight.shape[1:], block.top_k)
-        return nn.Module()
-
-    build_model(config, record_shape)
-    if not shapes:
-        raise FlashMoeError(f"{source.id} has no routed experts to stream")
-    source_q = quantization_of(config)
-    bits = BitsRule.parse(opts.bits).resolve(list(shapes))
-    sq = {}
-    if source_q is not None:
-        scales = [m for k, m in tensor_meta.items() if (c := classify(k)) and c.part == "scales"]
-        scale_dtype = scales[0][0] if scales else "bfloat16"
-        for key in tensor_meta:
-            c = classify(key)
-            if c is not None and c.part == "weight":
-                q = source_q.get(key[: -len(".weight")])
-                q = q if isinstance(q, dict) else source_q
-                sq[(c.layer, c.projection)] = SourceQuantization(q["bits"], q["group_size"], q.get("mode", "affine"))
-    else:
-        weights = [m for k, m in tensor_meta.items() if classify(k)]
-        if not weights:
-            raise FlashMoeError(f"{source.id} has no expert tensors; is a shard missing?")
-        scale_dtype = conversion_dtype(config) or weights[0][0]
-    layers = []
-    for index, (num_experts, intermediate, hidden, _) in sorted(shapes.items()):
-        quant = ExpertQuantization(bits[index], opts.group_size)
-        layout = RecordLayout.for_expert(hidden, intermediate, quant, scale_dtype)
-        layers.append(ExpertLayer(index, expert_file_name(index), num_experts, quant, layout))
-    num_experts = layers[0].num_experts
-    native_k = next(iter(shapes.values()))[3]
-    k = opts.experts_per_token or (registry.FLAGSHIP_EXPERTS_PER_TOKEN
-                                   if opts.source == registry.FLAGSHIP_SOURCE else native_k)
-    if not 1 <= k <= num_experts:
-        raise FlashMoeError(f"--experts-per-token must be between 1 and {num_experts}, not {k}")
-    label = opts.source_label or source.id
-    settings = {"format_version": FORMAT_VERSION, "name": name, "source": label, "revision": source.revision,
-                "bits": canonical_bits(bits), "group_size": opts.group_size, "resident_bits": opts.resident_bits,
-                "experts_per_token": k}
-    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings, label)
-
-
-def _fmt(n: int) -> str:
-    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
-
-
-def _space_needed(plan: Plan, journal_done_shards=frozenset()) -> Tuple[int, int]:
-    """(bytes still to be written in the output and downloaded beside it, bytes free there)."""
-    output = plan.output
-    written = 0
-    for layer in plan.layers:
-        path = output / layer.file
-        if path.exists():
-            written += min(path.stat().st_blocks * 512, layer.file_size)
-    need = sum(layer.file_size for layer in plan.layers) - written + plan.resident_estimate
-    if plan.source.repo_id is not None:
-        sizes = plan.source.shard_sizes
-        pending = [s for s in plan.source.shards if s not in journal_done_shards]
-        download = (max((sizes.get(s, 0) for s in pending), default=0) if plan.source.delete_shards
-                    else plan.source.missing_bytes())
-        if os.stat(_existing_parent(plan.source.directory)).st_dev == os.stat(_existing_parent(output)).st_dev:
-            need += download
-    return need, shutil.disk_usage(_existing_parent(output)).free
-
-
-def _space_needed_message(plan: Optional[Plan]) -> str:
-    if plan is None:
-        return "free some space"
-    try:
-        need, free = _space_needed(plan)
-    except OSError:
-        return f"{plan.name} needs more space in {plan.output}"
-    return f"{plan.name} needs about {_fmt(need)} more in {plan.output} and {_fmt(free)} is free"
-
-
-def _check_disk_space(plan: Plan, journal: Journal) -> None:
-    """Refuse up front, with the numbers, when the output (and any download) cannot fit."""
-    need, free = _space_needed(plan, journal.done_shards)
-    if need > free:
-        raise FlashMoeError(
-            f"not enough disk space for {plan.name}: it needs {_fmt(need)} more in {plan.output} but only "
-            f"{_fmt(free)} is free; free some space or choose --output on another disk"
-        )
-
-
-def _existing_parent(path: Path) -> Path:
-    path = Path(path)
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
@@ -428,4 +281,4 @@ def _check_loads(output: Path) -> None:
     try:
         load_resident_model(output, lazy=True)
     except (ValueError, KeyError) as e:
-        raise FlashMoeError(f"the converted resident weights do not load into mlx-lm: {str(e).splitlines()[0]}")
+        raise FlashMoeError(f"the converted resident weights do not load into mlx-lm: {one_line(e)}")

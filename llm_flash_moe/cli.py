@@ -10,23 +10,18 @@ import json
 import os
 import shlex
 import shutil
-import tempfile
 from pathlib import Path
-from typing import List, Optional
 
 import click
 
 from . import flash_layout, registry
+from .demo import DEMO_NAME, DEMO_SOURCE
 from .errors import FlashMoeError
+from .reports import INFO_FIELDS, directory_bytes, format_report, format_table, human_bytes, manifest_summary
 
 # The format module imports no numpy or mlx, so its choices can be read on every llm command.
 EXPERT_BITS, GROUP_SIZES, RESIDENT_BITS = (tuple(map(str, choices)) for choices in (
     flash_layout.EXPERT_BITS, flash_layout.GROUP_SIZES, flash_layout.RESIDENT_BITS))
-
-DEMO_NAME = "demo"
-DEMO_SOURCE = "demo: random weights, qwen3_5_moe architecture, real Qwen3.5 tokenizer"
-DEMO_NOTE = ("The demo model has RANDOM weights: it checks the whole path (converter, expert streaming, "
-             "chat template, the real Qwen3.5 tokenizer) but its output is not language.")
 
 
 class BitsRuleParam(click.ParamType):
@@ -123,70 +118,23 @@ def prepare(source, bits, group_size, resident_bits, experts_per_token, name, ou
     again with the same options; a second run on the same output while one is at work is refused.
     """
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" advice
-    from .conversion.prepare import PrepareOptions
+    from .conversion.prepare import Interrupted, PrepareOptions, prepare as run_prepare
+    from .demo import prepare_demo
 
     opts = PrepareOptions(
         source=source or registry.FLAGSHIP_SOURCE, name=name, output=output, bits=bits,
         group_size=int(group_size), resident_bits=int(resident_bits), experts_per_token=experts_per_token,
         delete_source=delete_source, revision=revision, repair=repair,
     )
-    if demo:
-        if source or delete_source or revision:
-            raise FlashMoeError("--demo builds its own checkpoint: give no SOURCE, --delete-source or --revision")
-        manifest = prepare_demo(opts)
-    else:
-        manifest = _run_prepare(opts)
+    if demo and (source or delete_source or revision):
+        raise FlashMoeError("--demo builds its own checkpoint: give no SOURCE, --delete-source or --revision")
+    try:
+        manifest = (prepare_demo if demo else run_prepare)(opts, echo=click.echo)
+    except Interrupted as e:  # Ctrl-C: say what is kept and that the same command continues
+        raise FlashMoeError(str(e)) from None
     click.echo(f"Prepared {manifest.name}: {human_bytes(manifest.expert_bytes)} of experts, "
                f"{human_bytes(manifest.resident_bytes)} resident, in {registry.model_dir(manifest.name)}")
-    click.echo(f"Run it with: llm -m {manifest.name}{registry.MODEL_SUFFIX} \"your prompt\"")
-
-
-def _run_prepare(opts):
-    from .conversion.prepare import prepare as run_prepare
-
-    return run_prepare(opts, echo=click.echo)
-
-
-def demo_spec():
-    """The demo's dimensions: the real architecture (2 x (3 DeltaNet + 1 attention) layers), tiny sizes."""
-    from .synthetic.checkpoint import TinySpec
-
-    return TinySpec(model_type="qwen3_5_moe", num_hidden_layers=8, num_experts=16, num_experts_per_tok=4)
-
-
-def prepare_demo(opts):
-    """Write the random-weight demo checkpoint to a temporary directory and prepare it."""
-    from .flash_layout import MANIFEST_NAME, Manifest
-
-    opts.name = opts.name or DEMO_NAME
-    registry.check_name(opts.name)
-    output = Path(opts.output).expanduser().resolve() if opts.output else registry.default_output(opts.name)
-    click.echo(DEMO_NOTE)
-    if (output / MANIFEST_NAME).exists():
-        existing = Manifest.load(output)
-        if existing.source != DEMO_SOURCE:
-            raise FlashMoeError(f"{output} already holds {existing.name} from {existing.source}; "
-                                "choose another --name or --output")
-        if not opts.repair:
-            registry.register(opts.name, output)
-            click.echo(f"{opts.name} is already prepared in {output}; to rebuild it: "
-                       f"llm flash-moe remove {opts.name} --yes && llm flash-moe prepare --demo")
-            return existing
-    opts.source_label = DEMO_SOURCE  # the temporary checkpoint will be gone: say what it was instead
-    with tempfile.TemporaryDirectory(prefix="flash-moe-demo-") as tmp:
-        click.echo("Writing the demo checkpoint (the real Qwen3.5 tokenizer takes a few seconds)...")
-        opts.source = str(write_demo_checkpoint(Path(tmp) / "qwen3_5_moe-demo"))
-        return _run_prepare(opts)
-
-
-def write_demo_checkpoint(directory: Path) -> Path:
-    try:
-        from .synthetic.checkpoint import write_hf_checkpoint
-
-        return write_hf_checkpoint(directory, demo_spec(), tokenizer="qwen")
-    except ImportError as e:
-        raise FlashMoeError(f"--demo needs the real Qwen3.5 tokenizer ({e.name} is missing): "
-                            "llm install 'llm-flash-moe[demo]'")
+    click.echo(f"Run it with: llm -m {registry.model_id(manifest.name)} \"your prompt\"")
 
 
 # ------------------------------------------------------------------------------ models / info
@@ -201,19 +149,23 @@ def models_command():
     for name, path in sorted(registry.registered().items()):
         try:
             m = Manifest.load(path)
-            rows.append([name, name + registry.MODEL_SUFFIX, m.bits, str(m.experts_per_token),
+            rows.append([name, registry.model_id(name), m.bits, str(m.experts_per_token),
                          human_bytes(m.expert_bytes), human_bytes(m.resident_bytes), m.source])
         except FlashMoeError:
-            rows.append([name, name + registry.MODEL_SUFFIX, "-", "-", "-", "-", f"not prepared ({path})"])
+            rows.append([name, registry.model_id(name), "-", "-", "-", "-", f"not prepared ({path})"])
+    unfinished = registry.unfinished()
+    for name, path in unfinished.items():
+        rows.append([name, "-", "-", "-", human_bytes(directory_bytes(path)), "-", f"unfinished prepare ({path})"])
     if rows:
         header = ["name", "model id", "bits", "experts/token", "experts", "resident", "source"]
         click.echo(format_table(header, rows))
     else:
         click.echo("No prepared models. Try `llm flash-moe prepare --demo` (one minute, random weights).")
+    if unfinished:
+        click.echo("An unfinished prepare continues where it stopped when its command is run again; "
+                   "`llm flash-moe remove NAME` deletes it.")
     if registry.FLAGSHIP_NAME not in registry.prepared():
-        from .plugin import not_prepared_message
-
-        click.echo(not_prepared_message(registry.FLAGSHIP_NAME))
+        click.echo(registry.not_prepared_message(registry.FLAGSHIP_NAME))
 
 
 @flash_moe.command()
@@ -226,7 +178,7 @@ def info(name, json_):
     """
     from .flash_layout import Manifest
 
-    name = _strip_suffix(name)
+    name = registry.name_of(name)
     path = registry.model_dir(name)
     summary = manifest_summary(Manifest.load(path), path)
     if json_:
@@ -239,45 +191,6 @@ def info(name, json_):
         if value is None:
             value = "-"
         click.echo(f"{label + ':':<24}{value}")
-
-
-INFO_FIELDS = [
-    ("Name", "name"), ("Model id", "model_id"), ("Directory", "directory"), ("Source", "source"),
-    ("Revision", "revision"), ("Model type", "model_type"), ("Expert layers", "expert_layers"),
-    ("Experts per layer", "experts_per_layer"), ("Experts per token", "experts_per_token"),
-    ("Expert bits", "expert_bits"), ("Expert group size", "expert_group_size"),
-    ("Resident quantization", "resident_quantization"), ("Expert record", "expert_record_bytes"),
-    ("Experts on disk", "expert_bytes"), ("Resident weights", "resident_bytes"),
-    ("Reads per token", "read_per_token_bytes"), ("Format version", "format_version"),
-]
-
-
-def manifest_summary(m, path: Path) -> dict:
-    """The manifest without per-record checksums: what a person wants to know about the model."""
-    layers = m.expert_layers
-    record = layers[0].layout.record_size if layers else 0
-    quant = m.resident_quantization
-    return {
-        "name": m.name,
-        "model_id": m.name + registry.MODEL_SUFFIX,
-        "directory": str(path),
-        "source": m.source,
-        "revision": m.revision,
-        "model_type": m.model_type,
-        "expert_layers": len(layers),
-        "experts_per_layer": m.num_experts,
-        "experts_per_token": m.experts_per_token,
-        "expert_bits": m.bits,
-        "expert_group_size": layers[0].quantization.group_size if layers else None,
-        "resident_quantization": (f"{quant.get('bits')}-bit, group {quant.get('group_size')}"
-                                  if isinstance(quant, dict) else "none"),
-        "expert_record_bytes": record,
-        "expert_bytes": m.expert_bytes,
-        "resident_bytes": m.resident_bytes,
-        "read_per_token_bytes": sum(layer.layout.record_size for layer in layers) * m.experts_per_token,
-        "format_version": m.format_version,
-        "settings": m.settings,
-    }
 
 
 # ------------------------------------------------------------------------------ verify
@@ -295,7 +208,7 @@ def verify(name):
     from .flash_layout import Manifest
     from .verify import verify_model
 
-    name = _strip_suffix(name)
+    name = registry.name_of(name)
     path = registry.model_dir(name)
     manifest = Manifest.load(path)
     report = verify_model(path, manifest, progress=True)
@@ -348,31 +261,25 @@ def repair_command(manifest, path: Path) -> str:
               multiple=True,
               help="Expert bank sizes to measure, as a share of all the experts (repeatable; default 1 and 1/3).")
 @click.option("--memory-limit", "memory_limit_gb", type=click.FloatRange(min=1), default=None,
-              help="Decode the partial banks in a child process under a cgroup v2 memory.max of this many "
-                   "GB, page cache included (Linux, as root; measured without the limit where unavailable).")
+              help="Decode the partial banks under a cgroup v2 memory.max of this many GB, page cache included.")
 @click.option("--tokens", type=click.IntRange(min=2), default=32, show_default=True,
               help="Decoded tokens per pass.")
 @click.option("--repeats", type=click.IntRange(min=2), default=3, show_default=True,
-              help="Passes per measurement; the median is reported (a partial bank: of the passes after "
-                   "the first).")
+              help="Passes per measurement; the median is reported (a partial bank: of those after the first).")
 @click.option("--prompt-tokens", type=click.IntRange(min=0), default=64, show_default=True,
               help="Prompt length for the prefill measurement (0 skips it; slow on the CPU backend).")
 @click.option("--calibration-layers", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Layers of the routing-only model that measures the routing at 512 experts (0 skips it).")
+              help="Layers of the routing-only model measuring the routing at 512 experts (0: skip).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
               help="Where the synthetic models are built and kept. Default: flash-moe/bench under llm's "
                    "user directory.")
 @click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
 def bench(layers, experts_per_layer, bits, experts, bank_fractions, memory_limit_gb, tokens, repeats,
           prompt_tokens, calibration_layers, directory, json_):
-    """Measure decode speed against its floors and mlx-lm, at any depth, with banks of any size.
+    """Measure decode speed against its floors, mlx-lm and LRU, at any depth and bank size.
 
-    Builds once (and then reuses) a synthetic model with Qwen3.5-397B-A17B's exact per-layer shapes and
-    calibrated routing, then measures for each bits/experts setting: mlx-lm with every expert resident,
-    the same with one host synchronization per layer (the sync floor), page-cache reads of every routed
-    record (the warm I/O floor), the disk's cold bandwidth, and the engine with each bank size (bytes
-    read, hit rate, and what LRU of the same capacity reads on the same requests). See
-    docs/PERFORMANCE.md for results and how to read them.
+    Builds once (then reuses) a synthetic model with Qwen3.5-397B-A17B's per-layer shapes and calibrated
+    routing; see docs/PERFORMANCE.md for what each figure is and the results.
     """
     from .benchmark import BenchOptions, run
 
@@ -414,27 +321,25 @@ def eval_command(name, text_file, experts, against, window, max_tokens, compute,
         llm flash-moe eval qwen397-2bit --against qwen397 --experts 10 --text wiki.test.raw
     """
     from .engine import load_flash_model
-    from .evaluate import Configuration, evaluate, format_report, native_experts_per_token, tokenize, windows_of
+    from .evaluate import Configuration, evaluate, native_experts_per_token, tokenize, windows_of
 
     try:
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise FlashMoeError(f"{text_file} is not UTF-8 text ({e.reason} at byte {e.start})")
-    name = _strip_suffix(name)
+    name = registry.name_of(name)
     flash = load_flash_model(registry.model_dir(name), compute=compute)
     other = None
     try:
         if against:
-            against = _strip_suffix(against)
+            against = registry.name_of(against)
             other = flash if against == name else load_flash_model(registry.model_dir(against), compute=compute)
             reference = Configuration(against, other, native_experts_per_token(other.manifest))
         else:
             reference = Configuration(name, flash, native_experts_per_token(flash.manifest))
         configurations = [Configuration(name, flash, k) for k in dict.fromkeys(experts or [flash.experts_per_token])]
         for config in configurations:
-            if config.experts > flash.manifest.num_experts:
-                raise FlashMoeError(
-                    f"--experts must be between 1 and {flash.manifest.num_experts}, not {config.experts}")
+            flash_layout.check_experts_per_token(config.experts, flash.manifest.num_experts, "--experts")
         ids = tokenize(text, [reference] + configurations)[:max_tokens]
         from huggingface_hub.utils import tqdm
 
@@ -460,25 +365,26 @@ def remove(name, yes):
     NAME is the model's name (`demo`) or model id (`demo-flash`). An unfinished `prepare`
     in the default directory of NAME is removed too.
     """
-    from .flash_layout import MANIFEST_NAME
+    from .flash_layout import MANIFEST_NAME, PARTIAL_DIR
 
-    name = _strip_suffix(name)
+    name = registry.name_of(name)
     path = registry.registered().get(name)
     if path is None:
         partial = registry.default_output(name)
-        if not (partial / ".partial").exists():
+        if not (partial / PARTIAL_DIR).exists():
             raise FlashMoeError(f"no prepared model named {name!r}; see `llm flash-moe models`")
         path = partial
-    if path.exists() and not ((path / MANIFEST_NAME).exists() or (path / ".partial").exists()):
+    if path.exists() and not ((path / MANIFEST_NAME).exists() or (path / PARTIAL_DIR).exists()):
         raise FlashMoeError(f"{path} does not look like a flash-moe model; delete it yourself if you mean to")
     if not yes:
         size = human_bytes(directory_bytes(path)) if path.exists() else "already gone"
-        click.confirm(f"Delete {name} ({path}, {size})?", abort=True)
+        click.confirm(f"Delete {name} ({path}, {size}) and its saved conversation states?", abort=True)
+    from . import prompt_cache
     from .conversion.journal import Journal
-    from .plugin import unload
+    from .session import unload
 
     journal = None
-    if (path / ".partial").exists():
+    if (path / PARTIAL_DIR).exists():
         journal = Journal(path)
         journal.lock()  # refuses while a `prepare` is writing it: never delete files under a running converter
     unload(path)
@@ -488,42 +394,7 @@ def remove(name, yes):
     finally:
         if journal is not None:
             journal.unlock()
+    prompt_cache.forget(name)
     if name in registry.registered():
         registry.unregister(name)
     click.echo(f"Removed {name}")
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def _strip_suffix(name: str) -> str:
-    if name.endswith(registry.MODEL_SUFFIX) and name not in registry.registered():
-        return name[: -len(registry.MODEL_SUFFIX)]
-    return name
-
-
-def directory_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def human_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:,.1f} {unit}"
-    return f"{n} B"
-
-
-def format_table(header: List[str], rows: List[List[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -8,16 +8,8 @@ from typing import Optional
 
 from .errors import FlashMoeError
 from .expert_bank import MIN_SLOTS_PER_TOKEN, ExpertBank
-from .flash_layout import Manifest
+from .flash_layout import TOKENIZER_VOCAB_FILES, Manifest, check_experts_per_token, has_tokenizer
 from .mlx_model import cast_floats, moe_blocks, no_experts, streaming_model_classes
-
-
-# A prepared model needs at least one of these for its tokenizer (copied from the source by prepare).
-TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "qwen.tiktoken")
-
-
-def has_tokenizer(model_dir: Path) -> bool:
-    return any((Path(model_dir) / f).exists() for f in TOKENIZER_VOCAB_FILES)
 
 
 def load_resident_model(model_dir: Path, lazy: bool = False, make_experts=no_experts):
@@ -41,8 +33,7 @@ class FlashModel:
         return moe_blocks(self.model)[0][1].top_k
 
     def set_experts_per_token(self, k: int) -> None:
-        if not 1 <= k <= self.manifest.num_experts:
-            raise FlashMoeError(f"experts per token must be between 1 and {self.manifest.num_experts}, not {k}")
+        check_experts_per_token(k, self.manifest.num_experts)
         for _, block in moe_blocks(self.model):
             block.top_k = k
 
@@ -94,23 +85,6 @@ def auto_bank_budget(manifest: Manifest) -> int:
     budget = auto_bank_bytes()
     everything = sum(layer.num_experts * layer.layout.parts_bytes for layer in manifest.expert_layers)
     return min(everything, budget) if budget is not None else 0
-
-
-def clamp_bank_bytes(want: int, manifest: Manifest, held: int = 0, loaded: bool = True):
-    """(bytes, warning): a requested bank budget, clamped to what the memory the bank lives in can hold
-    (its free memory, plus the bank it would replace, less the reserve; less the resident weights when
-    the model is not loaded yet)."""
-    from .memory import bank_memory, reserve_bytes
-
-    free, total = bank_memory()
-    if free is None:
-        return int(want), None
-    limit = max(0, int(free + held - reserve_bytes(total) - (0 if loaded else manifest.resident_bytes)))
-    if want <= limit:
-        return int(want), None
-    return limit, (f"-o bank_gb {want / 1e9:g} is more than this machine can hold ({free / 1e9:.1f} GB free "
-                   f"where the bank lives, {reserve_bytes(total) / 1e9:.1f} GB of it kept free); "
-                   f"using {limit / 1e9:.2f} GB")
 
 
 def min_bank_slots(manifest: Manifest) -> int:

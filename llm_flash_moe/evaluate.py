@@ -220,25 +220,3 @@ def tokenize(text: str, configurations: Sequence[Configuration]) -> List[int]:
             raise FlashMoeError(f"{config.name} and {first} tokenize the text differently: they are not the same "
                                 "model and cannot be compared token by token")
     return ids
-
-
-# ------------------------------------------------------------------------------ presentation
-
-
-def format_report(report: Report, text_name: str) -> str:
-    from .cli import format_table, human_bytes
-
-    ref = report.reference
-    lines = [f"{text_name}: {report.tokens:,} tokens in {report.windows} window"
-             f"{'s' * (report.windows != 1)} of up to {report.window}; reference: {ref.name} "
-             f"({ref.bits}-bit experts, {ref.experts_per_token} per token)", ""]
-    header = ["model", "bits", "experts", "perplexity", "vs ref", "top-1 agree", "KL nats/token", "read/token",
-              "seconds"]
-    rows = []
-    for r in report.results:
-        change = "-" if r.reference else f"{(r.perplexity / ref.perplexity - 1) * 100:+.1f}%"
-        rows.append([r.name, r.bits, f"{r.experts_per_token}{' (ref)' if r.reference else ''}",
-                     f"{r.perplexity:.4f}", change, f"{r.top1_agreement:.4f}", f"{r.kl_mean:.5f}",
-                     human_bytes(int(r.as_dict()["bytes_read_per_token"])), f"{r.seconds:.1f}"])
-    lines.append(format_table(header, rows))
-    return "\n".join(lines)

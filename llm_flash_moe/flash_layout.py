@@ -3,7 +3,9 @@
 A prepared model is a directory:
 
     manifest.json              written last and atomically; its presence means "complete"
+    .partial/                  while `prepare` works (or after it stopped): its journal, to resume from
     config.json, tokenizer...  copied from the source; config.json carries the resident quantization
+                               (at least one of TOKENIZER_VOCAB_FILES)
     model.safetensors          resident (non-expert) weights, loadable by mlx-lm's model class
     experts/layer-NNN.bin      one file per MoE layer: num_experts fixed-size records
 
@@ -25,17 +27,36 @@ from .errors import FlashMoeError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+PARTIAL_DIR = ".partial"
 EXPERTS_DIR = "experts"
 RESIDENT_WEIGHTS_NAME = "model.safetensors"
 RECORD_ALIGNMENT = 16 * 1024
 PART_ALIGNMENT = 64
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
+# A prepared model needs at least one of these for its tokenizer (copied from the source by prepare).
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "qwen.tiktoken")
+# A damaged manifest does not say which command made it (a bare `prepare` would download the flagship).
+DAMAGED_REMEDY = ("run the `llm flash-moe prepare` command that made this model again (`llm flash-moe prepare --demo` "
+                  "for the demo): it starts over; or delete it with `llm flash-moe remove NAME`")
+
 _DTYPE_BYTES = {"uint32": 4, "uint8": 1, "bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((Path(model_dir) / f).exists() for f in TOKENIZER_VOCAB_FILES)
+
+
+def check_experts_per_token(k, num_experts: int, option: str = "experts per token", model: str = "") -> int:
+    """The one bound on experts per token, 1 to the experts per layer; ``option`` names what the user gave."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        target = f" for {model}" if model else ""
+        raise FlashMoeError(f"{option} must be between 1 and {num_experts}{target}, not {k}")
+    return k
 
 
 def expert_file_name(layer: int) -> str:
@@ -335,19 +356,24 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FlashMoeError(f"{model_dir} is not a prepared model (no {MANIFEST_NAME}); run `llm flash-moe prepare`")
+            raise FlashMoeError(f"{model_dir} is not a prepared model: it has no {MANIFEST_NAME} (a `llm flash-moe "
+                                "prepare` into it never finished); see `llm flash-moe models`")
         except (ValueError, UnicodeDecodeError):
-            raise FlashMoeError(f"{path} is damaged; run `llm flash-moe prepare` again")
+            raise FlashMoeError(f"{path} is damaged; {DAMAGED_REMEDY}")
+        if not isinstance(data, dict):
+            raise FlashMoeError(f"{path} is damaged (not a JSON object); {DAMAGED_REMEDY}")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise FlashMoeError(f"{path} is damaged (no format_version); {DAMAGED_REMEDY}")
+        if version > FORMAT_VERSION:
             raise FlashMoeError(
                 f"{path} uses flash layout version {version}, newer than this plugin understands "
                 f"({FORMAT_VERSION}); upgrade with `llm install -U llm-flash-moe`"
             )
         try:
             return cls.from_json(data)
-        except (KeyError, TypeError) as e:
-            raise FlashMoeError(f"{path} is damaged ({e}); run `llm flash-moe prepare` again")
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise FlashMoeError(f"{path} is damaged ({type(e).__name__}: {e}); {DAMAGED_REMEDY}")
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -7,9 +7,13 @@ module in the converter).
 
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+import dataclasses
+import json
+import sys
+import typing
+from typing import Callable, List, Optional, Tuple
 
-from .errors import FlashMoeError
+from .errors import FlashMoeError, one_line
 
 
 def model_classes(config: dict):
@@ -21,6 +25,103 @@ def model_classes(config: dict):
         raise FlashMoeError(
             f"this mlx-lm has no model class for model type {config.get('model_type')!r}; upgrade mlx-lm"
         )
+
+
+# ------------------------------------------------------------------------------ config.json checks
+
+
+def config_problem(config) -> Optional[str]:
+    """What makes ``config`` (a parsed config.json) unfit for mlx-lm's model class, in a few words, or None.
+
+    Every field mlx-lm's ``ModelArgs`` (and, for Qwen3.5, ``TextModelArgs`` of ``text_config``) reads must
+    have the JSON type its annotation gives (an int where a float is asked for is fine) and the fields it
+    requires must be there. Fields mlx-lm does not read are not looked at.
+    """
+    if not isinstance(config, dict):
+        return f"it is {json_kind(config)}, not a JSON object"
+    model_class, args_class = model_classes(config)
+    text_class = _text_args_class(model_class, args_class)
+    problem = _fields_problem(config, args_class, "", skip={"text_config"} if text_class else set())
+    if problem or text_class is None:
+        return problem
+    if "text_config" in config:
+        return _fields_problem(config["text_config"], text_class, "text_config.")
+    return _fields_problem(config, text_class, "")
+
+
+def json_kind(value) -> str:
+    """How JSON calls a value's type, for messages: "a string", "a list", "null"..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    return {int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
+def _text_args_class(model_class, args_class):
+    """The args class of a nested ``text_config`` (qwen3_5's TextModelArgs), if the model has one."""
+    if "text_config" not in {f.name for f in dataclasses.fields(args_class)}:
+        return None
+    for cls in model_class.__mro__:
+        found = getattr(sys.modules.get(cls.__module__), "TextModelArgs", None)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_problem(values, args_class, prefix: str, skip=frozenset()) -> Optional[str]:
+    if not isinstance(values, dict):
+        return f"{prefix.rstrip('.') or 'it'} is {json_kind(values)}, not a JSON object"
+    hints = typing.get_type_hints(args_class)
+    for f in dataclasses.fields(args_class):
+        if f.name in skip:
+            continue
+        if f.name not in values:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required:
+                return f"{prefix}{f.name} is missing"
+            continue
+        value = values[f.name]
+        if not _matches(value, hints.get(f.name, typing.Any)):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            return f"{prefix}{f.name} must be {_expected(hints[f.name])}, not {shown}"
+    return None
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+          dict: "an object", type(None): "null"}
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_matches(value, a) for a in args)
+    if hint is typing.Any or hint is object:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, (bool, int)) and not isinstance(value, float)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (list, tuple) or origin in (list, tuple):
+        item = args[0] if origin is list and args else typing.Any
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True  # a type JSON cannot spell: mlx-lm's own checks decide
+
+
+def _expected(hint) -> str:
+    if typing.get_origin(hint) is typing.Union:
+        return " or ".join(dict.fromkeys(_expected(a) for a in typing.get_args(hint)))
+    return _KINDS.get(typing.get_origin(hint) or hint, "of another type")
 
 
 def no_experts(index, block):
@@ -53,7 +154,11 @@ def build_model(config: dict, make_experts: Callable[[int, object], object]):
     no memory for the expert weights even at the 397B's size.
     """
     construct, args_class = streaming_model_classes(make_experts)(config)
-    return construct(args_class.from_dict(config))
+    try:
+        return construct(args_class.from_dict(config))
+    except Exception as e:  # mlx-lm's classes check a config as they build the model, each in its own way
+        raise FlashMoeError(f"mlx-lm cannot build a {config.get('model_type')} model from this config.json: "
+                            f"{one_line(e)}") from None
 
 
 def streaming_model_classes(make_experts: Callable[[int, object], object]):

@@ -15,7 +15,7 @@ Files are written atomically (temporary name, then rename). The directory is kep
 (``LLM_FLASH_MOE_PROMPT_CACHE_GB``, default 2; 0 turns the disk cache off), least recently used
 (mtime) first out; a hit touches its file.
 
-Which prefixes are worth keeping is the plugin's business (see ``plugin.Turn``); this module stores,
+Which prefixes are worth keeping is the session's business (see ``session.Turn``); this module stores,
 finds and evicts them. Nothing here imports mlx at module level.
 """
 
@@ -338,6 +338,14 @@ class PromptCache:
         """Keep a frozen snapshot (see ``freeze``) of the state after ``tokens``; True if it reached the disk."""
         self.memory.put(self.identity, list(tokens), caches)
         return self.disk.put(self.identity, list(tokens), caches)
+
+
+def forget(name: str) -> None:
+    """Delete the snapshots of model ``name`` on disk (the model was removed). Those in this process's
+    memory are keyed by the model's identity and go with it."""
+    import shutil
+
+    shutil.rmtree(root() / name, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ per-conversation settings

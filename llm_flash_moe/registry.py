@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Dict
 
 from .errors import FlashMoeError
-from .flash_layout import MANIFEST_NAME, write_json_atomic
+from .flash_layout import MANIFEST_NAME, PARTIAL_DIR, write_json_atomic
 
 FLAGSHIP_NAME = "qwen397"
 FLAGSHIP_SOURCE = "mlx-community/Qwen3.5-397B-A17B-4bit"
 FLAGSHIP_EXPERTS_PER_TOKEN = 4
+# What `llm flash-moe prepare` (flagship defaults: 4-bit experts, group 64, 4-bit resident) writes,
+# and what it downloads first (the MLX 4-bit release) unless --delete-source drops each shard once used.
+FLAGSHIP_PREPARED_GB = 223
+FLAGSHIP_DOWNLOAD_GB = 223
 MODEL_SUFFIX = "-flash"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
@@ -35,6 +39,32 @@ def _registry_path() -> Path:
 
 def default_output(name: str) -> Path:
     return root() / name
+
+
+def model_id(name: str) -> str:
+    return name + MODEL_SUFFIX
+
+
+def name_of(name_or_model_id: str) -> str:
+    """A model's name from its name (`qwen397`) or its model id (`qwen397-flash`)."""
+    if name_or_model_id.endswith(MODEL_SUFFIX) and name_or_model_id not in registered():
+        return name_or_model_id[: -len(MODEL_SUFFIX)]
+    return name_or_model_id
+
+
+def not_prepared_message(name: str) -> str:
+    """The one line shown when a listed model is used before `llm flash-moe prepare` made it."""
+    if name == FLAGSHIP_NAME:
+        return (
+            f"{model_id(name)} is not prepared yet: run `llm flash-moe prepare` (downloads "
+            f"{FLAGSHIP_SOURCE}; needs about {FLAGSHIP_PREPARED_GB + FLAGSHIP_DOWNLOAD_GB} GB free disk: "
+            f"{FLAGSHIP_PREPARED_GB} GB prepared + {FLAGSHIP_DOWNLOAD_GB} GB download, or about "
+            f"{FLAGSHIP_PREPARED_GB + 5} GB with `llm flash-moe prepare --delete-source`)"
+        )
+    return (
+        f"{model_id(name)} is not prepared (no complete model in {default_output(name)}): run "
+        f"`llm flash-moe prepare SOURCE --name {name}` again, or `llm flash-moe remove {name}`"
+    )
 
 
 def name_from_source(source: str) -> str:
@@ -91,6 +121,16 @@ def unregister(name: str) -> None:
 def prepared() -> Dict[str, Path]:
     """Registered models whose manifest exists (a directory without a complete manifest never counts)."""
     return {name: path for name, path in registered().items() if (path / MANIFEST_NAME).exists()}
+
+
+def unfinished() -> Dict[str, Path]:
+    """Directories under ``root()`` where a `prepare` started and has not finished (no registration yet)."""
+    try:
+        found = {p.name: p for p in root().iterdir() if (p / PARTIAL_DIR).is_dir() and not (p / MANIFEST_NAME).exists()}
+    except OSError:
+        return {}
+    registered_dirs = {path.resolve() for path in registered().values()}
+    return {name: path for name, path in sorted(found.items()) if path.resolve() not in registered_dirs}
 
 
 def model_dir(name: str) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from .flash_layout import Manifest, file_checksum, record_checksum
+from .flash_layout import TOKENIZER_VOCAB_FILES, Manifest, file_checksum, has_tokenizer, record_checksum
 
 CHUNK_BYTES = 64 << 20
 CHECKSUM_THREADS = min(8, os.cpu_count() or 1)  # zlib.crc32 releases the GIL: records are checked in parallel
@@ -67,8 +67,6 @@ def verify_model(model_dir: Path, manifest: Manifest, progress: bool = False) ->
         json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
         report.problems.append(f"config.json is missing or damaged ({type(e).__name__})")
-    from .engine import TOKENIZER_VOCAB_FILES, has_tokenizer
-
     if not has_tokenizer(model_dir):
         report.problems.append(f"the tokenizer is missing (none of {', '.join(TOKENIZER_VOCAB_FILES)})")
     return report

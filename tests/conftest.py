@@ -114,10 +114,10 @@ def tiny_model(tmp_path_factory) -> Path:
 def spy(monkeypatch):
     """Records each pass through the plugin's model: the whole prompt (cached part included), the
     tokenizer, the Turn, and the responses mlx_lm.stream_generate yielded."""
-    from llm_flash_moe import plugin
+    from llm_flash_moe import session
 
     calls = []
-    real = plugin.Turn.steps
+    real = session.Turn.steps
 
     def steps(turn, max_tokens, sampler):
         call = {"prompt": list(turn.prompt_ids), "tokenizer": turn.flash.tokenizer, "responses": [], "turn": turn}
@@ -126,7 +126,7 @@ def spy(monkeypatch):
             call["responses"].append(response)
             yield response
 
-    monkeypatch.setattr(plugin.Turn, "steps", steps)
+    monkeypatch.setattr(session.Turn, "steps", steps)
     return calls
 
 

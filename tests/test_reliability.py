@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from llm.cli import cli
 
-from llm_flash_moe import plugin, registry
+from llm_flash_moe import plugin, registry, session, settings
 from llm_flash_moe.conversion import experts as experts_module
 from llm_flash_moe.conversion import faults
 from llm_flash_moe.errors import FlashMoeError
@@ -233,9 +233,9 @@ def user(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("LLM_USER_PATH", str(path))
     monkeypatch.delenv("LLM_RAISE_ERRORS", raising=False)
     monkeypatch.delenv(faults.ENV, raising=False)
-    plugin.unload()
+    session.unload()
     yield path
-    plugin.unload()
+    session.unload()
 
 
 @pytest.fixture
@@ -344,6 +344,79 @@ def test_remove_refuses_while_prepare_is_writing(copy):
     assert run("flash-moe", "remove", NAME, "--yes").exit_code == 0 and not copy.exists()
 
 
+def _interrupt_after(monkeypatch, writes: int) -> None:
+    """Ctrl-C (KeyboardInterrupt) in the converter after ``writes`` expert units, each journaled."""
+    real_write, calls = experts_module.ExpertRecordWriter._write, {"n": 0}
+
+    def write(self, *args):
+        calls["n"] += 1
+        if calls["n"] > writes:
+            raise KeyboardInterrupt
+        return real_write(self, *args)
+
+    monkeypatch.setattr(experts_module.ExpertRecordWriter, "_write", write)
+    monkeypatch.setattr(experts_module, "COMMIT_EVERY_BYTES", 1)
+
+
+def test_ctrl_c_says_what_is_kept_and_the_same_command_continues(source, reference, user, monkeypatch):
+    args = ["flash-moe", "prepare", str(source), "--name", NAME]
+    out = registry.default_output(NAME)
+    _interrupt_after(monkeypatch, 40)
+    line = one_line_error(run(*args))
+    assert line == (f"Error: interrupted; the work done so far is kept in {out}: run the same command again to "
+                    f"continue where it stopped (`llm flash-moe remove {NAME}` discards it)")
+    assert NAME not in registry.registered() and 30 <= journal_units(out) <= 40
+    listed = run("flash-moe", "models").output
+    assert f"unfinished prepare ({out})" in listed
+    assert "continues where it stopped when its command is run again" in listed
+    monkeypatch.undo()
+    monkeypatch.setenv("LLM_USER_PATH", str(user))
+    resumed = run(*args)
+    assert resumed.exit_code == 0, resumed.output
+    assert all_files(out) == all_files(reference)
+    assert "unfinished" not in run("flash-moe", "models").output
+
+
+def test_unfinished_prepare_is_removed_by_name(source, user, monkeypatch):
+    _interrupt_after(monkeypatch, 10)
+    one_line_error(run("flash-moe", "prepare", str(source), "--name", NAME))
+    out = registry.default_output(NAME)
+    assert (out / ".partial").exists() and f"unfinished prepare ({out})" in run("flash-moe", "models").output
+    assert run("flash-moe", "remove", NAME, "--yes").exit_code == 0
+    assert not out.exists() and "unfinished" not in run("flash-moe", "models").output
+
+
+def test_failure_before_any_work_leaves_nothing(source, user, monkeypatch, tmp_path):
+    _interrupt_after(monkeypatch, 0)
+    line = one_line_error(run("flash-moe", "prepare", str(source), "--name", NAME))
+    assert line == f"Error: interrupted; nothing was left in {registry.default_output(NAME)}"
+    assert not registry.default_output(NAME).exists()
+    out = tmp_path / "elsewhere"
+    line = one_line_error(run("flash-moe", "prepare", str(source), "--name", NAME, "--output", str(out)))
+    assert not out.exists() and NAME not in registry.registered()
+
+
+def test_a_failure_after_some_work_says_where_it_is(source, user, monkeypatch, tmp_path):
+    def broken(output, **kwargs):  # mlx's message for extra weights: one name per line
+        raise ValueError("Received 2 parameters not in model: \nmodel.extra.a,\nmodel.extra.b.")
+
+    monkeypatch.setattr("llm_flash_moe.engine.load_resident_model", broken)
+    out = tmp_path / "out"
+    line = one_line_error(run("flash-moe", "prepare", str(source), "--name", NAME, "--output", str(out)))
+    assert "Received 2 parameters not in model: model.extra.a, model.extra.b." in line  # not cut mid-list
+    assert line.endswith(f"the work done so far is kept in {out}: run the same command again to continue "
+                         f"where it stopped (deleting {out} discards it)")
+    assert (out / ".partial").exists() and NAME not in registry.registered()
+
+
+def test_remove_deletes_the_models_saved_conversation_states(copy, user):
+    assert run("-m", MODEL, "hello there", *GREEDY, "-o", "max_tokens", "3").exit_code == 0
+    snapshots = user / "flash-moe" / "prompt-cache" / NAME
+    assert list(snapshots.glob("*.safetensors"))
+    assert run("flash-moe", "remove", NAME, "--yes").exit_code == 0
+    assert not snapshots.exists() and not copy.exists()
+
+
 # ------------------------------------------------------------------------------ 2. full disk
 
 
@@ -441,7 +514,7 @@ def test_full_disk_is_one_line_and_a_rerun_resumes(source, reference, tmp_path, 
         assert all_files(out) == all_files(reference)
         assert registry.prepared()[NAME] == out.resolve()
     finally:
-        plugin.unload()
+        session.unload()
         disk.close()
 
 
@@ -565,7 +638,8 @@ def _missing_tokenizer(d):
     (_truncated_file, "layer-001.bin has 1,000 bytes, expected 131,072; run `llm flash-moe verify rel`"),
     (_grown_file, "layer-001.bin has 147,456 bytes, expected 131,072; run `llm flash-moe verify rel`"),
     (_newer_manifest, f"uses flash layout version {FORMAT_VERSION + 1}, newer than this plugin understands"),
-    (_damaged_manifest, "manifest.json is damaged; run `llm flash-moe prepare` again"),
+    (_damaged_manifest, "manifest.json is damaged; run the `llm flash-moe prepare` command that made this model "
+                        "again (`llm flash-moe prepare --demo` for the demo)"),
     (_truncated_resident, "cannot load the resident weights"),
     (_missing_tokenizer, "cannot load the tokenizer"),
 ])
@@ -591,7 +665,7 @@ def test_file_truncated_after_load_stops_mid_generation(copy):
     with open(copy / "experts/layer-002.bin", "r+b") as f:
         f.truncate(0)
     assert run(*args).exit_code == 0  # every expert it needs is in the bank: nothing is read
-    (flash,) = plugin._LOADED.values()
+    (flash,) = session._LOADED.values()
     flash.bank.clear()  # now each must be read again
     result = run(*args)
     line = one_line_error(result)
@@ -762,7 +836,7 @@ def test_hub_download_failing_midway_is_one_line(source, tmp_path, user, monkeyp
     ("temperature", "nan", "temperature"), ("temperature", "-1", "temperature"), ("top_p", "2", "top_p"),
     ("min_p", "inf", "min_p"), ("bank_gb", "inf", "bank_gb"), ("bank_gb", "-1", "bank_gb"),
     ("seed", "-1", "seed"), ("seed", str(2 ** 64), "seed"), ("max_tokens", "0", "max_tokens"),
-    ("experts", "0", "experts"), ("experts", "99", "-o experts must be between 1 and 8"),
+    ("experts", "0", "-o experts must be between 1 and 8"), ("experts", "99", "-o experts must be between 1 and 8"),
     ("nonsense", "1", "nonsense"),
 ])
 def test_prompt_options_out_of_range(copy, option, value, expected):
@@ -789,7 +863,7 @@ def test_bank_gb_above_memory_is_clamped_with_a_warning(copy, monkeypatch):
     limit = 1_000_000_000 - resident  # free, less the reserve, less the weights about to be loaded
     assert ("Warning: -o bank_gb 5 is more than this machine can hold (3.0 GB free where the bank lives, "
             "2.0 GB of it kept free); using") in result.stderr
-    (flash,) = plugin._LOADED.values()
+    (flash,) = session._LOADED.values()
     assert flash.bank.budget_bytes == limit
     fits = run("-m", MODEL, "hi", *GREEDY, "-o", "max_tokens", "3", "-o", "bank_gb", "0.5")
     assert "Warning" not in fits.stderr and flash.bank.budget_bytes == 500_000_000
@@ -825,7 +899,7 @@ def test_two_llm_processes_at_once_answer_as_one_alone(copy, user):
         result = run("-m", MODEL, p, *args)
         assert result.exit_code == 0, result.output
         alone.append(result.stdout)
-        plugin.unload()
+        session.unload()
     assert alone[0] != alone[1] and all(a.strip() for a in alone)
     # One llm user directory each (the same prepared model registered in all): llm's own logging of
     # concurrent responses into one logs.db can fail with sqlite's "database is locked" on a loaded machine
