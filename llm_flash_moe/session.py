@@ -95,6 +95,49 @@ def check_finite(step, model_id: str, name: str) -> None:
         )
 
 
+class EndDeferred:
+    """Stands in for the model in mlx-lm's generation loop, so that no expert is read for a token after the
+    answer has ended.
+
+    mlx-lm feeds each sampled token to the model before handing it out, the last one too (the end-of-answer
+    token, or the ``max_tokens``-th), whose logits nobody uses. Here that call returns placeholder logits
+    and keeps the token in ``pending``; ``feed_pending()`` runs it through the model when the state after
+    the whole answer is wanted (``Turn.save``). ``prompt_length``: the tokens the loop is given to process
+    before it generates.
+    """
+
+    def __init__(self, model, end_tokens, max_tokens: int, prompt_length: int):
+        self.model, self.end_tokens = model, set(end_tokens)
+        self.max_tokens, self.prompt_length = max_tokens, prompt_length
+        self.fed = 0  # tokens the loop has fed so far
+        self.vocab = None  # from the logits of the first call
+        self.pending = None  # (inputs, cache) put off
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, inputs, cache=None, **kwargs):
+        import mlx.core as mx
+
+        before, self.fed = self.fed, self.fed + inputs.shape[-1]
+        if before >= self.prompt_length and inputs.shape[-1] == 1:  # a generated token fed back
+            number = before - self.prompt_length + 1
+            if number == self.max_tokens or int(inputs.reshape(-1)[0].item()) in self.end_tokens:
+                self.pending = (inputs, cache)
+                return mx.zeros((*inputs.shape, self.vocab), dtype=mx.float32)
+        logits = self.model(inputs, cache=cache, **kwargs)
+        self.vocab = logits.shape[-1]
+        return logits
+
+    def feed_pending(self) -> None:
+        import mlx.core as mx
+
+        if self.pending is not None:
+            inputs, cache = self.pending
+            self.pending = None
+            mx.eval(self.model(inputs, cache=cache))
+
+
 class Turn:
     """One response's pass through the model, continuing from the longest cached prefix of its prompt.
 
@@ -117,6 +160,7 @@ class Turn:
         self.saved: List[int] = []
         self._cache = None
         self._mid = None
+        self._model = None
 
     @property
     def processed(self) -> int:
@@ -140,7 +184,9 @@ class Turn:
             prefill(self.flash.model, cache, self.prompt_ids[position:self.checkpoint])
             self._mid = prompt_cache.freeze(cache)
             position = self.checkpoint
-        for response in mlx_lm.stream_generate(self.flash.model, self.flash.tokenizer, self.prompt_ids[position:],
+        rest = self.prompt_ids[position:]
+        self._model = EndDeferred(self.flash.model, self.flash.tokenizer.eos_token_ids, max_tokens, len(rest))
+        for response in mlx_lm.stream_generate(self._model, self.flash.tokenizer, rest,
                                                max_tokens=max_tokens, sampler=sampler, prompt_cache=cache):
             if self.prompt_seconds is None:
                 self.prompt_seconds = time.perf_counter() - started
@@ -160,6 +206,8 @@ class Turn:
         # The cache holds prompt + every generated token (mlx-lm feeds each sampled token before
         # yielding it); checked, so a state is never filed under tokens it did not see.
         end_saved = False
+        if len(full) in reach:
+            self._model.feed_pending()  # the answer's last token, put off while generating
         if len(full) in reach and prompt_cache.kv_length(self._cache) in (None, len(full)):
             self.store.save(full, prompt_cache.freeze(self._cache))
             end_saved = True

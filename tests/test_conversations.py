@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -475,3 +476,32 @@ def test_async_errors_are_raised_in_the_caller(user_path):
     with pytest.raises(llm.ModelError, match="between 1 and 8"):
         asyncio.run(go())
     assert not workers()
+
+
+@pytest.mark.parametrize("ending", ["stop", "length"])
+def test_nothing_is_computed_or_read_for_a_token_after_the_answer_ends(user_path, spy, flash, monkeypatch, ending):
+    """mlx-lm feeds every sampled token back before handing it out; the last one (<|im_end|>, or the
+    max_tokens-th) is not fed when no saved state needs it: the model sees prompt + answer - 1 tokens."""
+    fed = []
+    model_class = type(flash.model)
+    real = model_class.__call__
+
+    def counting(self, inputs, *args, **kwargs):
+        fed.append(inputs.shape[-1])
+        return real(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(model_class, "__call__", counting)
+    steer(monkeypatch, flash, ["one two three four"])
+    max_tokens = "50" if ending == "stop" else "3"
+    before = replace(flash.bank.stats)
+    result = run("-m", MODEL, "hi", *NO_THINK, "-o", "max_tokens", max_tokens, "-o", "prompt_cache", "0")
+    assert result.exit_code == 0, result.output
+    (call,) = spy
+    answer = len(call["responses"])
+    assert call["responses"][-1].finish_reason == ending
+    assert answer == (int(max_tokens) if ending == "length" else len(flash.tokenizer.encode(
+        "one two three four", add_special_tokens=False)) + 1)
+    assert sum(fed) == len(call["prompt"]) + answer - 1
+    decode_calls = fed.count(1)  # the prompt went through in one call
+    moe_layers = len(flash.manifest.expert_layers)
+    assert flash.bank.stats.since(before).requested >= decode_calls * moe_layers * flash.experts_per_token
