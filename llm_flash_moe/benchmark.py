@@ -523,18 +523,19 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     recall = flash.bank.stats.since(before).prediction_recall
     trace = one_pass[len(manifest.expert_layers):]  # the timed tokens (the first token is not timed)
     result["routing"] = routing_stats(by_layer(one_pass), manifest.num_experts, recall)
-    before = replace(flash.bank.stats)
-    warm = median_ms(flash.model, tokens, opts.repeats)
-    during = flash.bank.stats.since(before)
     engine_logits = decode_logits(flash.model, tokens)
     result["primitives_per_moe_block"] = {"engine": primitives_per_block(flash)}
-    result["full_bank"] = {"bank_gb": round(flash.bank.nbytes / 1e9, 3), "first_pass_ms_per_token": _r(first),
+    full = max(opts.bank_fractions) >= 1  # else only the partial banks are timed (the floors still are)
+    before = replace(flash.bank.stats)
+    warm = median_ms(flash.model, tokens, opts.repeats) if full else None
+    during = flash.bank.stats.since(before)
+    result["full_bank"] = None if not full else {"bank_gb": round(flash.bank.nbytes / 1e9, 3), "first_pass_ms_per_token": _r(first),
                            "ms_per_token": _r(warm), "bank_hit_rate": _r3(during.hit_rate),
                            "bytes_read_per_token": during.bytes_read / (opts.repeats * len(tokens)),
                            "router_ms_per_token": _r((during.router_launch_seconds + during.router_wait_seconds)
                                                      * 1000 / (opts.repeats * len(tokens))),
                            "read_wait_ms_per_token": _r(during.read_wait_seconds * 1000 / (opts.repeats * len(tokens)))}
-    log(f"  {name}: engine, bank of every expert: first pass {first:.1f}, warm {warm:.1f} ms/token")
+    log(f"  {name}: engine, bank of every expert: first pass {first:.1f}, warm {warm} ms/token")
 
     if opts.prompt_tokens:  # a prompt chunk reads each distinct expert once
         from mlx_lm.models.cache import make_prompt_cache
@@ -548,16 +549,19 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
                              "union_bytes": union * record}
 
     # A bank that holds every expert of the model: each layer picks its slots on the device, no host sync.
-    flash.bank.fill()
-    before = replace(flash.bank.stats)
-    preloaded = median_ms(flash.model, tokens, opts.repeats)
-    during = flash.bank.stats.since(before)
-    result["primitives_per_moe_block"]["engine_preloaded"] = primitives_per_block(flash)
-    result["preloaded_bank"] = {"ms_per_token": _r(preloaded), "bank_hit_rate": _r3(during.hit_rate),
-                                "router_ms_per_token": _r((during.router_launch_seconds + during.router_wait_seconds)
-                                                          * 1000 / (opts.repeats * len(tokens)))}
-    preloaded_logits = decode_logits(flash.model, tokens)
-    log(f"  {name}: engine, bank filled with every expert (no host sync): {preloaded:.1f} ms/token")
+    preloaded_logits = None
+    if full:
+        flash.bank.fill()
+        before = replace(flash.bank.stats)
+        preloaded = median_ms(flash.model, tokens, opts.repeats)
+        during = flash.bank.stats.since(before)
+        result["primitives_per_moe_block"]["engine_preloaded"] = primitives_per_block(flash)
+        result["preloaded_bank"] = {"ms_per_token": _r(preloaded), "bank_hit_rate": _r3(during.hit_rate),
+                                    "router_ms_per_token": _r((during.router_launch_seconds
+                                                               + during.router_wait_seconds)
+                                                              * 1000 / (opts.repeats * len(tokens)))}
+        preloaded_logits = decode_logits(flash.model, tokens)
+        log(f"  {name}: engine, bank filled with every expert (no host sync): {preloaded:.1f} ms/token")
 
     # mlx-lm with every expert resident, and the sync floor.
     resident = sync_floor = None
@@ -574,7 +578,8 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
         restore()
         mx.clear_cache()
         result["agreement_with_mlx_lm"] = agreement(engine_logits, reference)
-        result["agreement_with_mlx_lm_preloaded"] = agreement(preloaded_logits, reference)
+        if preloaded_logits is not None:
+            result["agreement_with_mlx_lm_preloaded"] = agreement(preloaded_logits, reference)
         log(f"  {name}: mlx-lm all experts resident {resident:.1f}, with a host sync per layer {sync_floor:.1f} "
             f"ms/token; logits {result['agreement_with_mlx_lm']}")
     flash.close()
