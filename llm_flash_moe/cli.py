@@ -172,15 +172,15 @@ def models_command():
 @click.argument("name")
 @click.option("json_", "--json", is_flag=True, help="Output the summary as JSON.")
 def info(name, json_):
-    """Show a prepared model: source, architecture, quantization, sizes and disk reads per token.
-
-    NAME is the model's name (`qwen397`) or model id (`qwen397-flash`).
-    """
+    """Show a prepared model: source, architecture, quantization, sizes, reads per token, and the expert
+    bank it gets on this machine by default. NAME is the model's name (`qwen397`) or id (`qwen397-flash`)."""
     from .flash_layout import Manifest
 
-    name = registry.name_of(name)
-    path = registry.model_dir(name)
-    summary = manifest_summary(Manifest.load(path), path)
+    from .engine import bank_summary
+
+    path = registry.model_dir(registry.name_of(name))
+    manifest = Manifest.load(path)
+    summary = {**manifest_summary(manifest, path), **bank_summary(manifest)}
     if json_:
         click.echo(json.dumps(summary, indent=2))
         return

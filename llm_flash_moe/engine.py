@@ -77,14 +77,29 @@ def activation_dtype(compute: str):
     return mx.float32 if compute == "float32" else None
 
 
-def auto_bank_budget(manifest: Manifest) -> int:
-    """The bank's default budget: what the memory it lives in has free (less a reserve), at most every
-    expert of the model; the smallest bank when the free memory cannot be told."""
+def auto_bank_budget(manifest: Manifest, loaded: bool = True) -> int:
+    """The bank's default budget: what the memory it lives in has free (less a reserve, and less the
+    resident weights when the model is not ``loaded`` yet), at most every expert of the model; the
+    smallest bank when the free memory cannot be told."""
     from .memory import auto_bank_bytes
 
     budget = auto_bank_bytes()
-    everything = sum(layer.num_experts * layer.layout.parts_bytes for layer in manifest.expert_layers)
-    return min(everything, budget) if budget is not None else 0
+    if budget is None:
+        return 0
+    if not loaded:
+        budget = max(0, budget - manifest.resident_bytes)
+    return min(all_experts_bytes(manifest), budget)
+
+
+def bank_summary(manifest: Manifest) -> dict:
+    """The expert bank a model gets on this machine by default (for ``info``)."""
+    budget = auto_bank_budget(manifest, loaded=False)
+    return {"bank_bytes": budget, "bank_share": f"{budget / max(1, all_experts_bytes(manifest)):.0%} of the experts"}
+
+
+def all_experts_bytes(manifest: Manifest) -> int:
+    """What a bank holding every expert of the model takes (the records' arrays, without their padding)."""
+    return sum(layer.num_experts * layer.layout.parts_bytes for layer in manifest.expert_layers)
 
 
 def min_bank_slots(manifest: Manifest) -> int:

@@ -16,7 +16,8 @@ INFO_FIELDS = [
     ("Expert bits", "expert_bits"), ("Expert group size", "expert_group_size"),
     ("Resident quantization", "resident_quantization"), ("Expert record", "expert_record_bytes"),
     ("Experts on disk", "expert_bytes"), ("Resident weights", "resident_bytes"),
-    ("Reads per token", "read_per_token_bytes"), ("Format version", "format_version"),
+    ("Reads per token", "read_per_token_bytes"), ("Expert bank here", "bank_bytes"),
+    ("Bank holds", "bank_share"), ("Format version", "format_version"),
 ]
 
 

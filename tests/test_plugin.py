@@ -448,6 +448,11 @@ def test_flash_moe_info(user_path, tiny_model):
     assert data["name"] == NAME and data["experts_per_layer"] == 8 and data["experts_per_token"] == 2
     assert data["expert_layers"] == 4 and data["expert_bits"] == "4"
     assert data["read_per_token_bytes"] == data["expert_record_bytes"] * 4 * 2
+    from llm_flash_moe.flash_layout import Manifest
+
+    everything = sum(l.num_experts * l.layout.parts_bytes for l in Manifest.load(tiny_model).expert_layers)
+    assert data["bank_bytes"] == everything and data["bank_share"] == "100% of the experts"  # this machine holds it
+    assert "Expert bank here:" in out and "Bank holds:" in out
 
 
 def test_flash_moe_info_unknown_is_one_line(user_path):
