@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import llm
 from pydantic import Field, field_validator
 
-from . import registry
+from . import constrained, registry
 from .errors import FlashMoeError
 
 DEFAULT_MAX_TOKENS = 4096
@@ -590,8 +590,10 @@ class Turn:
     the previous answer without its reasoning, so the answer's tokens are processed again).
     """
 
-    def __init__(self, flash, prompt_ids: List[int], store=None, checkpoint: Optional[int] = None):
+    def __init__(self, flash, prompt_ids: List[int], store=None, checkpoint: Optional[int] = None,
+                 logits_processors: Optional[list] = None):
         self.flash, self.prompt_ids, self.store, self.checkpoint = flash, list(prompt_ids), store, checkpoint
+        self.logits_processors = logits_processors  # e.g. constrained.Constraint (--schema, tool calls)
         self.cached = 0
         self.source: Optional[str] = None
         self.generated: List[int] = []
@@ -624,7 +626,8 @@ class Turn:
             self._mid = prompt_cache.freeze(cache)
             position = self.checkpoint
         for response in mlx_lm.stream_generate(self.flash.model, self.flash.tokenizer, self.prompt_ids[position:],
-                                               max_tokens=max_tokens, sampler=sampler, prompt_cache=cache):
+                                               max_tokens=max_tokens, sampler=sampler, prompt_cache=cache,
+                                               logits_processors=self.logits_processors):
             if self.prompt_seconds is None:
                 self.prompt_seconds = time.perf_counter() - started
             self.generated.append(response.token)
@@ -662,6 +665,7 @@ class _FlashMoe:
 
     can_stream = True
     supports_tools = True
+    supports_schema = True  # constrained decoding: see constrained.py
 
     class Options(llm.Options):
         max_tokens: Optional[int] = Field(
@@ -727,6 +731,8 @@ class _FlashMoe:
         from . import prompt_cache
 
         conversation_id = getattr(conversation, "id", None)
+        if prompt.schema is not None:
+            constrained.check_schema(prompt.schema)  # a schema llguidance cannot compile fails before the load
         flash, settings = self._ready(prompt.options, prompt_cache.recall(conversation_id).get("thinking"))
         tokenizer = flash.tokenizer
         tools = template_tools(prompt.tools)
@@ -743,7 +749,9 @@ class _FlashMoe:
         answer = Answer(tokenizer, tools, response)
         store = self._prompt_cache(flash) if settings.prompt_cache else None
         checkpoint = reuse_point(tokenizer, messages, tools, settings.thinking, prompt_ids) if store else None
-        turn = Turn(flash, prompt_ids, store, checkpoint)
+        constraint = constrained.for_response(tokenizer, flash.directory, vocab_size(flash.manifest.config),
+                                              prompt.schema, tools, prompt_opens_reasoning(text, tokenizer))
+        turn = Turn(flash, prompt_ids, store, checkpoint, logits_processors=[constraint] if constraint else None)
         if settings.seed is not None:
             mx.random.seed(settings.seed)
         sampler = make_sampler(settings)
@@ -756,8 +764,12 @@ class _FlashMoe:
                 yield from answer.route(splitter.feed(last.text))
             yield from answer.route(splitter.finish(), final=True)
             turn.save(next_turns(tokenizer, prompt.messages, answer.message(), tools, settings.thinking))
+            if constraint is not None:
+                constraint.finish(last, settings.max_tokens)  # a schema'd answer cut off by max_tokens: an error
         finally:
             record_usage(response, last, turn, settings, flash.store.stats.since(stats_before))
+            if constraint is not None:
+                response.response_json.update(constraint.stats)
         prompt_cache.remember(conversation_id, thinking=settings.thinking)
 
     def _prompt_cache(self, flash):
