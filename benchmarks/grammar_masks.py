@@ -5,7 +5,8 @@ tokenizer and fed to the engine token by token, as in generation: compute the ma
 (timed), then accept the token; at the end the stop token must be allowed. Both engines enforce the same
 JSON layout (no free whitespace, ", " and ": " separators: what llm-flash-moe asks llguidance for).
 Prints one JSON object: setup times, compile time per schema, and mask time per token (median, mean,
-p95, max) per workload and over all tokens.
+p95, max) per workload and over all tokens. With llguidance and llm-flash-moe importable, also the plugin's
+own grammar for a Qwen3.5 tool call (``llm_flash_moe.constrained``), fed the chat template's rendering of one.
 
     python benchmarks/grammar_masks.py --tokenizer DIR --engine llguidance   # DIR holds tokenizer.json
     python benchmarks/grammar_masks.py --tokenizer DIR --engine xgrammar     # (xgrammar needs torch)
@@ -125,6 +126,32 @@ def summary(ms):
             "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 4), "max_ms": round(ms[-1], 4)}
 
 
+def tool_call(engine, hf, stop: int, repeats: int) -> dict:
+    """Mask times along the template's rendering of a call, under the plugin's call grammar."""
+    from llm_flash_moe import constrained
+
+    tools = [{"type": "function", "function": {"name": "search", "description": "Search the web", "parameters": {
+        "type": "object", "required": ["query"],
+        "properties": {"query": {"type": "string"}, "limit": {"type": "integer"},
+                       "where": {"type": "object", "properties": {"city": {"type": "string"}}}}}}}]
+    arguments = {"query": PROSE, "limit": 5, "where": {"city": "Paris"}}
+    text = hf.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "search", "arguments": arguments}}]}], tools=tools, tokenize=False)
+    text = text[text.rindex("<tool_call>"):text.rindex("</tool_call>") + len("</tool_call>")]
+    ids = hf.encode(text, add_special_tokens=False)
+    grammar = constrained.call_grammar(tools, "xml", ids[0], ids[-1])
+    times = []
+    for _ in range(repeats):
+        matcher = engine.llguidance.LLMatcher(engine.tokenizer, grammar)
+        for token in ids[1:] + [stop]:
+            t0 = time.perf_counter_ns()
+            engine.fill(matcher)
+            times.append((time.perf_counter_ns() - t0) / 1e6)
+            if not engine.allowed(token) or not engine.accept(matcher, token):
+                raise RuntimeError(f"the call grammar refused token {token} ({hf.decode([token])!r})")
+    return summary(times)
+
+
 def random_walk(engine, schema, steps: int, stop: int, rng) -> list:
     """Mask times along a walk that picks uniformly among the allowed tokens (restarting when done)."""
     np = engine.np
@@ -188,6 +215,11 @@ def main() -> None:
             everything += walk
             out["workloads"][name + " (random walk)"] = summary(walk)
     out["all"] = summary(everything)
+    if args.engine == "llguidance":
+        try:
+            out["workloads"]["tool call (llm-flash-moe's Qwen3.5 grammar)"] = tool_call(engine, hf, stop, args.repeats)
+        except ImportError:
+            pass
     print(json.dumps(out, indent=2))
 
 

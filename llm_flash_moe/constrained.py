@@ -11,8 +11,11 @@ grammar whatever the bits or experts per token. What is constrained:
   turn is, so an answer always follows), then the answer starts after Qwen's ``"\\n\\n"``.
 * tools: text stays free, but once the model opens a ``<tool_call>`` its body must name an offered tool
   and give its arguments as their schemas say, in the model's own call format (Qwen3.5's
-  ``<function=...><parameter=...>`` or the JSON one of Qwen3), up to ``</tool_call>``.
+  ``<function=...><parameter=...>`` or the JSON one of Qwen3), up to ``</tool_call>``; then only more
+  calls or the end of the turn (Qwen's template: no text after a call).
 * both: the answer is the JSON value or one or more tool calls.
+
+Objects are closed (``closed``): keys a schema does not name are not generated unless it allows them.
 
 Nothing here imports llguidance, numpy or mlx at module level (llm imports every plugin on every command).
 """
@@ -120,6 +123,21 @@ XML_INTEGER_BOUND = 10 ** 15 - 1
 XML_LITERALS = {"boolean": ("true", "false", "True", "False"), "null": ("null", "None")}
 
 
+def _resolve(schema, root: dict) -> dict:
+    """``schema`` with a local ``$ref`` (``#/$defs/...``, ``#/definitions/...``) replaced by its target."""
+    for _ in range(8):
+        ref = schema.get("$ref") if isinstance(schema, dict) else None
+        if not (isinstance(ref, str) and ref.startswith("#/")):
+            break
+        target = root
+        for part in ref[2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        if not isinstance(target, dict):
+            break
+        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+    return schema if isinstance(schema, dict) else {}
+
+
 def _xml_value(rule: str, schema, root: dict, end: str) -> List[str]:
     """Rules for one ``<parameter=...>`` value of Qwen3.5's call format, ``end`` included.
 
@@ -127,8 +145,9 @@ def _xml_value(rule: str, schema, root: dict, end: str) -> List[str]:
     from JSON: raw text for "string" (an enum or const as its alternatives, min/maxLength as bounds;
     other string keywords are not enforced) and for values without one plain type, JSON otherwise
     (integers within 15 digits unless the schema bounds them: the parser reads them through a float).
+    Raw text cannot contain ``</parameter>`` or ``</tool_call>``, where the parser would cut it.
     """
-    schema = schema if isinstance(schema, dict) else {}
+    schema = _resolve(schema, root)
     kind = schema.get("type")
     if kind == "integer":
         schema = {"minimum": -XML_INTEGER_BOUND, "maximum": XML_INTEGER_BOUND, **schema}
@@ -137,16 +156,18 @@ def _xml_value(rule: str, schema, root: dict, end: str) -> List[str]:
     if kind in _JSON_TYPES:
         return [f"{rule}: {_json_rule(_with_defs(schema, root))} {_literal(end)}"]
     choices = schema.get("enum", [schema["const"]] if "const" in schema else None)
-    if kind == "string" and isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices):
+    if kind in (None, "string") and isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices):
         return [f"{rule}: ({' | '.join(_literal(c) for c in choices)}) {_literal(end)}"]
     low, high = 0, None
     if kind == "string":
         low = int(schema.get("minLength", 0) or 0)
         high = schema.get("maxLength")
-    length = f"{{{low},{'' if high is None else int(high)}}}" if (low or high is not None) else "*"
-    end_regex = end.replace("\n", "\\n").replace("/", "\\/")
+    terminal = rule.upper()
+    length = f"{{{low},{'' if high is None else int(high)}}}"
     # lazy: the value ends at the first closing tag (text tokens only: a special token cannot appear in it)
-    return [f"{rule}[lazy]: /(?s:.{length}){end_regex}/"]
+    return [f"{rule}[lazy]: {terminal}",
+            f"{terminal}: {terminal}_TEXT {_literal(end)}",
+            f"{terminal}_TEXT: /(?s:.{length})/ & ~/(?s:.*)<\\/(parameter|tool_call)>(?s:.*)/"]
 
 
 def _xml_call(tools: Sequence[dict], end_token: int) -> List[str]:
@@ -168,15 +189,37 @@ def _xml_call(tools: Sequence[dict], end_token: int) -> List[str]:
     return [f'call: "\\n<function=" ({" | ".join(names)}) "</function>\\n" <[{end_token}]>'] + rules
 
 
+def _renamed_refs(schema, names: dict):
+    """``schema`` with its local ``$ref``s to definitions pointed at their new names."""
+    if isinstance(schema, list):
+        return [_renamed_refs(item, names) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _renamed_refs(value, names) for key, value in schema.items()}
+    if isinstance(schema.get("$ref"), str) and schema["$ref"] in names:
+        out["$ref"] = names[schema["$ref"]]
+    return out
+
+
 def _json_call(tools: Sequence[dict], end_token: int) -> List[str]:
-    """Qwen3's call body after ``<tool_call>``: ``\\n{"name": ..., "arguments": {...}}\\n</tool_call>``."""
-    options = []
-    for tool in tools:
+    """Qwen3's call body after ``<tool_call>``: ``\n{"name": ..., "arguments": {...}}\n</tool_call>``.
+    Each tool's definitions move to the root (renamed per tool) so their ``$ref``s still resolve."""
+    options, definitions = [], {}
+    for i, tool in enumerate(tools):
         function = tool["function"]
-        params = closed(function.get("parameters") or {"type": "object", "properties": {}})
+        params = dict(function.get("parameters") or {"type": "object", "properties": {}})
+        names = {}
+        for key in ("$defs", "definitions"):
+            for name, sub in (params.pop(key, None) or {}).items():
+                names[f"#/{key}/{name}"] = f"#/$defs/t{i}_{name}"
+                definitions[f"t{i}_{name}"] = sub
+        params = _renamed_refs(params, names)
         options.append({"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": params},
-                        "required": ["name", "arguments"], "additionalProperties": False})
-    return [f'call: "\\n" {_json_rule({"anyOf": options, "x-guidance": JSON_LAYOUT})} "\\n" <[{end_token}]>']
+                        "required": ["name", "arguments"]})
+        for name in [n for n in definitions if n.startswith(f"t{i}_")]:
+            definitions[name] = _renamed_refs(definitions[name], names)
+    schema = closed({"anyOf": options, **({"$defs": definitions} if definitions else {})})
+    return [f'call: "\\n" {_json_rule({**schema, "x-guidance": JSON_LAYOUT})} "\\n" <[{end_token}]>']
 
 
 def tool_call_rules(tools: Sequence[dict], tool_format: str, end_token: int) -> List[str]:

@@ -318,20 +318,22 @@ def test_constrained_tool_call_parses_and_its_result_round_trips(serve, user_pat
 
 TOOLS = [llm.Tool.function(add), llm.Tool.function(paint), llm.Tool(
     name="search", description="Search", implementation=lambda **kw: "",
-    input_schema={"type": "object", "required": ["query"], "properties": {
+    input_schema={"type": "object", "required": ["query"], "$defs": {"Unit": {"type": "string", "enum": ["km", "mi"]}},
+                  "properties": {
         "query": {"type": "string"},
         "limit": {"type": "integer", "minimum": 1},
         "exact": {"type": "boolean"},
         "tags": {"type": "array", "items": {"type": "string"}},
         "where": {"type": "object", "properties": {"city": {"type": "string"}, "lat": {"type": "number"}}},
         "code": {"type": "string", "maxLength": 5},
+        "unit": {"$ref": "#/$defs/Unit"},
     }})]
 CALLS = [
     ("add", {"a": 2, "b": -40}),
     ("paint", {"color": "green", "coats": 3}),
     ("search", {"query": "mixture of experts\n<b>bold</b> & more"}),
     ("search", {"query": "x", "limit": 3, "exact": False, "tags": ["a", "b c"],
-                "where": {"city": "Paris", "lat": 48.85}, "code": "ab"}),
+                "where": {"city": "Paris", "lat": 48.85}, "code": "ab", "unit": "mi"}),
 ]
 
 
@@ -387,6 +389,8 @@ def test_call_grammar_accepts_what_the_template_renders_and_it_parses_back(any_t
     "\n<function=paint>\n<parameter=color>\npurple\n",                        # not in the enum
     "\n<function=search>\n<parameter=query>\nq\n</parameter>\n<parameter=code>\nabcdef",  # maxLength 5
     "\n<function=search>\n<parameter=other>\n",                               # not a parameter
+    "\n<function=search>\n<parameter=query>\na</parameter>b",                 # the parser would cut it
+    "\n<function=search>\n<parameter=query>\nq\n</parameter>\n<parameter=unit>\nyd",  # not in the $ref'd enum
 ])
 def test_call_grammar_refuses_calls_that_would_not_fit(any_tokenizer, body):
     tokenizer = any_tokenizer
@@ -402,12 +406,15 @@ def test_json_call_format_of_qwen3(any_tokenizer):
     start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>"))
     grammar = constrained.call_grammar(plugin.template_tools(TOOLS), "json", start, end)
     matcher = matcher_for(tokenizer, grammar)
-    good = '\n{"name": "paint", "arguments": {"color": "red", "coats": 2}}\n'
-    assert matcher.consume_tokens(tokenizer.encode(good, add_special_tokens=False) + [end])
+    good = ['\n{"name": "paint", "arguments": {"color": "red", "coats": 2}}\n',
+            '\n{"name": "search", "arguments": {"query": "q", "unit": "km"}}\n']  # a $ref to the tool's $defs
+    ids = tokenizer.encode(good[0], add_special_tokens=False) + [end] + tokenizer.encode("\n", add_special_tokens=False)
+    ids += [start] + tokenizer.encode(good[1], add_special_tokens=False) + [end]
+    assert matcher.consume_tokens(ids), matcher.get_error()
     assert matcher.is_accepting()
-    bad = matcher_for(tokenizer, grammar)
-    ids = tokenizer.encode('\n{"name": "paint", "arguments": {"color": "pink"', add_special_tokens=False)
-    assert bad.try_consume_tokens(ids) < len(ids)
+    for bad in ('\n{"name": "paint", "arguments": {"color": "pink"', '\n{"name": "search", "arguments": {"query": "q", "unit": "yd"'):
+        ids = tokenizer.encode(bad, add_special_tokens=False)
+        assert matcher_for(tokenizer, grammar).try_consume_tokens(ids) < len(ids)
 
 
 def test_schema_with_tools_answers_json_or_calls(any_tokenizer):
