@@ -252,28 +252,32 @@ def call_grammar(tools: Sequence[dict], tool_format: str, start_token: int, end_
 
 def engine_tokenizer(tokenizer, model_dir, vocab_size: Optional[int], stop: int):
     """llguidance's view of the model's tokenizer (every token's bytes, a trie), built once per loaded
-    tokenizer: about 3 s for Qwen3.5's 248,077 tokens. ``vocab_size``: the width of the logits."""
+    tokenizer and logits width: about 3 s for Qwen3.5's 248,077 tokens, from the model's tokenizer.json
+    (through transformers when there is none, or when it lacks the end-of-turn token)."""
     from pathlib import Path
 
     import llguidance
 
+    built = _TOKENIZERS.setdefault(tokenizer, {})
     key = (vocab_size, stop)
-    cached = _TOKENIZERS.get(tokenizer)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if key in built:
+        return built[key]
     n_vocab = max(vocab_size or 0, len(tokenizer))
     path = Path(model_dir) / "tokenizer.json" if model_dir else None
+    llt = None
     try:
         if path is not None and path.is_file():
-            built = llguidance.LLTokenizer(str(path), n_vocab=n_vocab, eos_token=stop)
-        else:
+            llt = llguidance.LLTokenizer(str(path), n_vocab=n_vocab, eos_token=stop)
+            if llt.decode_str([stop]) != tokenizer.decode([stop]):  # added tokens only in tokenizer_config.json
+                llt = None
+        if llt is None:
             import llguidance.hf
 
-            built = llguidance.hf.from_tokenizer(tokenizer._tokenizer, n_vocab=n_vocab, eos_token=stop)
+            llt = llguidance.hf.from_tokenizer(tokenizer._tokenizer, n_vocab=n_vocab, eos_token=stop)
     except Exception as e:  # a tokenizer llguidance cannot read (not a fast, byte-level one...)
         raise FlashMoeError(f"constrained decoding cannot use this model's tokenizer: {_one_line(e)}")
-    _TOKENIZERS[tokenizer] = (key, built)
-    return built
+    built[key] = llt
+    return llt
 
 
 def _single_token(tokenizer, text: Optional[str]) -> Optional[int]:

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 import llm
 from llm.cli import cli
-from llm.utils import multi_schema, schema_dsl
+from llm.utils import make_schema_id, multi_schema, schema_dsl
 
 from llm_flash_moe import constrained, plugin, registry
 
@@ -338,15 +338,16 @@ CALLS = [
 
 
 @pytest.fixture(params=["trained", "demo"])
-def any_tokenizer(request, serve, models):
-    """The trained model's tokenizer and the real Qwen3.5 one (via the demo model)."""
-    name = serve(request.param, 4)
-    return plugin.load(registry.model_dir(name)).tokenizer
+def any_model(request, serve, models):
+    """The loaded trained model and demo model (the real Qwen3.5 tokenizer)."""
+    return plugin.load(registry.model_dir(serve(request.param, 4)))
 
 
-def matcher_for(tokenizer, grammar):
+def matcher_for(flash, grammar):
+    """A matcher for ``grammar`` on the llguidance tokenizer the plugin uses for this model."""
+    tokenizer = flash.tokenizer
     stop = constrained.stop_token(tokenizer)
-    llt = constrained.engine_tokenizer(tokenizer, None, None, stop)
+    llt = constrained.engine_tokenizer(tokenizer, flash.directory, plugin.vocab_size(flash.manifest.config), stop)
     matcher = llguidance.LLMatcher(llt, grammar)
     assert not matcher.is_error(), matcher.get_error()
     return matcher
@@ -364,12 +365,12 @@ def rendered_call(tokenizer, name, arguments) -> str:
 
 
 @pytest.mark.parametrize("name,arguments", CALLS)
-def test_call_grammar_accepts_what_the_template_renders_and_it_parses_back(any_tokenizer, name, arguments):
-    tokenizer = any_tokenizer
+def test_call_grammar_accepts_what_the_template_renders_and_it_parses_back(any_model, name, arguments):
+    tokenizer = any_model.tokenizer
     tools = plugin.template_tools(TOOLS)
     assert constrained.tool_format(tokenizer) == "xml"
     start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>"))
-    matcher = matcher_for(tokenizer, constrained.call_grammar(tools, "xml", start, end))
+    matcher = matcher_for(any_model, constrained.call_grammar(tools, "xml", start, end))
     text = rendered_call(tokenizer, name, arguments)
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert ids[0] == start and ids[-1] == end
@@ -392,20 +393,20 @@ def test_call_grammar_accepts_what_the_template_renders_and_it_parses_back(any_t
     "\n<function=search>\n<parameter=query>\na</parameter>b",                 # the parser would cut it
     "\n<function=search>\n<parameter=query>\nq\n</parameter>\n<parameter=unit>\nyd",  # not in the $ref'd enum
 ])
-def test_call_grammar_refuses_calls_that_would_not_fit(any_tokenizer, body):
-    tokenizer = any_tokenizer
+def test_call_grammar_refuses_calls_that_would_not_fit(any_model, body):
+    tokenizer = any_model.tokenizer
     start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>"))
-    matcher = matcher_for(tokenizer, constrained.call_grammar(plugin.template_tools(TOOLS), "xml", start, end))
+    matcher = matcher_for(any_model, constrained.call_grammar(plugin.template_tools(TOOLS), "xml", start, end))
     ids = tokenizer.encode(body, add_special_tokens=False) + [end]
     assert matcher.try_consume_tokens(ids) < len(ids)
 
 
-def test_json_call_format_of_qwen3(any_tokenizer):
+def test_json_call_format_of_qwen3(any_model):
     """Qwen3's templates write calls as JSON; mlx-lm's json_tools parser reads them."""
-    tokenizer = any_tokenizer
+    tokenizer = any_model.tokenizer
     start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>"))
     grammar = constrained.call_grammar(plugin.template_tools(TOOLS), "json", start, end)
-    matcher = matcher_for(tokenizer, grammar)
+    matcher = matcher_for(any_model, grammar)
     good = ['\n{"name": "paint", "arguments": {"color": "red", "coats": 2}}\n',
             '\n{"name": "search", "arguments": {"query": "q", "unit": "km"}}\n']  # a $ref to the tool's $defs
     ids = tokenizer.encode(good[0], add_special_tokens=False) + [end] + tokenizer.encode("\n", add_special_tokens=False)
@@ -414,17 +415,17 @@ def test_json_call_format_of_qwen3(any_tokenizer):
     assert matcher.is_accepting()
     for bad in ('\n{"name": "paint", "arguments": {"color": "pink"', '\n{"name": "search", "arguments": {"query": "q", "unit": "yd"'):
         ids = tokenizer.encode(bad, add_special_tokens=False)
-        assert matcher_for(tokenizer, grammar).try_consume_tokens(ids) < len(ids)
+        assert matcher_for(any_model, grammar).try_consume_tokens(ids) < len(ids)
 
 
-def test_schema_with_tools_answers_json_or_calls(any_tokenizer):
+def test_schema_with_tools_answers_json_or_calls(any_model):
     """With a schema and tools, the answer is the schema's JSON or one or more calls, nothing else."""
-    tokenizer = any_tokenizer
+    tokenizer = any_model.tokenizer
     start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>"))
     grammar = constrained.answer_grammar(ITEM, plugin.template_tools(TOOLS), "xml", start, end)
 
     def accepts(ids):
-        matcher = matcher_for(tokenizer, grammar)
+        matcher = matcher_for(any_model, grammar)
         return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
 
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
@@ -435,11 +436,11 @@ def test_schema_with_tools_answers_json_or_calls(any_tokenizer):
     assert not accepts(encode('{"name": "Ada"}'))
 
 
-def test_answer_grammar_after_thinking_starts_with_qwens_blank_line(any_tokenizer):
-    tokenizer = any_tokenizer
+def test_answer_grammar_after_thinking_starts_with_qwens_blank_line(any_model):
+    tokenizer = any_model.tokenizer
     grammar = constrained.answer_grammar(ITEM, None, None, None, None, prefix="\n\n")
     ids = tokenizer.encode('\n\n{"name": "Ada", "age": 36}', add_special_tokens=False)
-    matcher = matcher_for(tokenizer, grammar)
+    matcher = matcher_for(any_model, grammar)
     assert matcher.consume_tokens(ids) and matcher.is_accepting()
     stop = constrained.stop_token(tokenizer)
     assert stop == tokenizer.convert_tokens_to_ids("<|im_end|>") and matcher.consume_token(stop)
@@ -459,7 +460,7 @@ def test_a_sampler_that_ignores_the_mask_is_an_error_not_bad_json(serve, monkeyp
 # ------------------------------------------------------------------------------ the schema as the engine sees it
 
 
-def test_objects_are_closed_unless_the_schema_opens_them(any_tokenizer):
+def test_objects_are_closed_unless_the_schema_opens_them(any_model):
     """Keys the schema does not name are not generated (xgrammar's strict mode, OpenAI's structured
     outputs), unless the schema allows them itself; members of an allOf stay open."""
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "object", "properties": {}}},
@@ -472,10 +473,24 @@ def test_objects_are_closed_unless_the_schema_opens_them(any_tokenizer):
     assert constrained.closed(named)["properties"] == {"properties": {"type": "integer"}}
 
     def accepts(schema, text):
-        matcher = matcher_for(any_tokenizer, constrained.answer_grammar(schema, None, None, None, None))
-        ids = any_tokenizer.encode(text, add_special_tokens=False)
+        matcher = matcher_for(any_model, constrained.answer_grammar(schema, None, None, None, None))
+        ids = any_model.tokenizer.encode(text, add_special_tokens=False)
         return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
 
     assert accepts(schema, '{"a": 1, "b": {}}') and not accepts(schema, '{"a": 1, "c": 2}')
     assert accepts({**schema, "additionalProperties": True}, '{"a": 1, "c": 2}')
     assert accepts({**schema, "additionalProperties": {"type": "string"}}, '{"a": 1, "c": "x"}')
+
+
+def test_saved_schemas_and_templates(serve, user_path):
+    """A schema by the id llm saved it under, and a template saved with a schema, constrain the same way."""
+    model = serve("trained", 2) + "-flash"
+    options = [*ONE_EXPERT, *NO_THINK, "-o", "max_tokens", "600"]
+    schema = schema_dsl("name, age int")
+    ok("-m", model, "--schema", "name, age int", "--save", "person", *options)
+    assert_valid(ok("-t", "person", "Describe a person as JSON.", "-o", "seed", "1").stdout.strip(), schema)
+    # the id llm filed the schema under in logs.db (`llm schemas list` reads llm's old table, empty since 0.32)
+    schema_id = make_schema_id(schema)[0]
+    text = ok("-m", model, "--schema", schema_id, "Another one.", *options, "-o", "seed", "2").stdout.strip()
+    assert_valid(text, schema)
+    assert [entry["schema_json"] for entry in last_log(2)] == [schema, schema]
