@@ -26,7 +26,8 @@ import time
 
 PROSE = ("Mixture-of-experts models route every token to a few experts out of many, so only a small part "
          "of the weights is read for each token. Les modèles « mixture of experts » ne lisent qu'une petite "
-         "partie des poids à chaque jeton. 混合专家模型对每个词元只读取少量专家的权重。Ünïcödé ✓ 🚀 — done.")
+         "partie des poids à chaque jeton. 混合专家模型对每个词元只读取少量专家的权重。"
+         "Ünïcödé ✓ 🚀 — done.")
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}
@@ -135,8 +136,10 @@ def tool_call(engine, hf, stop: int, repeats: int) -> dict:
         "properties": {"query": {"type": "string"}, "limit": {"type": "integer"},
                        "where": {"type": "object", "properties": {"city": {"type": "string"}}}}}}}]
     arguments = {"query": PROSE, "limit": 5, "where": {"city": "Paris"}}
-    text = hf.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "search", "arguments": arguments}}]}], tools=tools, tokenize=False)
+    call = {"type": "function", "function": {"name": "search", "arguments": arguments}}
+    text = hf.apply_chat_template([{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": "", "tool_calls": [call]}],
+                                  tools=tools, tokenize=False)
     text = text[text.rindex("<tool_call>"):text.rindex("</tool_call>") + len("</tool_call>")]
     ids = hf.encode(text, add_special_tokens=False)
     grammar = constrained.call_grammar(tools, "xml", ids[0], ids[-1])

@@ -171,8 +171,9 @@ def _xml_value(rule: str, schema, root: dict, end: str) -> List[str]:
 
 
 def _xml_call(tools: Sequence[dict], end_token: int) -> List[str]:
-    """Qwen3.5's call body after ``<tool_call>``: ``\\n<function=NAME>\\n`` + ``<parameter=P>\\nVALUE\\n</parameter>\\n``
-    per argument (required ones always, in the schema's order) + ``</function>\\n</tool_call>``."""
+    """Qwen3.5's call body after ``<tool_call>``: ``\\n<function=NAME>\\n``, then
+    ``<parameter=P>\\nVALUE\\n</parameter>\\n`` per argument (required ones always, in the schema's order),
+    then ``</function>\\n</tool_call>``."""
     rules, names = [], []
     for i, tool in enumerate(tools):
         function = tool["function"]
@@ -234,7 +235,8 @@ def answer_grammar(schema: Optional[dict], tools: Optional[Sequence[dict]], tool
     head = f"{_literal(prefix)} " if prefix else ""
     lines = [f"answer: {_json_rule(check_schema(schema))}"]
     if tools and tool_format:
-        lines[0:0] = [f"start: {head}(answer | calls)", f'calls: <[{start_token}]> call ("\\n" <[{start_token}]> call)*']
+        lines[0:0] = [f"start: {head}(answer | calls)",
+                      f'calls: <[{start_token}]> call ("\\n" <[{start_token}]> call)*']
         lines += tool_call_rules(tools, tool_format, end_token)
     else:
         lines.insert(0, f"start: {head}answer")
@@ -352,7 +354,8 @@ class Constraint:
         matcher = llguidance.LLMatcher(llt, grammar, log_level=0,
                                        limits=llguidance.LLParserLimits(verbose_errors=False))
         if matcher.is_error():
-            raise FlashMoeError(f"the grammar for constrained decoding does not compile: {_one_line(matcher.get_error())}")
+            raise FlashMoeError("the grammar for constrained decoding does not compile: "
+                                f"{_one_line(matcher.get_error())}")
         return matcher
 
     def __call__(self, tokens, logits):
