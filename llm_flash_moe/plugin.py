@@ -16,8 +16,8 @@ from typing import Iterator, Optional
 import llm
 from pydantic import Field, field_validator
 
-from . import registry
-from .answer import Answer
+from . import constrained, registry
+from .answer import Answer, opens_reasoning
 from .chat import chat_messages, next_turns, render_prompt, reuse_point, template_tools
 from .errors import FlashMoeError
 from .session import GENERATION_LOCK, Turn, check_finite, load, loaded, make_sampler
@@ -30,6 +30,7 @@ class _FlashMoe:
 
     can_stream = True
     supports_tools = True
+    supports_schema = True  # constrained decoding: see constrained.py
 
     class Options(llm.Options):
         max_tokens: Optional[int] = Field(
@@ -97,6 +98,8 @@ class _FlashMoe:
         from . import prompt_cache
 
         conversation_id = getattr(conversation, "id", None)
+        if prompt.schema is not None:
+            constrained.check_schema(prompt.schema)  # a schema llguidance cannot compile fails before the load
         flash, settings = self._ready(prompt.options, prompt_cache.recall(conversation_id).get("thinking"))
         tokenizer = flash.tokenizer
         tools = template_tools(prompt.tools)
@@ -111,7 +114,9 @@ class _FlashMoe:
         answer = Answer(tokenizer, tools, response, prompt_ids)
         store = self._prompt_cache(flash) if settings.prompt_cache else None
         checkpoint = reuse_point(tokenizer, messages, tools, settings.thinking, prompt_ids) if store else None
-        turn = Turn(flash, prompt_ids, store, checkpoint)
+        constraint = constrained.for_response(tokenizer, flash.directory, vocab_size(flash.manifest.config),
+                                              prompt.schema, tools, opens_reasoning(tokenizer, prompt_ids))
+        turn = Turn(flash, prompt_ids, store, checkpoint, logits_processors=[constraint] if constraint else None)
         if settings.seed is not None:
             mx.random.seed(settings.seed)
         sampler = make_sampler(settings)
@@ -124,8 +129,12 @@ class _FlashMoe:
                 yield from answer.feed(last.text)
             yield from answer.finish()
             turn.save(next_turns(tokenizer, prompt.messages, answer.message(), tools, settings.thinking))
+            if constraint is not None:
+                constraint.finish(last, settings.max_tokens)  # a schema'd answer cut off by max_tokens: an error
         finally:
             record_usage(response, last, turn, settings, flash.bank.stats.since(stats_before), flash.bank)
+            if constraint is not None:
+                response.response_json.update(constraint.stats)
         prompt_cache.remember(conversation_id, thinking=settings.thinking)
 
     def _prompt_cache(self, flash):

@@ -150,8 +150,10 @@ class Turn:
     the previous answer without its reasoning, so the answer's tokens are processed again).
     """
 
-    def __init__(self, flash, prompt_ids: List[int], store=None, checkpoint: Optional[int] = None):
+    def __init__(self, flash, prompt_ids: List[int], store=None, checkpoint: Optional[int] = None,
+                 logits_processors: Optional[list] = None):
         self.flash, self.prompt_ids, self.store, self.checkpoint = flash, list(prompt_ids), store, checkpoint
+        self.logits_processors = logits_processors  # e.g. constrained.Constraint (--schema, tool calls)
         self.cached = 0
         self.source: Optional[str] = None
         self.generated: List[int] = []
@@ -187,7 +189,8 @@ class Turn:
         rest = self.prompt_ids[position:]
         self._model = EndDeferred(self.flash.model, self.flash.tokenizer.eos_token_ids, max_tokens, len(rest))
         for response in mlx_lm.stream_generate(self._model, self.flash.tokenizer, rest,
-                                               max_tokens=max_tokens, sampler=sampler, prompt_cache=cache):
+                                               max_tokens=max_tokens, sampler=sampler, prompt_cache=cache,
+                                               logits_processors=self.logits_processors):
             if self.prompt_seconds is None:
                 self.prompt_seconds = time.perf_counter() - started
             self.generated.append(response.token)

@@ -412,6 +412,9 @@ def test_tool_call_filter(text, expected):
 
 
 def test_unparseable_call_is_shown_as_text(user_path, flash, monkeypatch):
+    # The tool-call constraint (constrained.py) makes such a call impossible to sample; without it (tool
+    # formats it has no grammar for), this is what the parser does.
+    monkeypatch.setattr(plugin.constrained, "for_response", lambda *args: None)
     steer(monkeypatch, flash, ["<tool_call>\nno function here\n</tool_call>"])
     result = run("-m", MODEL, "--functions", WEATHER, "hi", *NO_THINK, "-o", "max_tokens", "60")
     assert "<tool_call>\nno function here\n</tool_call>" in result.stdout

@@ -162,7 +162,7 @@ def test_import_loads_no_mlx(user_path):
         "ids = [m.model_id for m in llm.get_models()]\n"
         "assert 'tiny-flash' in ids and 'qwen397-flash' in ids, ids\n"
         "llm_flash_moe.register_commands(click.Group())\n"
-        "heavy = ('mlx', 'mlx_lm', 'numpy', 'transformers', 'torch', 'safetensors', 'huggingface_hub')\n"
+        "heavy = ('mlx', 'mlx_lm', 'numpy', 'transformers', 'torch', 'safetensors', 'huggingface_hub', 'llguidance')\n"
         "print(sorted({m for m in set(sys.modules) - before if m.split('.')[0] in heavy}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
