@@ -75,16 +75,19 @@ def _lowest(priority: np.ndarray, n: int, exclude: np.ndarray) -> np.ndarray:
     """The ``n`` slots of lowest priority, never one in ``exclude`` (slot numbers)."""
     if n <= 0:
         return np.zeros(0, dtype=np.int64)
-    masked = priority.copy()
-    masked[exclude] = np.inf
-    if n >= len(masked):
-        order = np.argsort(masked, kind="stable")[:n]
-    else:
-        part = np.argpartition(masked, n - 1)[:n]
-        order = part[np.argsort(masked[part], kind="stable")]
-    if np.isposinf(masked[order]).any():
-        raise RuntimeError("the expert bank has fewer free slots than this call needs")
-    return order
+    saved = priority[exclude]
+    priority[exclude] = np.inf  # masked in place (a copy of every priority per call costs more)
+    try:
+        if n >= len(priority):
+            order = np.argsort(priority, kind="stable")[:n]
+        else:
+            part = np.argpartition(priority, n - 1)[:n]
+            order = part[np.argsort(priority[part], kind="stable")]
+        if np.isposinf(priority[order]).any():
+            raise RuntimeError("the expert bank has fewer free slots than this call needs")
+        return order
+    finally:
+        priority[exclude] = saved
 
 
 def make_policy(name: str, slots: int, experts_per_layer: Dict[int, int], half_life: Optional[float] = None):

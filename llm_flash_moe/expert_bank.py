@@ -404,10 +404,12 @@ class ExpertBank:
         missing = candidates[self._slot_of[layer][candidates] < 0]
         if not len(missing):
             return
-        exclude = np.array(list(self._filling[p]) + (self._pinned[1].tolist() if self._pinned[0] == p else []),
-                           dtype=np.int64)
-        if self._pools[p].slots - len(np.unique(exclude)) < 2 * len(missing):
+        busy = set(self._filling[p])
+        if self._pinned[0] == p:
+            busy.update(self._pinned[1].tolist())
+        if self._pools[p].slots - len(busy) < 2 * len(missing):
             return  # a small bank: keep its slots for what the layers actually ask for
+        exclude = np.fromiter(busy, dtype=np.int64, count=len(busy))
         victims = self._claim(p, len(missing), exclude=exclude, wait_for_reads=False)
         for slot, future in zip(victims.tolist(), self._fill(p, layer, missing, victims)):
             self._filling[p][slot] = future
@@ -424,12 +426,13 @@ class ExpertBank:
     def _claim(self, p: int, n: int, exclude: np.ndarray, wait_for_reads: bool = True) -> np.ndarray:
         """``n`` victim slots of pool ``p`` outside ``exclude`` and reads in flight; their experts leave the
         table, and whatever pending work reads them is evaluated first."""
-        filling = np.fromiter(self._filling[p], dtype=np.int64, count=len(self._filling[p]))
-        if wait_for_reads and self._pools[p].slots - len(np.union1d(exclude, filling)) < n:
+        busy = set(exclude.tolist())
+        busy.update(self._filling[p])
+        if wait_for_reads and self._pools[p].slots - len(busy) < n:
             self._wait(p, list(self._filling[p].values()))  # a small bank: reads in flight become candidates
             self._filling[p].clear()
-            filling = np.zeros(0, dtype=np.int64)
-        victims = self._policies[p].victims(n, np.union1d(exclude, filling).astype(np.int64))
+            busy = set(exclude.tolist())
+        victims = self._policies[p].victims(n, np.fromiter(busy, dtype=np.int64, count=len(busy)))
         owner = self._owner[p]
         pending = {}
         for slot in victims.tolist():
