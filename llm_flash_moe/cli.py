@@ -74,6 +74,11 @@ def flash_moe():
     """
 
 
+from .cluster_cli import worker as _worker  # noqa: E402 - `llm flash-moe worker` (expert parallelism)
+
+flash_moe.add_command(_worker)
+
+
 # ------------------------------------------------------------------------------ prepare
 
 

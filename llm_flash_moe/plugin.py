@@ -506,7 +506,7 @@ def resolve_settings(options, manifest, model_dir: Path, model_id: str, has_thin
 def load(model_dir: Path, bank_bytes: Optional[int] = None):
     """The FlashModel of ``model_dir``, loaded once per process (reloaded if it was prepared again);
     ``bank_bytes``: its expert bank's budget when it is loaded now (None: automatic)."""
-    from . import engine
+    from . import engine, leader
 
     model_dir = Path(model_dir)
     try:
@@ -519,6 +519,11 @@ def load(model_dir: Path, bank_bytes: Optional[int] = None):
         unload(model_dir)
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
         flash = engine.load_flash_model(model_dir, bank_bytes=bank_bytes)
+        try:
+            leader.attach_leader(flash)  # rank 0 of a cluster (`llm flash-moe worker`): joins the other ranks
+        except BaseException:
+            flash.close()
+            raise
         _LOADED[key] = flash
     return flash
 
@@ -687,9 +692,11 @@ class _FlashMoe:
         return path
 
     def _events(self, prompt, response, conversation) -> Iterator:
+        from . import leader
+
         try:
             with _GENERATION_LOCK:
-                yield from self._generate(prompt, response, conversation)
+                yield from leader.guard(self._generate(prompt, response, conversation))  # rank 0 of a cluster
         except FlashMoeError as e:
             raise llm.ModelError(str(e)) from None
 

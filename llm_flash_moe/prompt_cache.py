@@ -133,9 +133,13 @@ def identity(flash) -> str:
         digest = _MANIFEST_HASHES[key] = hashlib.sha256(manifest.read_bytes()).hexdigest()
     dtype = next((str(v.dtype) for _, v in tree_flatten(flash.model.parameters())
                   if mx.issubdtype(v.dtype, mx.floating)), "none")
-    return json.dumps({"format": FORMAT, "manifest": digest, "experts_per_token": flash.experts_per_token,
-                       "dtype": dtype, "device": str(mx.default_device()), "mlx": mx.__version__,
-                       "mlx_lm": mlx_lm.__version__}, sort_keys=True)
+    ident = {"format": FORMAT, "manifest": digest, "experts_per_token": flash.experts_per_token,
+             "dtype": dtype, "device": str(mx.default_device()), "mlx": mx.__version__,
+             "mlx_lm": mlx_lm.__version__}
+    cluster = getattr(flash, "cluster", None)
+    if cluster is not None:  # experts summed across ranks: another summation order, another state
+        ident["cluster"] = cluster.identity
+    return json.dumps(ident, sort_keys=True)
 
 
 def _digest(ident: str, tokens: Sequence[int]) -> str:

@@ -52,12 +52,15 @@ class StreamingMoE(nn.Module):
         self.layer = layer
         object.__setattr__(self, "bank", bank)  # plain attributes, not child modules
         object.__setattr__(self, "next_block", None)
+        object.__setattr__(self, "cluster", None)  # a distributed.Cluster: experts split across ranks
         self.quant = bank.layers[layer].quantization
         self.kernel = kernels.backend()  # "cuda", "metal" or "twin", resolved once
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, scores = route(self, x)
-        if x.size == x.shape[-1]:
+        if self.cluster is not None:  # this rank's experts, summed over the ranks (distributed.Cluster)
+            y = self.cluster.experts(self, x, inds, scores)
+        elif x.size == x.shape[-1]:
             y = self._one_token(x, inds, scores)
         else:
             y = self._chunk(x, inds, scores)
