@@ -26,6 +26,7 @@ from .journal import PARTIAL_DIR, Journal
 from .resident import estimate_resident_bytes, resident_parameters, write_resident
 from .safetensors_io import DTYPES, TensorInfo, copy_tensors, read_header
 from .source import Source, hub_errors, resolve_source
+from ..ownership import read_counts
 
 
 
@@ -47,6 +48,11 @@ class PrepareOptions:
     # On a complete output with the same settings: verify it and rewrite only the damaged records
     # (and the resident weights, config and tokenizer), instead of saying "already prepared".
     repair: bool = False
+    # Expert parallelism: write only the experts rank `rank` of `ranks` owns (ownership.py: round-robin, or
+    # balanced by the counts in `popularity`); the other records stay holes in the files.
+    rank: Optional[int] = None
+    ranks: int = 1
+    popularity: Optional[Path] = None
 
 
 @dataclass
@@ -63,6 +69,7 @@ class Plan:
     tensor_meta: Dict[str, Tuple[str, tuple]]  # key -> (mlx dtype, shape), every source tensor
     settings: dict
     source_label: str  # manifest.source
+    owned: Optional[dict] = None  # prepare --rank: per layer, the experts written here
 
     @cached_property
     def resident_estimate(self) -> int:
@@ -170,6 +177,11 @@ def _start_repair(existing: Manifest, plan: Plan, echo) -> Optional[Dict[str, st
 
 def _check_options(opts: PrepareOptions) -> None:
     BitsRule.parse(opts.bits)  # one line saying what is wrong with it
+    if opts.ranks < 1 or (opts.ranks > 1) != (opts.rank is not None) or not 0 <= (opts.rank or 0) < opts.ranks:
+        raise FlashMoeError(f"--rank R --ranks N go together, with 0 <= R < N (N >= 2), not --rank {opts.rank} "
+                            f"--ranks {opts.ranks}")
+    if opts.popularity is not None and opts.ranks < 2:
+        raise FlashMoeError("--popularity balances the experts across ranks: give --rank R --ranks N too")
     if opts.group_size not in GROUP_SIZES:
         raise FlashMoeError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {opts.group_size}")
     if opts.resident_bits not in RESIDENT_BITS:
@@ -267,7 +279,17 @@ def _plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> Plan
     settings = {"format_version": FORMAT_VERSION, "name": name, "source": label, "revision": source.revision,
                 "bits": canonical_bits(bits), "group_size": opts.group_size, "resident_bits": opts.resident_bits,
                 "experts_per_token": k}
-    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings, label)
+    owned = None
+    if opts.ranks > 1:
+        from ..ownership import Ownership
+
+        experts = {layer.layer: layer.num_experts for layer in layers}
+        ownership = (Ownership.round_robin(experts, opts.ranks) if opts.popularity is None else
+                     Ownership.balanced(experts, opts.ranks, read_counts(opts.popularity)))
+        settings["shard"] = {"rank": opts.rank, "ranks": opts.ranks, "kind": ownership.kind,
+                             "ownership": ownership.digest(), "map": ownership.to_json()}
+        owned = {layer: ownership.owned(layer, opts.rank) for layer in experts}
+    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings, label, owned)
 
 
 def _fmt(n: int) -> str:
@@ -282,7 +304,8 @@ def _space_needed(plan: Plan, journal_done_shards=frozenset()) -> Tuple[int, int
         path = output / layer.file
         if path.exists():
             written += min(path.stat().st_blocks * 512, layer.file_size)
-    need = sum(layer.file_size for layer in plan.layers) - written + plan.resident_estimate
+    need = sum(layer.layout.record_size * (layer.num_experts if plan.owned is None else int(plan.owned[layer.layer].sum()))
+               for layer in plan.layers) - written + plan.resident_estimate
     if plan.source.repo_id is not None:
         sizes = plan.source.shard_sizes
         pending = [s for s in plan.source.shards if s not in journal_done_shards]
@@ -326,7 +349,8 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
     from huggingface_hub.utils import tqdm
 
     output, source = plan.output, plan.source
-    writer = ExpertRecordWriter(output, plan.layers, plan.source_quant, plan.dtype, journal, progress=None)
+    writer = ExpertRecordWriter(output, plan.layers, plan.source_quant, plan.dtype, journal, progress=None,
+                                owned=plan.owned)
     if intact is not None:
         writer.mark_intact(intact)
         (output / MANIFEST_NAME).unlink()  # from here on the model is incomplete until the new manifest
@@ -356,7 +380,8 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
     _write_metadata(source, out_config, output)
     _check_loads(output)
     for layer in plan.layers:
-        layer.checksums = [journal.checksums[f"{layer.layer}/{e}"] for e in range(layer.num_experts)]
+        layer.checksums = [journal.checksums[f"{layer.layer}/{e}"] if writer.wanted(layer.layer, e) else ""
+                           for e in range(layer.num_experts)]  # "": a record another rank holds
     manifest = Manifest(
         name=plan.name, source=plan.source_label, revision=source.revision, model_type=source.config["model_type"],
         config=out_config, experts_per_token=plan.experts_per_token, expert_layers=plan.layers,

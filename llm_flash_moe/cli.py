@@ -114,8 +114,16 @@ flash_moe.add_command(_worker)
               help="For a model already prepared with these options: verify it (as `llm flash-moe verify`) and "
                    "rewrite only the damaged expert records, plus the resident weights and metadata. "
                    "Reads the source again.")
+@click.option("--rank", type=click.IntRange(min=0), default=None,
+              help="Expert parallelism (`llm flash-moe worker`): write only the experts this machine owns as rank "
+                   "R of --ranks N (the first host given to mlx.launch is rank 0). Default: every expert.")
+@click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="The number of machines of the cluster, with --rank.")
+@click.option("--popularity", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --rank: balance the experts across the ranks by these measured counts (JSON) instead of "
+                   "round-robin; give every machine the same file.")
 def prepare(source, bits, group_size, resident_bits, experts_per_token, name, output, delete_source,
-            revision, demo, repair):
+            revision, demo, repair, rank, ranks, popularity):
     """Convert a checkpoint into the flash layout and register it as <name>-flash.
 
     SOURCE is a Hugging Face repo id or a local checkpoint directory (HF bf16 release or an MLX
@@ -133,7 +141,8 @@ def prepare(source, bits, group_size, resident_bits, experts_per_token, name, ou
     opts = PrepareOptions(
         source=source or registry.FLAGSHIP_SOURCE, name=name, output=output, bits=bits,
         group_size=int(group_size), resident_bits=int(resident_bits), experts_per_token=experts_per_token,
-        delete_source=delete_source, revision=revision, repair=repair,
+        delete_source=delete_source, revision=revision, repair=repair, rank=rank, ranks=ranks,
+        popularity=popularity,
     )
     if demo:
         if source or delete_source or revision:
