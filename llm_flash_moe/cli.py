@@ -74,9 +74,10 @@ def flash_moe():
     """
 
 
-from .cluster_cli import worker as _worker  # noqa: E402 - `llm flash-moe worker` (expert parallelism)
+from .cluster_cli import popularity as _popularity, worker as _worker  # noqa: E402 - expert parallelism
 
 flash_moe.add_command(_worker)
+flash_moe.add_command(_popularity)
 
 
 # ------------------------------------------------------------------------------ prepare
@@ -376,9 +377,14 @@ def repair_command(manifest, path: Path) -> str:
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
               help="Where the synthetic models are built and kept. Default: flash-moe/bench under llm's "
                    "user directory.")
+@click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Expert parallelism: decode on 1 rank and on this many local ranks (this process and N-1 "
+                   "worker processes over MLX's ring backend on loopback), side by side: per rank, bytes read "
+                   "per token and time in the all_sums. Uses --layers, --experts-per-layer, the first --bits and "
+                   "--bank-fraction, --experts, --tokens, --repeats, --dir.")
 @click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
 def bench(layers, experts_per_layer, bits, experts, bank_fractions, memory_limit_gb, tokens, repeats,
-          prompt_tokens, calibration_layers, directory, json_):
+          prompt_tokens, calibration_layers, directory, ranks, json_):
     """Measure decode speed against its floors and mlx-lm, at any depth, with banks of any size.
 
     Builds once (and then reuses) a synthetic model with Qwen3.5-397B-A17B's exact per-layer shapes and
@@ -390,6 +396,16 @@ def bench(layers, experts_per_layer, bits, experts, bank_fractions, memory_limit
     """
     from .benchmark import BenchOptions, run
 
+    if ranks > 1:
+        from .distributed_bench import ClusterBenchOptions, run as run_ranks
+
+        opts = ClusterBenchOptions(ranks=ranks, layers=layers, experts_per_layer=experts_per_layer,
+                                   bits=int(bits[0]) if bits else 4, experts=tuple(experts) or (4,), tokens=tokens,
+                                   repeats=repeats, bank_fraction=bank_fractions[0] if bank_fractions else 1.0,
+                                   directory=directory)
+        result = run_ranks(opts, log=(lambda line: None) if json_ else (lambda line: click.echo(line, err=True)))
+        click.echo(json.dumps(result, indent=None if json_ else 1))
+        return
     defaults = BenchOptions()
     opts = BenchOptions(layers=layers, experts_per_layer=experts_per_layer,
                         bits=tuple(int(b) for b in bits) or defaults.bits, experts=tuple(experts) or defaults.experts,

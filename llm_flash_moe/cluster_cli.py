@@ -41,3 +41,39 @@ def worker(name, popularity):
             click.echo("Warning: --popularity is read on rank 0 only; the map comes from there", err=True)
         code = supervise(model_dir, rank, nodes)
     raise SystemExit(code)
+
+
+@click.command(name="popularity")
+@click.argument("name")
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text like what you will ask the model (UTF-8).")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the counts (JSON), for prepare/worker --popularity.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Count over the first N tokens of the text.")
+@click.option("--window", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Tokens run through the model at a time (each window on its own).")
+@click.option("--experts", type=click.IntRange(min=1), help="Experts per token (default: the model's).")
+def popularity(name, text_file, out_file, max_tokens, window, experts):
+    """Count how often each expert of NAME is chosen on a text, for balancing a cluster's ranks.
+
+    \b
+        llm flash-moe popularity qwen397 --text sample.txt --out qwen397-counts.json
+        llm flash-moe prepare --rank 1 --ranks 2 --popularity qwen397-counts.json   # on each machine
+    """
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from . import registry
+    from .engine import load_flash_model
+    from .ownership import write_counts
+    from .popularity import count_choices
+
+    flash = load_flash_model(registry.model_dir(name), experts_per_token=experts)
+    try:
+        tokens = flash.tokenizer.encode(text_file.read_text(encoding="utf-8"))[:max_tokens]
+        counts = count_choices(flash, tokens, window)
+    finally:
+        flash.close()
+    write_counts(out_file, counts)
+    click.echo(f"Counted the experts chosen for {len(tokens):,} tokens in {len(counts)} layers: {out_file}")

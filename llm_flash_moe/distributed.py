@@ -16,7 +16,7 @@ each time, see ``worker``).
 Protocol (all collectives are ``all_sum``s: the sender contributes its data, the others zeros; exact for
 integers):
 
-- per model call, one *header* of ``HEADER + N`` int32: ``[op, seq, k, n tokens, mode, 0, 0, 0,
+- per model call, one *header* of ``HEADER + N`` int32: ``[op, seq, k, n tokens, mode, flags, 0, 0,
   up to INLINE token ids, routing digest of each rank]``: a decoded token costs this one collective of
   ``4 * (16 + N)`` bytes (72 for N=2) besides the model's MoE ``all_sum``s (one per MoE layer, 4 bytes
   per hidden value); ``n > INLINE`` token ids (prompt chunks) follow in a second collective;
@@ -57,6 +57,7 @@ HEADER = 16  # int32 fields before the ranks' routing digests
 INLINE = 8  # token ids that travel inside the header
 OP_CALL, OP_STATS, OP_STOP = 1, 2, 3
 MODE_CONTINUE, MODE_FRESH, MODE_NONE, MODE_STATE = 0, 1, 2, 3
+FLAG_TIMED, FLAG_CLEAR_BANK, FLAG_DROP_PAGE_CACHE = 1, 2, 4  # header[5], for benchmarks
 FINGERPRINT_BYTES = 4096
 STATS_FIELDS = ("calls", "moe_all_sums", "moe_all_sum_bytes", "all_sum_seconds", "protocol_collectives",
                 "protocol_bytes", "state_transfers", "state_bytes", "bytes_read", "expert_reads",
@@ -141,7 +142,7 @@ class ClusterStats:
     moe_all_sums: int = 0  # one per MoE layer per call
     moe_all_sum_bytes: int = 0
     all_sum_seconds: float = 0.0  # waiting for the MoE all_sums (timed mode only)
-    protocol_collectives: int = 0  # headers, token ids, state descriptions, stats
+    protocol_collectives: int = 0  # headers, token ids, cache states, the handshake (not the stats themselves)
     protocol_bytes: int = 0
     state_transfers: int = 0  # cache states sent by rank 0 (prompt-cache hits)
     state_bytes: int = 0
@@ -332,18 +333,21 @@ class Cluster:
 
     # ------------------------------------------------------------------ the per-call protocol
 
-    def header(self, op: int = 0, k: int = 0, tokens: Sequence[int] = (), mode: int = 0) -> np.ndarray:
-        """Rank 0 sends (op, k, tokens, mode); every rank sends its routing digest. Returns what all got."""
+    def header(self, op: int = 0, k: int = 0, tokens: Sequence[int] = (), mode: int = 0, flags: int = 0) -> np.ndarray:
+        """Rank 0 sends (op, k, tokens, mode, flags); every rank sends its routing digest. Returns what all got."""
         import mlx.core as mx
 
         h = np.zeros(HEADER + self.size, dtype=np.int32)
         if self.rank == 0:
             self._seq += 1
-            h[:5] = [op, self._seq, k, len(tokens), mode]
+            h[:6] = [op, self._seq, k, len(tokens), mode, flags]
             n = min(len(tokens), INLINE)
             h[8:8 + n] = np.asarray(tokens[:n], dtype=np.int32)
         h[HEADER + self.rank] = self.routing & 0x7FFFFFFF
-        out = np.array(self._all_sum(mx.array(h)))
+        out = np.array(self._all_sum(mx.array(h), protocol=op != OP_STATS))
+        if self.rank != 0 and out[0] == OP_STATS:
+            self.stats.protocol_collectives -= 1  # counted above on the workers, who learn the op only now
+            self.stats.protocol_bytes -= h.nbytes
         if self.rank == 0 and op == OP_CALL:
             theirs = out[HEADER:]
             for r in range(1, self.size):
@@ -412,7 +416,7 @@ class Cluster:
         table = np.zeros((self.size, len(STATS_FIELDS)), dtype=np.float64)
         table[self.rank] = [float(getattr(self.stats, f)) if hasattr(self.stats, f) else float(self._bank_stat(bank, f))
                             for f in STATS_FIELDS]
-        out = np.array(self._all_sum(mx.array(table)))
+        out = np.array(self._all_sum(mx.array(table), protocol=False))
         return [dict(zip(STATS_FIELDS, (float(v) for v in row))) for row in out]
 
     def _bank_stat(self, bank, name: str) -> int:

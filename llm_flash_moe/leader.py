@@ -52,6 +52,8 @@ class Leader:
         self.flash, self.cluster, self.model = flash, cluster, flash.model
         self._undo_stderr, self._lock = undo_stderr, lock
         self._current = None  # the cache list the workers mirror now
+        self.flags = 0  # distributed.FLAG_* for the workers with the next call (benchmarks)
+        self._in_call = False  # a call was interrupted midway (Ctrl-C): the workers wait inside it
         self.full_copy = flash.manifest.settings.get("shard") is None
         cluster.watchdog = Watchdog(step_timeout(), self._cut, self._hung_message)
 
@@ -81,8 +83,11 @@ class Leader:
         k = moe_blocks(self.model)[0][1].top_k
         watchdog = self.cluster.watchdog
         watchdog.kick()
+        self._in_call = True
         try:
-            header = self.cluster.header(d.OP_CALL, k, tokens, mode)
+            flags = self.flags | (d.FLAG_TIMED if self.cluster.timed else 0)
+            self.flags = 0
+            header = self.cluster.header(d.OP_CALL, k, tokens, mode, flags)
             self.cluster.tokens(header, tokens)
             if mode == d.MODE_STATE:
                 self._current = None
@@ -93,7 +98,9 @@ class Leader:
         if cache is not None:
             self._current = cache
         self.cluster.stats.calls += 1
-        return self.model(inputs, cache=cache)
+        out = self.model(inputs, cache=cache)  # every MoE layer's all_sum is scheduled when it returns
+        self._in_call = False
+        return out
 
     # ------------------------------------------------------------------ faults
 
@@ -152,7 +159,7 @@ class Leader:
     def stop(self) -> None:
         """Tell the workers this process is done (at exit), so their next session starts at once."""
         global _ACTIVE
-        if self.cluster.broken:
+        if self.cluster.broken or self._in_call:  # mid-call, the workers wait in a layer: just leave
             return
         watchdog = self.cluster.watchdog
         watchdog.arm()

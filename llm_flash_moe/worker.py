@@ -120,6 +120,7 @@ def session(model_dir: Path, rank: int, nodes: List[List[str]], bank_bytes: Opti
         return EXIT_FATAL
     name = flash.manifest.name
     ring.divert_native_stderr(ring.ClusterConfig.log_path(name))
+    say(f"rank {rank}: {name} loaded, waiting for rank 0 ({nodes[0][0]})")
     try:
         group = ring.init_ring(nodes, rank)  # waits for an llm process on rank 0
         placeholder = Ownership.for_model(flash.manifest, len(nodes))
@@ -178,7 +179,14 @@ def serve(flash, cluster) -> None:
             k = int(header[2])
             flash.set_experts_per_token(k)
         tokens = cluster.tokens(header)
-        mode = int(header[4])
+        mode, flags = int(header[4]), int(header[5])
+        cluster.timed = bool(flags & d.FLAG_TIMED)
+        if flags & d.FLAG_CLEAR_BANK:
+            flash.bank.clear()
+        if flags & d.FLAG_DROP_PAGE_CACHE:
+            from .expert_bank import drop_from_page_cache
+
+            drop_from_page_cache([flash.directory / layer.file for layer in flash.manifest.expert_layers])
         if mode == d.MODE_FRESH:
             caches = make_prompt_cache(model)
         elif mode == d.MODE_STATE:
