@@ -173,6 +173,12 @@ class Cluster:
         self.routing = 0  # digest of every expert choice so far (compared across ranks at each call)
         self.watchdog = None  # a ring.Watchdog on rank 0
         self._seq = 0
+        import mlx.core as mx
+
+        # Every collective of this process on one stream of its own: they run in the order they are
+        # scheduled, whichever stream the model runs on (mlx-lm's generation stream, or the default one)
+        # and whenever their results are needed, so every rank pairs the same collectives.
+        self.stream = mx.new_stream(mx.cpu)
 
     @property
     def identity(self) -> str:
@@ -184,7 +190,7 @@ class Cluster:
     def _all_sum(self, array, protocol: bool = True):
         import mlx.core as mx
 
-        out = mx.distributed.all_sum(array, group=self.group, stream=mx.cpu)
+        out = mx.distributed.all_sum(array, group=self.group, stream=self.stream)
         mx.eval(out)
         if protocol:
             self.stats.protocol_collectives += 1
@@ -240,7 +246,7 @@ class Cluster:
         if self.watchdog is not None:
             self.watchdog.kick()
         part = partial.astype(mx.float32)
-        total = mx.distributed.all_sum(part, group=self.group, stream=mx.cpu)
+        total = mx.distributed.all_sum(part, group=self.group, stream=self.stream)
         self.stats.moe_all_sums += 1
         self.stats.moe_all_sum_bytes += part.nbytes
         if self.timed:

@@ -263,6 +263,70 @@ def test_fingerprints_name_what_differs():
     assert "another ownership map" in distributed.check_fingerprints([{**base, "rank": 0}, shard], own, nodes)
 
 
+# ------------------------------------------------------------------------------ every tiny architecture
+
+PAIR = r'''
+import json, sys
+import numpy as np
+import mlx_lm
+from mlx_lm.sample_utils import make_sampler
+from llm_flash_moe import distributed, ring
+from llm_flash_moe.engine import load_flash_model
+from llm_flash_moe.leader import Leader, LeaderModel
+from llm_flash_moe.ownership import Ownership
+
+model_dir, nodes, k = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+flash = load_flash_model(model_dir, experts_per_token=k)
+prompt = list(range(5, 40))
+
+def generate(model):
+    out = [(r.token, np.array(r.logprobs)) for r in mlx_lm.stream_generate(
+        model, flash.tokenizer, prompt, max_tokens=16, sampler=make_sampler(0.0))]
+    return [t for t, _ in out], np.stack([lp for _, lp in out])
+
+alone, alone_lp = generate(flash.model)
+flash.bank.clear()  # rank 0 then holds only what it reads as rank 0
+group = ring.init_ring(nodes, 0)
+cluster = distributed.Cluster(group, 0, nodes, Ownership.for_model(flash.manifest, 2), flash.manifest.name)
+leader = Leader(flash, cluster, lambda: None)
+cluster.handshake(flash)
+distributed.attach(flash, cluster)
+together, together_lp = generate(LeaderModel(flash.model, leader))
+ranks = leader.stats()
+leader.stop()
+top2 = np.sort(alone_lp, axis=-1)[:, -2:]
+print(json.dumps({"alone": alone, "together": together, "ranks": ranks,
+                  "max_logprob_diff": float(np.abs(alone_lp - together_lp).max()),
+                  "min_top2_gap": float((top2[:, 1] - top2[:, 0]).min())}))
+'''
+
+
+@pytest.mark.parametrize("model_type,k", [("qwen3_5_moe", 3), ("qwen3_next", 2), ("qwen3_next", 3),
+                                          ("qwen3_moe", 2), ("qwen3_moe", 3)])
+def test_every_architecture_two_ranks_match_one_process(models, tmp_path, model_type, k):
+    """mlx-lm's generation on rank 0 over two ranks against the same process alone, per tiny architecture
+    (qwen3_moe has no shared expert): the same greedy tokens, log-probabilities apart by the summation
+    order only (well below the smallest gap between the two best tokens)."""
+    layout = "fused" if model_type == "qwen3_5_moe" else "per_expert"
+    model_dir = models.prepared(models.hf(layout=layout, model_type=model_type))
+    nodes = [[f"127.0.0.1:{p}"] for p in free_ports(2)]
+    worker = subprocess.Popen([sys.executable, "-m", "llm_flash_moe.worker", str(model_dir), "1", json.dumps(nodes)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(tmp_path))
+    try:
+        done = subprocess.run([sys.executable, "-c", PAIR, str(model_dir), json.dumps(nodes), str(k)],
+                              capture_output=True, text=True, timeout=180, env=clean_env(tmp_path))
+    finally:
+        worker.wait(timeout=60)
+    assert done.returncode == 0, done.stderr + worker.stdout.read()
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(model_type, k, {key: result[key] for key in ("alone", "max_logprob_diff", "min_top2_gap")})
+    assert result["together"] == result["alone"], result
+    assert result["max_logprob_diff"] < 1e-3 and result["max_logprob_diff"] < result["min_top2_gap"], result
+    for rank in result["ranks"]:
+        assert rank["moe_all_sums"] == LAYERS * rank["calls"] and rank["held_not_owned"] == 0
+    assert worker.returncode == 0  # rank 0 stopped it
+
+
 # ------------------------------------------------------------------------------ two ranks through the llm CLI
 
 
