@@ -368,34 +368,23 @@ def test_two_ranks_match_one_process(dirs, cluster, tmp_path, monkeypatch, k):
     assert "rank 1 of 2 serving" in cluster.log(1)
 
 
-def test_llm_chat_over_two_ranks(dirs, cluster, tmp_path, monkeypatch):
+def test_llm_chat_over_two_ranks_while_another_llm_runs_alone(dirs, cluster, tmp_path, monkeypatch):
     """`llm chat`: one process, two turns, the second continuing from the state in memory (sent to rank 1
-    once), token-identical to one process."""
+    once), token-identical to one process. One llm process leads the workers at a time: while the chat
+    holds them, another `llm` warns and answers alone at once (same tokens as one process)."""
     chat = ["chat", "-m", MODEL, *GREEDY, "-o", "max_tokens", "6"]
     done = subprocess.run([sys.executable, "-c", RECORDER, *chat, "-o", "prompt_cache", "false"],
                           input=f"{FIRST}\n{SECOND}\nquit\n", capture_output=True, text=True, timeout=120,
                           env=clean_env(dirs["single"], RECORD=str(tmp_path / "single.json")))
     assert done.returncode == 0, done.stderr
     want = json.loads((tmp_path / "single.json").read_text())["tokens"]
-    done = subprocess.run([sys.executable, "-c", RECORDER, *chat], input=f"{FIRST}\n{SECOND}\nquit\n",
-                          capture_output=True, text=True, timeout=120,
-                          env=clean_env(dirs["rank0"], RECORD=str(tmp_path / "cluster.json")))
-    assert done.returncode == 0, done.stderr
-    record = json.loads((tmp_path / "cluster.json").read_text())
-    assert len(want) == 2 and record["tokens"] == want
-    assert record["ranks"][1]["state_transfers"] == 1  # turn 2 continued from the memory snapshot
-    assert [r["prompt_cache"] for r in logged(dirs["rank0"])] == [None, "memory"]
-
-
-def test_second_llm_process_runs_alone_while_the_first_leads(dirs, cluster, tmp_path, monkeypatch):
-    """One llm process leads the workers at a time: while `llm chat` holds them, another `llm` warns and
-    answers alone at once (same tokens as one process)."""
-    chat = subprocess.Popen([sys.executable, "-m", "llm", "chat", "-m", MODEL, *GREEDY, "-o", "max_tokens", "3",
-                             "-o", "thinking", "false"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=clean_env(dirs["rank0"]))
+    leading = subprocess.Popen([sys.executable, "-c", RECORDER, *chat], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env=clean_env(dirs["rank0"], RECORD=str(tmp_path / "cluster.json")))
     try:
-        chat.stdin.write(FIRST + "\n")
-        chat.stdin.flush()
+        leading.stdin.write(FIRST + "\n")
+        leading.stdin.flush()
+
         def answered():
             try:
                 return len(logged(dirs["rank0"])) == 1
@@ -405,15 +394,20 @@ def test_second_llm_process_runs_alone_while_the_first_leads(dirs, cluster, tmp_
         cluster.wait_for(answered)
         args = ["-m", MODEL, *GREEDY, "-o", "max_tokens", "4", "-o", "prompt_cache", "false", SECOND]
         start = time.monotonic()
-        done, record = leader_run(dirs["rank0"], tmp_path, *args)
-        assert done.returncode == 0, done.stderr
+        other, alone = leader_run(dirs["rank0"], tmp_path, *args)
+        assert other.returncode == 0, other.stderr
         assert "Warning: running tiny on this machine alone: another llm process on this machine is using its " \
-               "cluster" in done.stderr
-        assert record["ranks"] is None and time.monotonic() - start < 30
-        assert record["tokens"] == [reference(dirs["single"], monkeypatch, *args)]
+               "cluster" in other.stderr
+        assert alone["ranks"] is None and time.monotonic() - start < 30
+        assert alone["tokens"] == [reference(dirs["single"], monkeypatch, *args)]
     finally:
-        out, err = chat.communicate("quit\n", timeout=60)
-    assert chat.returncode == 0, err
+        out, err = leading.communicate(f"{SECOND}\nquit\n", timeout=120)
+    assert leading.returncode == 0, err
+    record = json.loads((tmp_path / "cluster.json").read_text())
+    assert len(want) == 2 and record["tokens"] == want
+    assert record["ranks"][1]["state_transfers"] == 1  # turn 2 continued from the memory snapshot
+    chat_turns = [r for r in logged(dirs["rank0"]) if r["generation_tokens"] == 6]
+    assert [r["prompt_cache"] for r in chat_turns] == [None, "memory"]
 
 
 # ------------------------------------------------------------------------------ faults
