@@ -429,6 +429,7 @@ def test_killed_rank_gives_one_line_in_time_then_the_cluster_serves_again(dirs, 
     llm.wait(timeout=60)
     elapsed = time.monotonic() - killed
     err = llm.stderr.read()
+    print(f"killed rank: rank 0 exited {elapsed:.2f} s later")
     assert llm.returncode == 1
     assert elapsed < 30
     lines = [line for line in err.splitlines() if line.strip()]
@@ -463,6 +464,7 @@ def test_hung_rank_is_cut_off(dirs, cluster, tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert llm.returncode == 1 and len(lines) == 1, err
     assert "rank 1 (127.0.0.1:" in lines[0] and "did not answer for 3 s" in lines[0]
+    print(f"hung rank: rank 0 exited {elapsed:.2f} s later (timeout 3 s)")
     assert 3 <= elapsed < 15
 
 
