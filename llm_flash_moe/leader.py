@@ -92,8 +92,10 @@ class Leader:
             if mode == d.MODE_STATE:
                 self._current = None
                 self.cluster.send_state(cache)
-        except FlashMoeError as e:  # a rank's routing diverged: the ring still works, so stop the workers
-            self._stop_workers()
+        except FlashMoeError as e:  # a rank's routing diverged; the workers already run this call: cut them off
+            from .ring import cut_ring
+
+            cut_ring(self.cluster.nodes, 0)
             raise self.fail(str(e)) from None
         if cache is not None:
             self._current = cache

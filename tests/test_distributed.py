@@ -327,6 +327,61 @@ def test_every_architecture_two_ranks_match_one_process(models, tmp_path, model_
     assert worker.returncode == 0  # rank 0 stopped it
 
 
+DIVERGING_WORKER = r'''
+import sys
+from llm_flash_moe import streaming_moe, worker
+real = streaming_moe.route
+def route(block, x):  # this rank computes other values: its router picks the next expert
+    inds, scores = real(block, x)
+    return (inds + 1) % block.num_experts, scores
+streaming_moe.route = route
+sys.exit(worker.main(sys.argv[1:]))
+'''
+
+DIVERGED = r'''
+import json, sys
+import mlx.core as mx
+from llm_flash_moe import distributed, ring
+from llm_flash_moe.engine import load_flash_model
+from llm_flash_moe.errors import FlashMoeError
+from llm_flash_moe.leader import Leader, LeaderModel
+from llm_flash_moe.ownership import Ownership
+from mlx_lm.models.cache import make_prompt_cache
+
+model_dir, nodes = sys.argv[1], json.loads(sys.argv[2])
+flash = load_flash_model(model_dir)
+cluster = distributed.Cluster(ring.init_ring(nodes, 0), 0, nodes, Ownership.for_model(flash.manifest, 2), "m")
+leader = Leader(flash, cluster, lambda: None)
+cluster.handshake(flash)
+distributed.attach(flash, cluster)
+model, cache = LeaderModel(flash.model, leader), None
+try:
+    for t in [[5, 6, 7], [8], [9]]:
+        cache = cache or make_prompt_cache(model)
+        mx.eval(model(mx.array([t]), cache=cache))
+    print("no error")
+except FlashMoeError as e:
+    print(e)
+'''
+
+
+def test_diverging_rank_is_stopped_at_the_next_call(tiny_model, tmp_path):
+    """A rank whose routing differs from rank 0's (other hardware or software would compute other values)
+    is caught by the routing digests of the next header: one line, and that rank's session ends."""
+    nodes = [[f"127.0.0.1:{p}"] for p in free_ports(2)]
+    worker = subprocess.Popen([sys.executable, "-c", DIVERGING_WORKER, str(tiny_model), "1", json.dumps(nodes)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(tmp_path))
+    try:
+        done = subprocess.run([sys.executable, "-c", DIVERGED, str(tiny_model), json.dumps(nodes)],
+                              capture_output=True, text=True, timeout=120, env=clean_env(tmp_path))
+    finally:
+        worker.wait(timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("rank 1 (127.0.0.1:") and "chose other experts than rank 0 before call 2" \
+        in done.stdout, done.stdout
+    assert worker.returncode == 1 and "left the session" in worker.stdout.read()
+
+
 # ------------------------------------------------------------------------------ two ranks through the llm CLI
 
 
