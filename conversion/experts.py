@@ -61,9 +61,12 @@ class ExpertRecordWriter:
 
     def __init__(self, output: Path, layers: List[ExpertLayer],
                  source_quant: Dict[Tuple[int, str], SourceQuantization], dtype: Optional[str], journal: Journal,
-                 progress):
-        """``source_quant``: the MLX quantization of each (layer, projection) of a quantized source, else {}."""
+                 progress, owned: Optional[Dict[int, np.ndarray]] = None):
+        """``source_quant``: the MLX quantization of each (layer, projection) of a quantized source, else {};
+        ``owned``: per layer, the experts to write (``prepare --rank``: one rank's share; the files keep
+        every record's place, the others stay holes), None for all."""
         self.layers = {layer.layer: layer for layer in layers}
+        self.owned = owned
         self.source_quant, self.dtype = source_quant, dtype
         self.journal, self.progress = journal, progress
         self.fds: Dict[int, int] = {}
@@ -93,10 +96,15 @@ class ExpertRecordWriter:
                 names.append(proj)
         return [f"{layer}/{expert}/{name}" for name in names]
 
+    def wanted(self, layer: int, expert: int) -> bool:
+        """Is this record written here (every record, or this rank's with ``owned``)?"""
+        return self.owned is None or bool(self.owned[layer][expert])
+
     def all_units(self) -> Iterable[str]:
         for layer in self.layers.values():
             for e in range(layer.num_experts):
-                yield from self.unit_names(layer.layer, e)
+                if self.wanted(layer.layer, e):
+                    yield from self.unit_names(layer.layer, e)
 
     def unit_bytes(self, unit: str) -> int:
         layer, _, name = unit.split("/")
@@ -125,6 +133,8 @@ class ExpertRecordWriter:
                 index[(k.layer, k.expert, k.projection, k.part)] = info
         for layer in self.layers.values():
             for e in range(layer.num_experts):
+                if not self.wanted(layer.layer, e):
+                    continue
                 wrote = False
                 for unit in self.unit_names(layer.layer, e):
                     if unit in self.journal.done_units:
@@ -213,7 +223,7 @@ class ExpertRecordWriter:
         """Checksum complete records whose checksum a crash kept out of the journal."""
         for layer in self.layers.values():
             for e in range(layer.num_experts):
-                if f"{layer.layer}/{e}" not in self.journal.checksums:
+                if self.wanted(layer.layer, e) and f"{layer.layer}/{e}" not in self.journal.checksums:
                     self._checksum_if_complete(layer, e)
         self.commit()
 

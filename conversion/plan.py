@@ -43,6 +43,11 @@ class PrepareOptions:
     # On a complete output with the same settings: verify it and rewrite only the damaged records
     # (and the resident weights, config and tokenizer), instead of saying "already prepared".
     repair: bool = False
+    # Expert parallelism: write only the experts rank `rank` of `ranks` owns (ownership.py: round-robin, or
+    # balanced by the counts in `popularity`); the other records stay holes in the files.
+    rank: Optional[int] = None
+    ranks: int = 1
+    popularity: Optional[Path] = None
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Plan:
     tensor_meta: Dict[str, Tuple[str, tuple]]  # key -> (mlx dtype, shape), every source tensor
     settings: dict
     source_label: str  # manifest.source
+    owned: Optional[dict] = None  # prepare --rank: per layer, the experts written here
 
     @cached_property
     def resident_estimate(self) -> int:
@@ -79,6 +85,11 @@ def check_options(opts: PrepareOptions) -> None:
         raise FlashMoeError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {opts.group_size}")
     if opts.resident_bits not in RESIDENT_BITS:
         raise FlashMoeError(f"--resident-bits must be one of 4, 8, 16, not {opts.resident_bits}")
+    if opts.ranks < 1 or (opts.ranks > 1) != (opts.rank is not None) or not 0 <= (opts.rank or 0) < opts.ranks:
+        raise FlashMoeError(f"--rank R --ranks N go together, with 0 <= R < N (N >= 2), not --rank {opts.rank} "
+                            f"--ranks {opts.ranks}")
+    if opts.popularity is not None and opts.ranks < 2:
+        raise FlashMoeError("--popularity balances the experts across ranks: give --rank R --ranks N too")
 
 
 # The options a prepared model's settings record, as `prepare` spells them.
@@ -171,7 +182,17 @@ def make_plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> 
     check_experts_per_token(k, layers[0].num_experts, "--experts-per-token")
     label = opts.source_label or source.id
     settings = plan_settings(opts, name, label, source.revision, bits, k)
-    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings, label)
+    owned = None
+    if opts.ranks > 1:
+        from ..ownership import Ownership, read_counts
+
+        experts = {layer.layer: layer.num_experts for layer in layers}
+        ownership = (Ownership.round_robin(experts, opts.ranks) if opts.popularity is None else
+                     Ownership.balanced(experts, opts.ranks, read_counts(opts.popularity)))
+        settings["shard"] = {"rank": opts.rank, "ranks": opts.ranks, "kind": ownership.kind,
+                             "ownership": ownership.digest(), "map": ownership.to_json()}
+        owned = {layer: ownership.owned(layer, opts.rank) for layer in experts}
+    return Plan(name, output, source, layers, k, sq, conversion_dtype(config), tensor_meta, settings, label, owned)
 
 
 def _fmt(n: int) -> str:
@@ -186,7 +207,8 @@ def _space_needed(plan: Plan, journal_done_shards=frozenset()) -> Tuple[int, int
         path = output / layer.file
         if path.exists():
             written += min(path.stat().st_blocks * 512, layer.file_size)
-    need = sum(layer.file_size for layer in plan.layers) - written + plan.resident_estimate
+    need = sum(layer.layout.record_size * (layer.num_experts if plan.owned is None else int(plan.owned[layer.layer].sum()))
+               for layer in plan.layers) - written + plan.resident_estimate
     if plan.source.repo_id is not None:
         sizes = plan.source.shard_sizes
         pending = [s for s in plan.source.shards if s not in journal_done_shards]

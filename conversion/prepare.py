@@ -179,7 +179,8 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
     from huggingface_hub.utils import tqdm
 
     output, source = plan.output, plan.source
-    writer = ExpertRecordWriter(output, plan.layers, plan.source_quant, plan.dtype, journal, progress=None)
+    writer = ExpertRecordWriter(output, plan.layers, plan.source_quant, plan.dtype, journal, progress=None,
+                                owned=plan.owned)
     if intact is not None:
         writer.mark_intact(intact)
         (output / MANIFEST_NAME).unlink()  # from here on the model is incomplete until the new manifest
@@ -209,7 +210,8 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
     _write_metadata(source, out_config, output)
     _check_loads(output)
     for layer in plan.layers:
-        layer.checksums = [journal.checksums[f"{layer.layer}/{e}"] for e in range(layer.num_experts)]
+        layer.checksums = [journal.checksums[f"{layer.layer}/{e}"] if writer.wanted(layer.layer, e) else ""
+                           for e in range(layer.num_experts)]  # "": a record another rank holds
     manifest = Manifest(
         name=plan.name, source=plan.source_label, revision=source.revision, model_type=source.config["model_type"],
         config=out_config, experts_per_token=plan.experts_per_token, expert_layers=plan.layers,

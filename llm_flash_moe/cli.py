@@ -69,6 +69,13 @@ def flash_moe():
     """
 
 
+from .bench_cli import bench as _bench  # noqa: E402 - commands with modules of their own
+from .cluster_cli import popularity as _popularity, worker as _worker  # noqa: E402
+
+for _command in (_bench, _worker, _popularity):
+    flash_moe.add_command(_command)
+
+
 # ------------------------------------------------------------------------------ prepare
 
 
@@ -104,8 +111,16 @@ def flash_moe():
               help="For a model already prepared with these options: verify it (as `llm flash-moe verify`) and "
                    "rewrite only the damaged expert records, plus the resident weights and metadata. "
                    "Reads the source again.")
+@click.option("--rank", type=click.IntRange(min=0), default=None,
+              help="Expert parallelism (`llm flash-moe worker`): write only the experts this machine owns as rank "
+                   "R of --ranks N (the first host given to mlx.launch is rank 0). Default: every expert.")
+@click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="The number of machines of the cluster, with --rank.")
+@click.option("--popularity", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --rank: balance the experts across the ranks by these measured counts (JSON) instead of "
+                   "round-robin; give every machine the same file.")
 def prepare(source, bits, group_size, resident_bits, experts_per_token, name, output, delete_source,
-            revision, demo, repair):
+            revision, demo, repair, rank, ranks, popularity):
     """Convert a checkpoint into the flash layout and register it as <name>-flash.
 
     SOURCE is a Hugging Face repo id or a local checkpoint directory (HF bf16 release or an MLX
@@ -124,7 +139,8 @@ def prepare(source, bits, group_size, resident_bits, experts_per_token, name, ou
     opts = PrepareOptions(
         source=source or registry.FLAGSHIP_SOURCE, name=name, output=output, bits=bits,
         group_size=int(group_size), resident_bits=int(resident_bits), experts_per_token=experts_per_token,
-        delete_source=delete_source, revision=revision, repair=repair,
+        delete_source=delete_source, revision=revision, repair=repair, rank=rank, ranks=ranks,
+        popularity=popularity,
     )
     if demo and (source or delete_source or revision):
         raise FlashMoeError("--demo builds its own checkpoint: give no SOURCE, --delete-source or --revision")
@@ -244,53 +260,6 @@ def repair_command(manifest, path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------ remove
-
-
-@flash_moe.command()
-@click.option("--layers", type=click.IntRange(min=4), default=4, show_default=True,
-              help="Decoder layers of the synthetic model (60 is the real depth; at least 4: one "
-                   "full-attention layer).")
-@click.option("--experts-per-layer", type=click.IntRange(min=16, max=512), default=512, show_default=True,
-              help="Experts per layer (the real model has 512; fewer keep a deep model's files on a normal "
-                   "disk: 60 layers x 64 experts is 27 GB at 4 bits).")
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), multiple=True,
-              help="Expert bits to measure (repeatable; default 4).")
-@click.option("--experts", type=click.IntRange(min=1, max=512), multiple=True,
-              help="Experts per token to measure (repeatable; default 4 and 10).")
-@click.option("--bank-fraction", "bank_fractions", type=click.FloatRange(min=0, max=1, min_open=True),
-              multiple=True,
-              help="Expert bank sizes to measure, as a share of all the experts (repeatable; default 1 and 1/3).")
-@click.option("--memory-limit", "memory_limit_gb", type=click.FloatRange(min=1), default=None,
-              help="Decode the partial banks under a cgroup v2 memory.max of this many GB, page cache included.")
-@click.option("--tokens", type=click.IntRange(min=2), default=32, show_default=True,
-              help="Decoded tokens per pass.")
-@click.option("--repeats", type=click.IntRange(min=2), default=3, show_default=True,
-              help="Passes per measurement; the median is reported (a partial bank: of those after the first).")
-@click.option("--prompt-tokens", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Prompt length for the prefill measurement (0 skips it; slow on the CPU backend).")
-@click.option("--calibration-layers", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Layers of the routing-only model measuring the routing at 512 experts (0: skip).")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the synthetic models are built and kept. Default: flash-moe/bench under llm's "
-                   "user directory.")
-@click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
-def bench(layers, experts_per_layer, bits, experts, bank_fractions, memory_limit_gb, tokens, repeats,
-          prompt_tokens, calibration_layers, directory, json_):
-    """Measure decode speed against its floors, mlx-lm and LRU, at any depth and bank size.
-
-    Builds once (then reuses) a synthetic model with Qwen3.5-397B-A17B's per-layer shapes and calibrated
-    routing; see docs/PERFORMANCE.md for what each figure is and the results.
-    """
-    from .benchmark import BenchOptions, run
-
-    defaults = BenchOptions()
-    opts = BenchOptions(layers=layers, experts_per_layer=experts_per_layer,
-                        bits=tuple(int(b) for b in bits) or defaults.bits, experts=tuple(experts) or defaults.experts,
-                        bank_fractions=tuple(bank_fractions) or defaults.bank_fractions,
-                        memory_limit_gb=memory_limit_gb, tokens=tokens, repeats=repeats,
-                        prompt_tokens=prompt_tokens, calibration_layers=calibration_layers, directory=directory)
-    result = run(opts, log=(lambda line: None) if json_ else (lambda line: click.echo(line, err=True)))
-    click.echo(json.dumps(result, indent=None if json_ else 1))
 
 
 @flash_moe.command(name="eval")

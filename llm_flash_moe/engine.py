@@ -27,6 +27,7 @@ class FlashModel:
     model: object
     tokenizer: object
     bank: ExpertBank
+    cluster: Optional[object] = None  # a distributed.Cluster while this process computes as one rank of several
 
     @property
     def experts_per_token(self) -> int:

@@ -86,9 +86,11 @@ class _FlashMoe:
         return path
 
     def _events(self, prompt, response, conversation) -> Iterator:
+        from . import leader
+
         try:
             with GENERATION_LOCK:
-                yield from self._generate(prompt, response, conversation)
+                yield from leader.guard(self._generate(prompt, response, conversation))  # rank 0 of a cluster
         except FlashMoeError as e:
             raise llm.ModelError(str(e)) from None
 

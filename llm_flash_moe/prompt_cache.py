@@ -133,9 +133,11 @@ def identity(flash) -> str:
         digest = _MANIFEST_HASHES[key] = hashlib.sha256(manifest.read_bytes()).hexdigest()
     dtype = next((str(v.dtype) for _, v in tree_flatten(flash.model.parameters())
                   if mx.issubdtype(v.dtype, mx.floating)), "none")
-    return json.dumps({"format": FORMAT, "manifest": digest, "experts_per_token": flash.experts_per_token,
-                       "dtype": dtype, "device": str(mx.default_device()), "mlx": mx.__version__,
-                       "mlx_lm": mlx_lm.__version__}, sort_keys=True)
+    ident = {"format": FORMAT, "manifest": digest, "experts_per_token": flash.experts_per_token, "dtype": dtype,
+             "device": str(mx.default_device()), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}
+    if flash.cluster is not None:  # experts summed across ranks: another summation order, another state
+        ident["cluster"] = flash.cluster.identity
+    return json.dumps(ident, sort_keys=True)
 
 
 def _digest(ident: str, tokens: Sequence[int]) -> str:

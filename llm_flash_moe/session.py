@@ -26,13 +26,18 @@ GENERATION_LOCK = threading.RLock()
 def load(model_dir: Path, bank_bytes: Optional[int] = None):
     """The FlashModel of ``model_dir``, loaded once per process (reloaded if it was prepared again), with
     an expert bank of ``bank_bytes`` (None: the automatic budget; a loaded model's bank is resized)."""
-    from . import engine
+    from . import engine, leader
 
     flash = loaded(model_dir)
     if flash is None:
         unload(model_dir)
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
         flash = engine.load_flash_model(model_dir, bank_bytes=bank_bytes)
+        try:
+            leader.attach_leader(flash)  # rank 0 of a cluster (`llm flash-moe worker`): joins the other ranks
+        except BaseException:
+            flash.close()
+            raise
         _LOADED[_key(model_dir)] = flash
     elif bank_bytes is not None:
         flash.set_bank_bytes(bank_bytes)

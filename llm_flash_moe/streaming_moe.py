@@ -58,6 +58,7 @@ class StreamingMoE(nn.Module):
         self.layer = layer
         object.__setattr__(self, "bank", bank)  # plain attributes, not child modules
         object.__setattr__(self, "next_block", None)
+        object.__setattr__(self, "cluster", None)  # a distributed.Cluster: experts split across ranks
         self.quant = bank.layers[layer].quantization
         layout = bank.layers[layer].layout
         hidden, intermediate = layout.part("down_proj.weight").shape[0], layout.part("gate_proj.weight").shape[0]
@@ -66,7 +67,9 @@ class StreamingMoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, scores = route(self, x)
-        if x.size == x.shape[-1]:
+        if self.cluster is not None:  # this rank's experts, summed over the ranks (distributed.Cluster)
+            y = self.cluster.experts(self, x, inds, scores)
+        elif x.size == x.shape[-1]:
             y = self._one_token(x, inds, scores)
         else:
             y = self._chunk(x, inds, scores)
@@ -80,23 +83,32 @@ class StreamingMoE(nn.Module):
             y = self._experts(x, mx.take(table, inds.reshape(-1)), inds, scores)
             self.bank.served_on_device(self.layer, inds.size, y)
             return y
-        following = self.next_block
-        if following is not None and self.bank.complete(following.layer):
-            following = None  # nothing to read ahead for it
-        predicted = None
-        if following is not None:
-            guess, likelihood = route(following, x)
-            predicted = (guess, likelihood.astype(mx.float32))  # numpy has no bfloat16
+        predicted = self.predict(x)
         self._synchronize(inds, predicted)
-        ahead = None
-        if predicted is not None:
-            guess, likelihood = (np.array(a).reshape(-1) for a in predicted)
-            ahead = (following.layer, guess[np.argsort(-likelihood, kind="stable")],
-                     math.ceil(len(guess) * PREFETCH_SHARE))
-        slots = self.bank.lookup(self.layer, np.array(inds).reshape(-1), prefetch=ahead)
+        slots = self.bank.lookup(self.layer, np.array(inds).reshape(-1), prefetch=self.read_ahead(predicted))
         y = self._experts(x, mx.array(slots.astype(np.uint32)), inds, scores)
         self.bank.retain(self.layer, slots, y)
         return y
+
+    def predict(self, x):
+        """The next layer's router on this layer's input (its predicted experts and their scores), to be
+        synchronized with this layer's router; None when there is nothing to read ahead."""
+        following = self.next_block
+        if following is None or self.bank.complete(following.layer):
+            return None
+        guess, likelihood = route(following, x)
+        return guess, likelihood.astype(mx.float32)  # numpy has no bfloat16
+
+    def read_ahead(self, predicted, keep=None):
+        """``bank.lookup``'s prefetch for a synchronized prediction: the next layer, its predicted experts
+        most likely first (those ``keep`` accepts, a mask over expert ids), and how many of them to read."""
+        if predicted is None:
+            return None
+        guess, likelihood = (np.array(a).reshape(-1) for a in predicted)
+        guess = guess[np.argsort(-likelihood, kind="stable")]
+        if keep is not None:
+            guess = guess[keep[guess]]
+        return (self.next_block.layer, guess, math.ceil(len(guess) * PREFETCH_SHARE)) if len(guess) else None
 
     def _experts(self, x, chosen, inds, scores):
         """The routed experts' weighted sum for one token, ``chosen`` being their slots in the bank."""
@@ -142,7 +154,7 @@ class StreamingMoE(nn.Module):
     def _synchronize(self, inds, predicted) -> None:
         """The one host synchronization of a decoded token's layer (for the router's choice and the
         prediction together), timed in two halves: launching the GPU work queued so far, then waiting."""
-        arrays = [inds] if predicted is None else [inds, *predicted]
+        arrays = [inds] if predicted is None else [inds, *predicted]  # predicted: (experts, scores)
         start = time.perf_counter()
         mx.async_eval(*arrays)
         launched = time.perf_counter()

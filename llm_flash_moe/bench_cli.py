@@ -1,0 +1,72 @@
+"""``llm flash-moe bench``: its options (the measurements are ``benchmark`` and ``distributed_bench``).
+
+Imported on every llm command: mlx and numpy are imported only inside the command.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command(name="bench")
+@click.option("--layers", type=click.IntRange(min=4), default=4, show_default=True,
+              help="Decoder layers of the synthetic model (60 is the real depth; at least 4: one "
+                   "full-attention layer).")
+@click.option("--experts-per-layer", type=click.IntRange(min=16, max=512), default=512, show_default=True,
+              help="Experts per layer (the real model has 512; fewer keep a deep model's files on a normal "
+                   "disk: 60 layers x 64 experts is 27 GB at 4 bits).")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), multiple=True,
+              help="Expert bits to measure (repeatable; default 4).")
+@click.option("--experts", type=click.IntRange(min=1, max=512), multiple=True,
+              help="Experts per token to measure (repeatable; default 4 and 10).")
+@click.option("--bank-fraction", "bank_fractions", type=click.FloatRange(min=0, max=1, min_open=True),
+              multiple=True,
+              help="Expert bank sizes to measure, as a share of all the experts (repeatable; default 1 and 1/3).")
+@click.option("--memory-limit", "memory_limit_gb", type=click.FloatRange(min=1), default=None,
+              help="Decode the partial banks under a cgroup v2 memory.max of this many GB, page cache included.")
+@click.option("--tokens", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Decoded tokens per pass.")
+@click.option("--repeats", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Passes per measurement; the median is reported (a partial bank: of those after the first).")
+@click.option("--prompt-tokens", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Prompt length for the prefill measurement (0 skips it; slow on the CPU backend).")
+@click.option("--calibration-layers", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Layers of the routing-only model measuring the routing at 512 experts (0: skip).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the synthetic models are built and kept. Default: flash-moe/bench under llm's "
+                   "user directory.")
+@click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Expert parallelism: decode on 1 rank and on this many local ranks (this process and N-1 "
+                   "worker processes over MLX's ring backend on loopback), side by side: per rank, bytes read "
+                   "per token and time in the all_sums. Uses --layers, --experts-per-layer, the first --bits and "
+                   "--bank-fraction, --experts, --tokens, --repeats, --dir.")
+@click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
+def bench(layers, experts_per_layer, bits, experts, bank_fractions, memory_limit_gb, tokens, repeats,
+          prompt_tokens, calibration_layers, directory, ranks, json_):
+    """Measure decode speed against its floors, mlx-lm and LRU, at any depth and bank size.
+
+    Builds once (then reuses) a synthetic model with Qwen3.5-397B-A17B's per-layer shapes and calibrated
+    routing; see docs/PERFORMANCE.md for what each figure is and the results.
+    """
+    from .benchmark import BenchOptions, run
+
+    log = (lambda line: None) if json_ else (lambda line: click.echo(line, err=True))
+    if ranks > 1:
+        from .distributed_bench import ClusterBenchOptions, run as run_ranks
+
+        opts = ClusterBenchOptions(ranks=ranks, layers=layers, experts_per_layer=experts_per_layer,
+                                   bits=int(bits[0]) if bits else 4, experts=tuple(experts) or (4,), tokens=tokens,
+                                   repeats=repeats, bank_fraction=bank_fractions[0] if bank_fractions else 1.0,
+                                   directory=directory)
+        click.echo(json.dumps(run_ranks(opts, log=log), indent=None if json_ else 1))
+        return
+    defaults = BenchOptions()
+    opts = BenchOptions(layers=layers, experts_per_layer=experts_per_layer,
+                        bits=tuple(int(b) for b in bits) or defaults.bits, experts=tuple(experts) or defaults.experts,
+                        bank_fractions=tuple(bank_fractions) or defaults.bank_fractions,
+                        memory_limit_gb=memory_limit_gb, tokens=tokens, repeats=repeats,
+                        prompt_tokens=prompt_tokens, calibration_layers=calibration_layers, directory=directory)
+    click.echo(json.dumps(run(opts, log=log), indent=None if json_ else 1))
