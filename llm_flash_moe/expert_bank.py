@@ -232,6 +232,9 @@ class ExpertBank:
             import fcntl
 
             fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)  # reads bypass the unified buffer cache
+        elif self.drop_page_cache and hasattr(os, "posix_fadvise"):
+            # no readahead: it would put the neighbouring records in the page cache behind the bank's back
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         return fd
 
     @property

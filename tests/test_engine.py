@@ -253,6 +253,8 @@ def test_records_in_the_bank_are_not_also_in_the_page_cache(models, tmp_path):
     assert read
     for layer, expert in read:
         assert resident_pages(prepared / flash.bank.layers[layer].file, int(expert) * size, size) == 0
+    for path in files:  # nor any other record: no readahead behind the bank's back
+        assert resident_pages(path, 0, path.stat().st_size) == 0
 
 
 def copy_model(src: Path, dst: Path) -> Path:
