@@ -302,30 +302,10 @@ class Cluster:
     def _chunk(self, block, x, inds, scores):
         """Several tokens: the (token, expert) pairs whose expert this rank owns, each owned expert read
         once (a group at a time if the bank is smaller); the other pairs add zero."""
-        import mlx.core as mx
-
-        from . import kernels
-
         chosen = np.array(inds)
         self.note_routing(chosen.reshape(-1, chosen.shape[-1]))
         unique = np.unique(chosen)
-        unique = unique[self.owned[block.layer][unique]]
-        H, k = x.shape[-1], chosen.shape[-1]
-        flat_x, flat = x.reshape(-1, H), chosen.reshape(-1)
-        out = mx.zeros((flat.size, H), dtype=x.dtype)
-        limit = block.bank.capacity(block.layer)
-        pool = block.bank.arrays(block.layer)
-        slot_of = np.zeros(block.num_experts, dtype=np.uint32)
-        for start in range(0, len(unique), limit):
-            group = unique[start:start + limit]
-            pairs = np.nonzero(np.isin(flat, group))[0]
-            slot_of[group] = block.bank.lookup(block.layer, group)
-            part = kernels.LoadedSwitchGLU(pool, block.quant)(flat_x[mx.array(pairs // k)],
-                                                              mx.array(slot_of[flat[pairs]])[:, None])
-            out = out.at[mx.array(pairs)].add(part[:, 0, :])
-            mx.eval(out)  # before the next group refills the slots
-        y = block._weighted(out.reshape(*chosen.shape, H), scores)
-        mx.eval(y)
+        y = block.pairs(x, chosen, unique[self.owned[block.layer][unique]], scores)
         return y, y.dtype
 
     # ------------------------------------------------------------------ the per-call protocol

@@ -135,18 +135,25 @@ class StreamingMoE(nn.Module):
             y = self._weighted(kernels.LoadedSwitchGLU(pool, self.quant)(x, local), scores)
             mx.eval(y)  # the bank may refill these slots before anything else evaluates this output
             return y
+        return self.pairs(x, chosen, unique, scores)
+
+    def pairs(self, x, chosen, experts, scores):
+        """The weighted sum over the (token, expert) pairs of ``chosen`` whose expert is in ``experts``
+        (distinct ids; the other pairs add zero): each of them read once, a group at a time that fits the
+        bank, the group's output evaluated before the next group refills the slots."""
         H, k = x.shape[-1], chosen.shape[-1]
         flat_x, flat = x.reshape(-1, H), chosen.reshape(-1)
         out = mx.zeros((flat.size, H), dtype=x.dtype)
-        slot_of = np.zeros(int(unique[-1]) + 1, dtype=np.uint32)
-        for start in range(0, len(unique), limit):
-            group = unique[start:start + limit]
+        limit, pool = self.bank.capacity(self.layer), self.bank.arrays(self.layer)
+        slot_of = np.zeros(self.num_experts, dtype=np.uint32)
+        for start in range(0, len(experts), limit):
+            group = experts[start:start + limit]
             pairs = np.nonzero(np.isin(flat, group))[0]
             slot_of[group] = self.bank.lookup(self.layer, group)
             part = kernels.LoadedSwitchGLU(pool, self.quant)(flat_x[mx.array(pairs // k)],
                                                              mx.array(slot_of[flat[pairs]])[:, None])
             out = out.at[mx.array(pairs)].add(part[:, 0, :])
-            mx.eval(out)  # before the next group refills the slots
+            mx.eval(out)
         y = self._weighted(out.reshape(*chosen.shape, H), scores)
         mx.eval(y)
         return y
