@@ -31,10 +31,11 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true")
     args = parser.parse_args()
 
+    from llm_flash_moe.benchmark import synthetic_model_dir
     from llm_flash_moe.distributed_bench import ClusterBenchOptions, run
     from llm_flash_moe.synthetic.flash_model import write_synthetic_model
 
-    model_dir = args.dir / f"qwen397-shape-{args.layers}l-{args.experts_per_layer}e-{args.bits}bit"
+    model_dir = synthetic_model_dir(args.dir, args.layers, args.experts_per_layer, args.bits)
     start = time.perf_counter()
     write_synthetic_model(model_dir, layers=args.layers, bits=args.bits, experts_per_layer=args.experts_per_layer)
     print(f"model {model_dir}: ready after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)

@@ -402,11 +402,11 @@ def bank_run(model_dir: Path, k: int, fraction: float, tokens: List[int], repeat
              drop_page_cache: Optional[bool] = None, cold: bool = True) -> BankRun:
     """Decode ``tokens`` ``repeats`` times with a bank of ``fraction`` of all experts: the first pass from
     an empty bank, the others with what the bank kept (files evicted before every pass when ``cold``)."""
-    from .engine import load_flash_model
+    from .engine import all_experts_bytes, load_flash_model
     from .flash_layout import Manifest
 
     manifest = Manifest.load(model_dir)
-    everything = sum(l.num_experts * l.layout.parts_bytes for l in manifest.expert_layers)
+    everything = all_experts_bytes(manifest)
     flash = load_flash_model(model_dir, experts_per_token=k, bank_bytes=int(round(fraction * everything)),
                              read_threads=read_threads, drop_page_cache=drop_page_cache)
     try:
@@ -500,12 +500,12 @@ def bank_run_capped(model_dir: Path, k: int, fraction: float, opts: BenchOptions
 def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     import mlx.core as mx
 
-    from .engine import load_flash_model
+    from .engine import all_experts_bytes, load_flash_model
     from .flash_layout import Manifest
 
     manifest = Manifest.load(model_dir)
     record = manifest.expert_layers[0].layout.record_size
-    everything = sum(l.num_experts * l.layout.parts_bytes for l in manifest.expert_layers)
+    everything = all_experts_bytes(manifest)
     files = [model_dir / l.file for l in manifest.expert_layers]
     tokens = decode_tokens(opts)
     name = f"{manifest.expert_layers[0].quantization.bits}-bit k={k}"
@@ -644,6 +644,11 @@ def _r3(v):
     return None if v is None else round(float(v), 3)
 
 
+def synthetic_model_dir(directory: Path, layers: int, experts_per_layer: int, bits: int) -> Path:
+    """Where the bench keeps (and reuses) the synthetic model of these settings."""
+    return Path(directory) / f"qwen397-shape-{layers}l-{experts_per_layer}e-{bits}bit"
+
+
 def run(opts: BenchOptions, log=print) -> dict:
     from .registry import root
     from .synthetic.flash_model import write_synthetic_model
@@ -654,7 +659,7 @@ def run(opts: BenchOptions, log=print) -> dict:
     out["routing_calibration"] = routing_calibration(directory, opts, log)
     results = []
     for bits in opts.bits:
-        model_dir = directory / f"qwen397-shape-{opts.layers}l-{opts.experts_per_layer}e-{bits}bit"
+        model_dir = synthetic_model_dir(directory, opts.layers, opts.experts_per_layer, bits)
         log(f"synthetic model {model_dir} (built once, reused)")
         write_synthetic_model(model_dir, layers=opts.layers, bits=bits, experts_per_layer=opts.experts_per_layer)
         for k in opts.experts:

@@ -279,7 +279,7 @@ class Cluster:
         mine = self.owned[block.layer][chosen]
         ahead = None if predicted is None else block.read_ahead(predicted, self.owned[block.next_block.layer])
         pool = block.bank.arrays(block.layer)
-        fused = block.kernel != "twin" and kernels.supported(x, pool, block.quant)
+        fused = block.kernel != "twin"  # resolved once, when the block was built
         dtype = x.dtype if fused or not block.shared else mx.float32
         if not mine.any():
             if ahead is not None:

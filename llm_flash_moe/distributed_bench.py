@@ -157,9 +157,9 @@ def n_ranks(leader, k: int, tokens: List[int], opts: ClusterBenchOptions, files)
 
 def run(opts: ClusterBenchOptions, log=print) -> dict:
     from . import ring
-    from .benchmark import DECODE_START, machine
+    from .benchmark import DECODE_START, machine, synthetic_model_dir
     from .distributed import Cluster, attach
-    from .engine import load_flash_model
+    from .engine import all_experts_bytes, load_flash_model
     from .flash_layout import Manifest
     from .leader import Leader
     from .ownership import Ownership
@@ -167,12 +167,12 @@ def run(opts: ClusterBenchOptions, log=print) -> dict:
     from .synthetic.flash_model import write_synthetic_model
 
     directory = Path(opts.directory or root() / "bench")
-    model_dir = directory / f"qwen397-shape-{opts.layers}l-{opts.experts_per_layer}e-{opts.bits}bit"
+    model_dir = synthetic_model_dir(directory, opts.layers, opts.experts_per_layer, opts.bits)
     log(f"synthetic model {model_dir} (built once, reused)")
     start = time.perf_counter()
     write_synthetic_model(model_dir, layers=opts.layers, bits=opts.bits, experts_per_layer=opts.experts_per_layer)
     manifest = Manifest.load(model_dir)
-    everything = sum(l.num_experts * l.layout.parts_bytes for l in manifest.expert_layers)
+    everything = all_experts_bytes(manifest)
     bank = int(round(opts.bank_fraction * everything))
     files = [model_dir / l.file for l in manifest.expert_layers]
     tokens = list(range(DECODE_START, DECODE_START + opts.tokens + 1))  # as benchmark.decode_tokens

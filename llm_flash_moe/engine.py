@@ -82,14 +82,12 @@ def auto_bank_budget(manifest: Manifest, loaded: bool = True) -> int:
     """The bank's default budget: what the memory it lives in has free (less a reserve, and less the
     resident weights when the model is not ``loaded`` yet), at most every expert of the model; the
     smallest bank when the free memory cannot be told."""
-    from .memory import auto_bank_bytes
+    from .memory import bank_memory, bank_room
 
-    budget = auto_bank_bytes()
-    if budget is None:
+    free, total = bank_memory()
+    if free is None:
         return 0
-    if not loaded:
-        budget = max(0, budget - manifest.resident_bytes)
-    return min(all_experts_bytes(manifest), budget)
+    return min(all_experts_bytes(manifest), bank_room(free, total, weights=0 if loaded else manifest.resident_bytes))
 
 
 def bank_summary(manifest: Manifest) -> dict:
@@ -124,7 +122,7 @@ def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, b
     model_dir = Path(model_dir)
     manifest = Manifest.load(model_dir)
     dtype = activation_dtype(compute)
-    bank = ExpertBank(model_dir, manifest, budget_bytes=0, min_slots=min_bank_slots(manifest), **bank_options)
+    bank = ExpertBank(model_dir, manifest, min_slots=min_bank_slots(manifest), **bank_options)  # sized below
     try:
         model, config = load_resident_model(model_dir, lazy=True)
         for index, block in moe_blocks(model):

@@ -191,7 +191,7 @@ def slots_for(budget_bytes: int, layers: Sequence[ExpertLayer], minimum: int) ->
 class ExpertBank:
     """The experts of a prepared model's layers, read on demand into a bank of slots (module docstring)."""
 
-    def __init__(self, model_dir: Path, manifest: Manifest, budget_bytes: int, min_slots: int = 1,
+    def __init__(self, model_dir: Path, manifest: Manifest, budget_bytes: Optional[int] = None, min_slots: int = 1,
                  read_threads: int = DEFAULT_READ_THREADS, policy: str = "decayed",
                  drop_page_cache: Optional[bool] = None):
         self.model_dir = Path(model_dir)
@@ -213,7 +213,11 @@ class ExpertBank:
         self._threads = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="flash-moe-read")
         self.policy_name, self.min_slots = policy, min_slots
         self._pools: List[_Pool] = []
-        self.resize(budget_bytes)
+        # No memory is taken before ``resize``: the engine sizes the bank once the resident weights are
+        # loaded and the free memory is known.
+        self.budget_bytes: Optional[int] = None
+        if budget_bytes is not None:
+            self.resize(budget_bytes)
 
     # ------------------------------------------------------------------ files
 
@@ -301,7 +305,7 @@ class ExpertBank:
 
     def held(self) -> int:
         """Experts in the bank now."""
-        return int(sum((owner[:, 0] >= 0).sum() for owner in self._owner))
+        return sum(self._held.values())
 
     def complete(self, layer: int) -> bool:
         """Whether every expert of ``layer`` is in the bank."""
@@ -505,7 +509,7 @@ class ExpertBank:
             raise error
 
     def _drain(self) -> None:
-        for p, filling in enumerate(getattr(self, "_filling", [])):
+        for filling in getattr(self, "_filling", []):
             for future in filling.values():
                 future.exception()
             filling.clear()

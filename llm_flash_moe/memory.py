@@ -118,9 +118,7 @@ def reserve_bytes(total: Optional[int]) -> int:
     return int(max(RESERVE_MIN, RESERVE_SHARE * (total or 0)))
 
 
-def auto_bank_bytes() -> Optional[int]:
-    """The default bank budget: free memory of the bank's kind, less the reserve; None when unknown."""
-    free, total = bank_memory()
-    if free is None:
-        return None
-    return max(0, int(free - reserve_bytes(total)))
+def bank_room(free: int, total: Optional[int], held: int = 0, weights: int = 0) -> int:
+    """Bytes the bank may take: ``free`` memory where it lives plus the bank it would replace (``held``),
+    less the reserve and the resident ``weights`` still to be loaded."""
+    return max(0, int(free + held - reserve_bytes(total) - weights))

@@ -68,7 +68,7 @@ def bank_budget(bank_gb: Optional[float], manifest, held: int = 0, loaded: bool 
     """(bytes or None, warning): ``-o bank_gb`` as a budget, clamped to what the memory the bank lives
     in can hold (its free memory, plus the bank it would replace, less the reserve; less the resident
     weights when the model is not loaded yet). None: the automatic budget, chosen when the model loads."""
-    from .memory import bank_memory, reserve_bytes
+    from .memory import bank_memory, bank_room, reserve_bytes
 
     if bank_gb is None:
         return None, None
@@ -76,7 +76,7 @@ def bank_budget(bank_gb: Optional[float], manifest, held: int = 0, loaded: bool 
     free, total = bank_memory()
     if free is None:
         return want, None
-    limit = max(0, int(free + held - reserve_bytes(total) - (0 if loaded else manifest.resident_bytes)))
+    limit = bank_room(free, total, held, weights=0 if loaded else manifest.resident_bytes)
     if want <= limit:
         return want, None
     return limit, (f"-o bank_gb {bank_gb:g} is more than this machine can hold ({free / 1e9:.1f} GB free "

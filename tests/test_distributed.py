@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from llm_flash_moe import distributed, registry, ring
+from llm_flash_moe.distributed_bench import free_ports
 from llm_flash_moe.errors import FlashMoeError
 from llm_flash_moe.ownership import Ownership, read_counts, write_counts
 
@@ -77,17 +77,6 @@ sys.exit(code)
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def free_ports(n: int) -> list:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def user_dir(path: Path, monkeypatch, models: dict) -> Path:
