@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .expert_bank import DEFAULT_READ_THREADS, _Pool, drop_from_page_cache
+from .expert_bank import DEFAULT_READ_THREADS, _Pool, drop_from_page_cache, pieces
 
 PUBLISHED_ROUTING = {"reuse_consecutive": [0.08, 0.34], "touched_over_30_tokens": [0.43, 0.57],
                      "lru_hit_rate_16_to_128": [0.49, 0.71], "next_layer_prediction_recall": [0.53, 0.88]}
@@ -236,18 +236,23 @@ def routing_calibration(directory: Path, opts: BenchOptions, log) -> Optional[di
 
 def read_records(model_dir: Path, manifest, calls, threads: int) -> float:
     """Seconds to pread every record of ``calls`` ((layer, experts) in order; each call's records in
-    parallel) into page-aligned buffers."""
+    parallel, in the bank's pieces) into page-aligned buffers."""
     import mmap
 
     fds = {layer.layer: os.open(model_dir / layer.file, os.O_RDONLY) for layer in manifest.expert_layers}
     size = manifest.expert_layers[0].layout.record_size
     buffers = [mmap.mmap(-1, size) for _ in range(max(len(e) for _, e in calls))]
+    ranges = pieces(size)
+
+    def read(fd, i, offset, lo, hi):
+        os.preadv(fd, [memoryview(buffers[i])[lo:hi]], offset + lo)
+
     try:
         with ThreadPoolExecutor(threads) as pool:
             start = time.perf_counter()
             for layer, experts in calls:
-                list(pool.map(lambda i: os.preadv(fds[layer], [buffers[i]], experts[i] * size),
-                              range(len(experts))))
+                list(pool.map(lambda job: read(fds[layer], *job),
+                              [(i, e * size, lo, hi) for i, e in enumerate(experts) for lo, hi in ranges]))
             return time.perf_counter() - start
     finally:
         for fd in fds.values():
@@ -307,7 +312,8 @@ def with_resident_experts(flash, synchronize: bool = False):
         fd = os.open(flash.directory / info.file, os.O_RDONLY)
         try:
             with ThreadPoolExecutor(DEFAULT_READ_THREADS) as threads:
-                list(threads.map(lambda e: pool.read(fd, e * info.layout.record_size, e), range(info.num_experts)))
+                list(threads.map(lambda e: pool.read_record(fd, e * info.layout.record_size, e),
+                                  range(info.num_experts)))
         finally:
             os.close(fd)
         saved[index] = block

@@ -37,6 +37,7 @@ from .errors import FlashMoeError
 from .flash_layout import ExpertLayer, Manifest, RecordLayout
 
 DEFAULT_READ_THREADS = 8  # 8, 16 and 32 measured equal within noise on the H100, 4 slower (docs/PERFORMANCE.md)
+READ_PIECE_BYTES = 1 << 20  # records are read in pieces of this size, in parallel (``pieces``)
 MIN_SLOTS_PER_TOKEN = 2  # the smallest bank holds this many times the model's experts per token
 
 
@@ -120,8 +121,35 @@ def allocate_rows(layout: RecordLayout, rows: int, on_device: bool = False):
     return typed, raw
 
 
+def pieces(record_size: int) -> List[tuple]:
+    """The byte ranges ``(start, end)`` a record is read in, each by its own read thread: one record is
+    often a layer's only miss, and a disk streams more with several requests in flight than with one."""
+    return [(lo, min(lo + READ_PIECE_BYTES, record_size)) for lo in range(0, record_size, READ_PIECE_BYTES)]
+
+
+class _RecordRead:
+    """A record's pieces being read; done (``result``) when every piece is."""
+
+    def __init__(self, futures: List[Future]):
+        self.futures = futures
+
+    def result(self) -> None:
+        error = None
+        for future in self.futures:
+            try:
+                future.result()
+            except BaseException as e:  # noqa: BLE001 - the first error is raised once all pieces ended
+                error = error or e
+        if error is not None:
+            raise error
+
+    def exception(self) -> Optional[BaseException]:
+        errors = [f.exception() for f in self.futures]
+        return next((e for e in errors if e is not None), None)
+
+
 class _Pool:
-    """``slots`` experts of one record layout, and how one record is read into one slot."""
+    """``slots`` experts of one record layout, and how one piece of a record is read into one slot."""
 
     def __init__(self, layout: RecordLayout, slots: int, copies=None):
         self.layout, self.slots, self.copies = layout, slots, copies
@@ -129,40 +157,57 @@ class _Pool:
         self._local = threading.local()
         self._staging: List[mmap.mmap] = []
         self._lock = threading.Lock()
-        gaps, position = [], 0
-        for part in layout.parts:
-            gaps.append(part.offset - position)
-            position = part.offset + part.nbytes
-        self._gaps, self._tail = gaps, layout.record_size - position
+        # per piece, what its bytes are: (part name or None for padding, offset in the part, bytes)
+        self.pieces = pieces(layout.record_size)
+        self._segments = [self._covering(lo, hi) for lo, hi in self.pieces]
+
+    def _covering(self, lo: int, hi: int) -> List[tuple]:
+        out, position = [], lo
+        for part in self.layout.parts:
+            start, end = max(part.offset, lo), min(part.offset + part.nbytes, hi)
+            if start >= end:
+                continue
+            if start > position:
+                out.append((None, 0, start - position))
+            out.append((part.name, start - part.offset, end - start))
+            position = end
+        if hi > position:
+            out.append((None, 0, hi - position))
+        return out
 
     @property
     def nbytes(self) -> int:
         return sum(rows.nbytes for rows in self._rows.values())
 
-    def read(self, fd: int, offset: int, slot: int) -> int:
-        """One record from ``fd`` at ``offset`` into ``slot``; returns the bytes read."""
-        if self.copies is None:  # unified memory: scatter the record straight into the pool
+    def read(self, fd: int, offset: int, slot: int, piece: int) -> int:
+        """Piece ``piece`` of the record at ``offset`` in ``fd`` into ``slot``; returns the bytes read."""
+        lo, hi = self.pieces[piece]
+        segments = self._segments[piece]
+        if self.copies is None:  # unified memory: scatter the piece straight into the pool
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
-                scratch = self._local.scratch = np.empty(max(self._gaps + [self._tail, 1]), dtype=np.uint8)
-            vecs = []
-            for gap, part in zip(self._gaps, self.layout.parts):
-                if gap:
-                    vecs.append(memoryview(scratch[:gap]))
-                vecs.append(memoryview(self._rows[part.name][slot]))
-            if self._tail:
-                vecs.append(memoryview(scratch[:self._tail]))
-            return os.preadv(fd, vecs, offset)
+                scratch = self._local.scratch = np.empty(READ_PIECE_BYTES, dtype=np.uint8)
+            vecs = [memoryview(scratch[:n]) if name is None else memoryview(self._rows[name][slot][at:at + n])
+                    for name, at, n in segments]
+            return os.preadv(fd, vecs, offset + lo)
         staging = self._staging_buffer()  # CUDA: pinned staging, then the copy engines
-        n = os.preadv(fd, [staging], offset)
-        base = np.frombuffer(staging, dtype=np.uint8).ctypes.data
-        self.copies.copy([(self._rows[p.name][slot].ctypes.data, base + p.offset, p.nbytes) for p in self.layout.parts])
+        n = os.preadv(fd, [memoryview(staging)[:hi - lo]], offset + lo)
+        source, copies = np.frombuffer(staging, dtype=np.uint8).ctypes.data, []
+        for name, at, size in segments:
+            if name is not None:
+                copies.append((self._rows[name][slot].ctypes.data + at, source, size))
+            source += size
+        self.copies.copy(copies)
         return n
+
+    def read_record(self, fd: int, offset: int, slot: int) -> int:
+        """A whole record, piece after piece (loading, not serving: no parallelism needed)."""
+        return sum(self.read(fd, offset, slot, i) for i in range(len(self.pieces)))
 
     def _staging_buffer(self) -> mmap.mmap:
         staging = getattr(self._local, "staging", None)
         if staging is None:
-            staging = self._local.staging = mmap.mmap(-1, self.layout.record_size)  # page-aligned
+            staging = self._local.staging = mmap.mmap(-1, READ_PIECE_BYTES)  # page-aligned
             self.copies.pin(np.frombuffer(staging, dtype=np.uint8).ctypes.data, len(staging))
             with self._lock:
                 self._staging.append(staging)
@@ -281,7 +326,7 @@ class ExpertBank:
         experts = {i: {l: self.layers[l].num_experts for l in self.layers if self._pool_of[l] == i}
                    for i in range(len(self._pools))}
         self._policies = [make_policy(self.policy_name, pool.slots, experts[i]) for i, pool in enumerate(self._pools)]
-        self._filling: List[Dict[int, Future]] = [{} for _ in self._pools]  # slot -> read in flight
+        self._filling: List[Dict[int, _RecordRead]] = [{} for _ in self._pools]  # slot -> read in flight
         self._prefetched: Dict[int, set] = {}  # layer -> slots read ahead for its next call
         self._last_output: List[Dict[int, object]] = [{} for _ in self._pools]  # slot -> output computed from it
         self._pinned = (-1, np.zeros(0, dtype=np.int64))  # (pool, slots) of the call being served
@@ -463,7 +508,7 @@ class ExpertBank:
             mx.eval(*pending.values())
         return victims
 
-    def _fill(self, p: int, layer: int, experts: np.ndarray, slots: np.ndarray) -> List[Future]:
+    def _fill(self, p: int, layer: int, experts: np.ndarray, slots: np.ndarray) -> List[_RecordRead]:
         """Enter ``experts`` in the table at ``slots`` and start reading them there."""
         self._slot_of[layer][experts] = slots
         self._owner[p][slots, 0], self._owner[p][slots, 1] = layer, experts
@@ -472,22 +517,24 @@ class ExpertBank:
         size = info.layout.record_size
         self.stats.reads += len(experts)
         self.stats.bytes_read += len(experts) * size
-        return [self._threads.submit(self._read, pool, fd, info, int(e), int(s))
+        return [_RecordRead([self._threads.submit(self._read, pool, fd, info, int(e), int(s), i)
+                             for i in range(len(pool.pieces))])
                 for e, s in zip(experts.tolist(), slots.tolist())]
 
-    def _read(self, pool: _Pool, fd: int, info: ExpertLayer, expert: int, slot: int) -> None:
-        size = info.layout.record_size
+    def _read(self, pool: _Pool, fd: int, info: ExpertLayer, expert: int, slot: int, piece: int) -> None:
+        lo, hi = pool.pieces[piece]
+        start = expert * info.layout.record_size + lo
         try:
-            n = pool.read(fd, expert * size, slot)
+            n = pool.read(fd, expert * info.layout.record_size, slot, piece)
         except OSError as e:
             raise FlashMoeError(f"cannot read expert {expert} from {self.model_dir / info.file} "
                                 f"({e.strerror}); {self.remedy}")
-        if n != size:
+        if n != hi - lo:
             raise FlashMoeError(f"{self.model_dir / info.file} is truncated at expert {expert}; {self.remedy}")
         if self.drop_page_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, expert * size, size, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, start, hi - lo, os.POSIX_FADV_DONTNEED)
 
-    def _wait(self, p: int, futures: List[Future]) -> None:
+    def _wait(self, p: int, futures: List[_RecordRead]) -> None:
         """Wait for reads; if one failed, forget everything they were filling (its slot holds no expert)."""
         error = None
         for future in futures:

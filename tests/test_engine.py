@@ -156,11 +156,16 @@ def test_resident_weights_are_the_only_weights_in_memory(models):
         assert "switch_mlp" not in key and not (value.ndim == 3 and value.shape[0] == num_experts), key
 
 
-def test_a_thrashed_bank_still_equals_mlx_lm(models):
+@pytest.mark.parametrize("piece", [None, 1000])
+def test_a_thrashed_bank_still_equals_mlx_lm(models, monkeypatch, piece):
     """A bank of 6 slots for 4 layers of 8 experts (fewer than a layer's distinct experts in a prompt, so
     chunks run in groups, and fewer than the experts a few tokens use, so experts are evicted and read
     again), prefetch on, over a prompt, its answer and a follow-up turn: greedy tokens and logits stay
-    mlx-lm's exactly."""
+    mlx-lm's exactly; also with records read in pieces of 1000 bytes (cut inside parts and padding)."""
+    from llm_flash_moe import expert_bank
+
+    if piece:
+        monkeypatch.setattr(expert_bank, "READ_PIECE_BYTES", piece)
     hf = models.hf("bfloat16")
     reference, tokenizer = mlx_lm.load(str(models.reference(hf)))
     layout = Manifest.load(models.prepared(hf)).expert_layers[0].layout
@@ -176,6 +181,8 @@ def test_a_thrashed_bank_still_equals_mlx_lm(models):
     stats = flash.bank.stats
     assert stats.misses > flash.manifest.num_experts * len(flash.manifest.expert_layers)  # evicted, read again
     assert stats.prefetch_reads > 0 and stats.hits > 0
+    pieces = len(flash.bank._pools[0].pieces)
+    assert pieces == (-(-layout.record_size // piece) if piece else 1) and (pieces > 2 or not piece)
 
 
 def test_bank_survives_a_resize_and_reports_its_size(models):
@@ -337,11 +344,15 @@ class HostCopies:
             self.copied.append(nbytes)
 
 
-def test_staged_copies_give_the_same_results(models, monkeypatch):
+@pytest.mark.parametrize("piece", [None, 1000])
+def test_staged_copies_give_the_same_results(models, monkeypatch, piece):
     """CUDA's path (reads land in pinned staging, each record is copied into its bank slot) gives what
     reading straight into the bank gives, with prefetch, bank hits and prompt chunks; every record read
-    is copied whole into its slot exactly once."""
+    is copied whole into its slot exactly once, also when it is read in pieces of 1000 bytes."""
     from llm_flash_moe import expert_bank
+
+    if piece:
+        monkeypatch.setattr(expert_bank, "READ_PIECE_BYTES", piece)
 
     prepared = models.prepared(models.hf("float32"))
     direct = load_flash_model(prepared)
@@ -356,7 +367,7 @@ def test_staged_copies_give_the_same_results(models, monkeypatch):
     assert stats.hits > 0 and stats.prefetch_reads > 0
     record = staged.manifest.expert_layers[0].layout
     assert sum(copies.copied) == stats.reads * record.parts_bytes
-    assert 1 <= len(copies.pinned) <= 8  # one staging record per read thread
+    assert 1 <= len(copies.pinned) <= 8  # one staging piece per read thread
     staged.close()
     assert not copies.pinned
 
