@@ -20,12 +20,15 @@ the slot is overwritten (a no-op when decode's per-layer synchronization already
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
+import queue
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import weakref
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -148,6 +151,50 @@ class _RecordRead:
         return next((e for e in errors if e is not None), None)
 
 
+def _serve(jobs: "queue.PriorityQueue") -> None:
+    """A read thread: run jobs until the stop mark."""
+    while True:
+        _, _, future, fn, args = jobs.get()
+        if future is None:
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the read
+            future.set_exception(e)
+
+
+def _stop(jobs: "queue.PriorityQueue", threads: int) -> None:
+    for _ in range(threads):
+        jobs.put((_Readers.AHEAD + 1, -1, None, None, None))
+
+
+class _Readers:
+    """The read threads: pieces of records a layer waits for (``URGENT``) before pieces read ahead on a
+    prediction (``AHEAD``), each kind in the order submitted. A wrong prediction's reads then never stand
+    between a layer and its misses. The threads stop on ``shutdown`` or when this is garbage."""
+
+    URGENT, AHEAD = 0, 1
+
+    def __init__(self, threads: int):
+        self._queue: "queue.PriorityQueue" = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._threads = [threading.Thread(target=_serve, args=(self._queue,), name=f"flash-moe-read-{i}",
+                                          daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+        self._stop = weakref.finalize(self, _stop, self._queue, threads)
+
+    def submit(self, priority: int, fn, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((priority, next(self._order), future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        self._stop()
+        for thread in self._threads:
+            thread.join()
+
+
 class _Pool:
     """``slots`` experts of one record layout, and how one piece of a record is read into one slot."""
 
@@ -255,7 +302,7 @@ class ExpertBank:
         except BaseException:
             self._close_files()
             raise
-        self._threads = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="flash-moe-read")
+        self._readers = _Readers(read_threads)
         self.policy_name, self.min_slots = policy, min_slots
         self._pools: List[_Pool] = []
         # No memory is taken before ``resize``: the engine sizes the bank once the resident weights are
@@ -463,7 +510,7 @@ class ExpertBank:
             return  # a small bank: keep its slots for what the layers actually ask for
         exclude = np.fromiter(busy, dtype=np.int64, count=len(busy))
         victims = self._claim(p, len(missing), exclude=exclude, wait_for_reads=False)
-        for slot, future in zip(victims.tolist(), self._fill(p, layer, missing, victims)):
+        for slot, future in zip(victims.tolist(), self._fill(p, layer, missing, victims, ahead=True)):
             self._filling[p][slot] = future
         self._prefetched.setdefault(layer, set()).update(victims.tolist())
         self._policies[p].prefetched(victims, layer, missing, self._clock[layer])
@@ -508,8 +555,10 @@ class ExpertBank:
             mx.eval(*pending.values())
         return victims
 
-    def _fill(self, p: int, layer: int, experts: np.ndarray, slots: np.ndarray) -> List[_RecordRead]:
-        """Enter ``experts`` in the table at ``slots`` and start reading them there."""
+    def _fill(self, p: int, layer: int, experts: np.ndarray, slots: np.ndarray,
+              ahead: bool = False) -> List[_RecordRead]:
+        """Enter ``experts`` in the table at ``slots`` and start reading them there (after every read a
+        layer waits for, when ``ahead``)."""
         self._slot_of[layer][experts] = slots
         self._owner[p][slots, 0], self._owner[p][slots, 1] = layer, experts
         self._held[layer] += len(experts)
@@ -517,7 +566,8 @@ class ExpertBank:
         size = info.layout.record_size
         self.stats.reads += len(experts)
         self.stats.bytes_read += len(experts) * size
-        return [_RecordRead([self._threads.submit(self._read, pool, fd, info, int(e), int(s), i)
+        priority = _Readers.AHEAD if ahead else _Readers.URGENT
+        return [_RecordRead([self._readers.submit(priority, self._read, pool, fd, info, int(e), int(s), i)
                              for i in range(len(pool.pieces))])
                 for e, s in zip(experts.tolist(), slots.tolist())]
 
@@ -570,7 +620,7 @@ class ExpertBank:
 
     def close(self) -> None:
         self._drain()
-        self._threads.shutdown(wait=True)
+        self._readers.shutdown()
         for pool in self._pools:
             pool.close()
         self._pools = []

@@ -409,3 +409,23 @@ def test_layers_completing_and_losing_experts_keep_mlx_lm_results(models):
         assert greedy_tokens(flash.model, flash.tokenizer, ids, n=16) == greedy_tokens(reference, tokenizer, ids, n=16)
         assert mx.array_equal(flash.model(mx.array(ids)[None]), reference(mx.array(ids)[None]))
     assert completed and flash.bank.stats.misses > 20
+
+
+def test_reads_a_layer_waits_for_go_before_reads_ahead():
+    """With every read thread busy, a miss submitted after a prediction's reads is read before them."""
+    import threading
+
+    from llm_flash_moe.expert_bank import _Readers
+
+    readers, gate, order = _Readers(1), threading.Event(), []
+    blocker = readers.submit(_Readers.URGENT, gate.wait)
+    ahead = [readers.submit(_Readers.AHEAD, order.append, f"ahead {i}") for i in range(3)]
+    urgent = [readers.submit(_Readers.URGENT, order.append, f"miss {i}") for i in range(2)]
+    failed = readers.submit(_Readers.URGENT, lambda: 1 / 0)
+    gate.set()
+    for future in [blocker, *ahead, *urgent]:
+        future.result(timeout=10)
+    assert order == ["miss 0", "miss 1", "ahead 0", "ahead 1", "ahead 2"]
+    assert isinstance(failed.exception(timeout=10), ZeroDivisionError)
+    readers.shutdown()
+    assert not any(t.is_alive() for t in readers._threads)
