@@ -141,7 +141,7 @@ class ClusterStats:
     calls: int = 0  # model calls served
     moe_all_sums: int = 0  # one per MoE layer per call
     moe_all_sum_bytes: int = 0
-    all_sum_seconds: float = 0.0  # waiting for the MoE all_sums (timed mode only)
+    all_sum_seconds: float = 0.0  # waiting for the MoE all_sums (timed mode, and every one on CUDA)
     protocol_collectives: int = 0  # headers, token ids, cache states, the handshake (not the stats themselves)
     protocol_bytes: int = 0
     state_transfers: int = 0  # cache states sent by rank 0 (prompt-cache hits)
@@ -179,6 +179,11 @@ class Cluster:
         # scheduled, whichever stream the model runs on (mlx-lm's generation stream, or the default one)
         # and whenever their results are needed, so every rank pairs the same collectives.
         self.stream = mx.new_stream(mx.cpu)
+        # On MLX's CUDA backend a collective left pending between GPU work (the partial sum in, the next
+        # layer's router out) stalled two ranks sharing one H200 from the first token (the GPU waiting on
+        # the CPU stream, the bank's copies waiting behind it): there each MoE all_sum runs on evaluated
+        # input and is waited for, as the timed mode does. Unified memory (Metal, CPU) keeps it pending.
+        self.wait_each_all_sum = mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
 
     @property
     def identity(self) -> str:
@@ -249,7 +254,7 @@ class Cluster:
         total = mx.distributed.all_sum(part, group=self.group, stream=self.stream)
         self.stats.moe_all_sums += 1
         self.stats.moe_all_sum_bytes += part.nbytes
-        if self.timed:
+        if self.timed or self.wait_each_all_sum:
             mx.eval(part)
             start = time.perf_counter()
             mx.eval(total)
