@@ -277,6 +277,7 @@ alone, alone_lp = generate(flash.model)
 flash.bank.clear()  # rank 0 then holds only what it reads as rank 0
 group = ring.init_ring(nodes, 0)
 cluster = distributed.Cluster(group, 0, nodes, Ownership.for_model(flash.manifest, 2), flash.manifest.name)
+cluster.wait_each_all_sum = sys.argv[4:] == ["wait"]  # what MLX's CUDA backend does
 leader = Leader(flash, cluster, lambda: None)
 cluster.handshake(flash)
 distributed.attach(flash, cluster)
@@ -290,19 +291,22 @@ print(json.dumps({"alone": alone, "together": together, "ranks": ranks,
 '''
 
 
-@pytest.mark.parametrize("model_type,k", [("qwen3_5_moe", 3), ("qwen3_next", 2), ("qwen3_next", 3),
-                                          ("qwen3_moe", 2), ("qwen3_moe", 3)])
-def test_every_architecture_two_ranks_match_one_process(models, tmp_path, model_type, k):
+@pytest.mark.parametrize("model_type,k,wait", [("qwen3_5_moe", 3, False), ("qwen3_5_moe", 3, True),
+                                               ("qwen3_next", 2, False), ("qwen3_next", 3, False),
+                                               ("qwen3_moe", 2, False), ("qwen3_moe", 3, False)])
+def test_every_architecture_two_ranks_match_one_process(models, tmp_path, model_type, k, wait):
     """mlx-lm's generation on rank 0 over two ranks against the same process alone, per tiny architecture
     (qwen3_moe has no shared expert): the same greedy tokens, log-probabilities apart by the summation
-    order only (well below the smallest gap between the two best tokens)."""
+    order only (well below the smallest gap between the two best tokens). ``wait``: rank 0 waits for each
+    MoE all_sum on evaluated input, as on MLX's CUDA backend."""
     layout = "fused" if model_type == "qwen3_5_moe" else "per_expert"
     model_dir = models.prepared(models.hf(layout=layout, model_type=model_type))
     nodes = [[f"127.0.0.1:{p}"] for p in free_ports(2)]
     worker = subprocess.Popen([sys.executable, "-m", "llm_flash_moe.worker", str(model_dir), "1", json.dumps(nodes)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(tmp_path))
     try:
-        done = subprocess.run([sys.executable, "-c", PAIR, str(model_dir), json.dumps(nodes), str(k)],
+        done = subprocess.run([sys.executable, "-c", PAIR, str(model_dir), json.dumps(nodes), str(k)]
+                              + (["wait"] if wait else []),
                               capture_output=True, text=True, timeout=180, env=clean_env(tmp_path))
     finally:
         worker.wait(timeout=60)
@@ -313,6 +317,7 @@ def test_every_architecture_two_ranks_match_one_process(models, tmp_path, model_
     assert result["max_logprob_diff"] < 1e-3 and result["max_logprob_diff"] < result["min_top2_gap"], result
     for rank in result["ranks"]:
         assert rank["moe_all_sums"] == LAYERS * rank["calls"] and rank["held_not_owned"] == 0
+    assert (result["ranks"][0]["all_sum_seconds"] > 0) == wait  # only a waited all_sum is timed
     assert worker.returncode == 0  # rank 0 stopped it
 
 
