@@ -6,7 +6,7 @@ MODEL_DIR is a prepared model (or the bench's synthetic one). For each piece siz
 each thread count, ``--records`` records chosen at random (a fresh set for every setting, across the layer
 files) are read with the page cache dropped first, one record at a time as a layer's single miss would be:
 its pieces spread over the threads, the next record started when the last one is done. This is the case the
-expert bank's ``READ_PIECE_BYTES`` is for (docs/PERFORMANCE.md). Linux only (the page cache has to be
+expert bank's ``bank_pool.READ_PIECE_BYTES`` is for (docs/PERFORMANCE.md). Linux only (the page cache has to be
 dropped). Prints one JSON object.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_flash_moe.expert_bank import drop_from_page_cache
+from llm_flash_moe.bank_pool import drop_from_page_cache
 from llm_flash_moe.flash_layout import Manifest
 
 

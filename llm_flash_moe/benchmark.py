@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .expert_bank import DEFAULT_READ_THREADS, _Pool, drop_from_page_cache, pieces
+from .bank_pool import DEFAULT_READ_THREADS, Pool, drop_from_page_cache, pieces
 
 PUBLISHED_ROUTING = {"reuse_consecutive": [0.08, 0.34], "touched_over_30_tokens": [0.43, 0.57],
                      "lru_hit_rate_16_to_128": [0.49, 0.71], "next_layer_prediction_recall": [0.53, 0.88]}
@@ -279,7 +279,7 @@ class ResidentMoE:
     by expert id), reusing the streaming block's router and shared expert. With ``synchronize`` the
     router's choice goes to the host and back first: the sync floor."""
 
-    def __init__(self, block, pool: _Pool, synchronize: bool):
+    def __init__(self, block, pool: Pool, synchronize: bool):
         self.block, self.pool, self.synchronize = block, pool, synchronize
 
     def __call__(self, x):
@@ -302,13 +302,13 @@ def with_resident_experts(flash, synchronize: bool = False):
     """Swap every streaming block for ``ResidentMoE`` over all its experts (read from the layer files);
     returns a function that swaps them back. ``restore.blocks`` are the resident blocks (their
     ``synchronize`` can be switched without reading the experts again)."""
-    from .expert_bank import device_copies
+    from .bank_pool import device_copies
     from .mlx_model import moe_blocks
 
     copies, saved = device_copies(), {}
     for index, block in moe_blocks(flash.model):
         info = flash.manifest.layer(index)
-        pool = _Pool(info.layout, info.num_experts, copies)
+        pool = Pool(info.layout, info.num_experts, copies)
         fd = os.open(flash.directory / info.file, os.O_RDONLY)
         try:
             with ThreadPoolExecutor(DEFAULT_READ_THREADS) as threads:

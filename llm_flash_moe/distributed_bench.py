@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .expert_bank import DEFAULT_READ_THREADS, drop_from_page_cache
+from .bank_pool import DEFAULT_READ_THREADS, drop_from_page_cache
 
 
 @dataclass

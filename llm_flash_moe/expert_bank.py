@@ -1,12 +1,10 @@
 """The expert bank: experts kept where the kernels read them, addressed by slot; only misses are read.
 
-For each record layout of the model (usually one for all layers) the bank holds a pool: per record part
-an MLX array ``[slots, *shape]`` that the matmuls and the fused kernels index by slot id. A host table
-maps (layer, expert) to its slot. A hit costs no read and no copy: the layer computes on the slot where
+For each record layout of the model (usually one for all layers) the bank holds a pool of slots
+(``bank_pool``: MLX arrays ``[slots, *shape]`` that the matmuls and the fused kernels index by slot id). A host
+table maps (layer, expert) to its slot. A hit costs no read and no copy: the layer computes on the slot where
 the expert already is. A miss is read straight into a victim slot chosen by the replacement policy
-(``bank_policy``): with unified memory (Metal, CPU) ``preadv`` fills the pool's own memory; on CUDA the
-read lands in pinned staging and the reading thread copies it into the slot in GPU memory
-(``cuda_memory.DeviceCopies``). Experts read ahead on a prediction (``prefetch``) land in the bank too.
+(``bank_policy``), before any read ahead; experts read ahead on a prediction (``prefetch``) land in the bank too.
 
 One cache, not two: where the bank lives in the memory the OS page cache uses (unified memory, the CPU
 backend), every record read is dropped from the page cache (``posix_fadvise(DONTNEED)`` on Linux,
@@ -20,15 +18,9 @@ the slot is overwritten (a no-op when decode's per-layer synchronization already
 
 from __future__ import annotations
 
-import itertools
-import mmap
 import os
-import queue
 import sys
-import threading
 import time
-import weakref
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -36,11 +28,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from .bank_policy import make_policy
+from .bank_pool import DEFAULT_READ_THREADS, Pool, Readers, RecordRead, device_copies
 from .errors import FlashMoeError
 from .flash_layout import ExpertLayer, Manifest, RecordLayout
 
-DEFAULT_READ_THREADS = 8  # 8, 16 and 32 measured equal within noise on the H100, 4 slower (docs/PERFORMANCE.md)
-READ_PIECE_BYTES = 1 << 20  # records are read in pieces of this size, in parallel (``pieces``)
 MIN_SLOTS_PER_TOKEN = 2  # the smallest bank holds this many times the model's experts per token
 
 
@@ -81,191 +72,6 @@ class BankStats:
         return BankStats(**{k: getattr(self, k) - getattr(before, k) for k in asdict(self)})
 
 
-def drop_from_page_cache(paths) -> bool:
-    """Drop files from the OS page cache; False where the OS offers no way (Linux has one)."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
-
-
-def device_copies():
-    """How records reach the GPU: a DeviceCopies on MLX's CUDA backend, else None (unified memory)."""
-    import mlx.core as mx
-
-    if mx.default_device() != mx.gpu or not (hasattr(mx, "cuda") and mx.cuda.is_available()):
-        return None
-    from .cuda_memory import DeviceCopies
-
-    return DeviceCopies()
-
-
-def allocate_rows(layout: RecordLayout, rows: int, on_device: bool = False):
-    """Per record part, an MLX array ``[rows, *shape]`` of the part's dtype and a numpy uint8 view
-    ``[rows, nbytes]`` of the same memory (advised to stay in GPU memory when ``on_device``)."""
-    import mlx.core as mx
-
-    typed, raw = {}, {}
-    for part in layout.parts:
-        buf = mx.zeros((rows, part.nbytes), dtype=mx.uint8)
-        typed[part.name] = buf.view(getattr(mx, part.dtype)).reshape(rows, *part.shape)
-        mx.eval(buf, typed[part.name])
-        raw[part.name] = np.array(buf, copy=False)
-        if on_device:
-            from .cuda_memory import keep_on_device
-
-            keep_on_device(raw[part.name].ctypes.data, raw[part.name].nbytes)
-    return typed, raw
-
-
-def pieces(record_size: int) -> List[tuple]:
-    """The byte ranges ``(start, end)`` a record is read in, each by its own read thread: one record is
-    often a layer's only miss, and a disk streams more with several requests in flight than with one."""
-    return [(lo, min(lo + READ_PIECE_BYTES, record_size)) for lo in range(0, record_size, READ_PIECE_BYTES)]
-
-
-class _RecordRead:
-    """A record's pieces being read; done (``result``) when every piece is."""
-
-    def __init__(self, futures: List[Future]):
-        self.futures = futures
-
-    def result(self) -> None:
-        error = None
-        for future in self.futures:
-            try:
-                future.result()
-            except BaseException as e:  # noqa: BLE001 - the first error is raised once all pieces ended
-                error = error or e
-        if error is not None:
-            raise error
-
-    def exception(self) -> Optional[BaseException]:
-        errors = [f.exception() for f in self.futures]
-        return next((e for e in errors if e is not None), None)
-
-
-def _serve(jobs: "queue.PriorityQueue") -> None:
-    """A read thread: run jobs until the stop mark."""
-    while True:
-        _, _, future, fn, args = jobs.get()
-        if future is None:
-            return
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the read
-            future.set_exception(e)
-
-
-def _stop(jobs: "queue.PriorityQueue", threads: int) -> None:
-    for _ in range(threads):
-        jobs.put((_Readers.AHEAD + 1, -1, None, None, None))
-
-
-class _Readers:
-    """The read threads: pieces of records a layer waits for (``URGENT``) before pieces read ahead on a
-    prediction (``AHEAD``), each kind in the order submitted. A wrong prediction's reads then never stand
-    between a layer and its misses. The threads stop on ``shutdown`` or when this is garbage."""
-
-    URGENT, AHEAD = 0, 1
-
-    def __init__(self, threads: int):
-        self._queue: "queue.PriorityQueue" = queue.PriorityQueue()
-        self._order = itertools.count()
-        self._threads = [threading.Thread(target=_serve, args=(self._queue,), name=f"flash-moe-read-{i}",
-                                          daemon=True) for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
-        self._stop = weakref.finalize(self, _stop, self._queue, threads)
-
-    def submit(self, priority: int, fn, *args) -> Future:
-        future: Future = Future()
-        self._queue.put((priority, next(self._order), future, fn, args))
-        return future
-
-    def shutdown(self) -> None:
-        self._stop()
-        for thread in self._threads:
-            thread.join()
-
-
-class _Pool:
-    """``slots`` experts of one record layout, and how one piece of a record is read into one slot."""
-
-    def __init__(self, layout: RecordLayout, slots: int, copies=None):
-        self.layout, self.slots, self.copies = layout, slots, copies
-        self.arrays, self._rows = allocate_rows(layout, slots, on_device=copies is not None)
-        self._local = threading.local()
-        self._staging: List[mmap.mmap] = []
-        self._lock = threading.Lock()
-        # per piece, what its bytes are: (part name or None for padding, offset in the part, bytes)
-        self.pieces = pieces(layout.record_size)
-        self._segments = [self._covering(lo, hi) for lo, hi in self.pieces]
-
-    def _covering(self, lo: int, hi: int) -> List[tuple]:
-        out, position = [], lo
-        for part in self.layout.parts:
-            start, end = max(part.offset, lo), min(part.offset + part.nbytes, hi)
-            if start >= end:
-                continue
-            if start > position:
-                out.append((None, 0, start - position))
-            out.append((part.name, start - part.offset, end - start))
-            position = end
-        if hi > position:
-            out.append((None, 0, hi - position))
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        return sum(rows.nbytes for rows in self._rows.values())
-
-    def read(self, fd: int, offset: int, slot: int, piece: int) -> int:
-        """Piece ``piece`` of the record at ``offset`` in ``fd`` into ``slot``; returns the bytes read."""
-        lo, hi = self.pieces[piece]
-        segments = self._segments[piece]
-        if self.copies is None:  # unified memory: scatter the piece straight into the pool
-            scratch = getattr(self._local, "scratch", None)
-            if scratch is None:
-                scratch = self._local.scratch = np.empty(READ_PIECE_BYTES, dtype=np.uint8)
-            vecs = [memoryview(scratch[:n]) if name is None else memoryview(self._rows[name][slot][at:at + n])
-                    for name, at, n in segments]
-            return os.preadv(fd, vecs, offset + lo)
-        staging = self._staging_buffer()  # CUDA: pinned staging, then the copy engines
-        n = os.preadv(fd, [memoryview(staging)[:hi - lo]], offset + lo)
-        source, copies = np.frombuffer(staging, dtype=np.uint8).ctypes.data, []
-        for name, at, size in segments:
-            if name is not None:
-                copies.append((self._rows[name][slot].ctypes.data + at, source, size))
-            source += size
-        self.copies.copy(copies)
-        return n
-
-    def read_record(self, fd: int, offset: int, slot: int) -> int:
-        """A whole record, piece after piece (loading, not serving: no parallelism needed)."""
-        return sum(self.read(fd, offset, slot, i) for i in range(len(self.pieces)))
-
-    def _staging_buffer(self) -> mmap.mmap:
-        staging = getattr(self._local, "staging", None)
-        if staging is None:
-            staging = self._local.staging = mmap.mmap(-1, READ_PIECE_BYTES)  # page-aligned
-            self.copies.pin(np.frombuffer(staging, dtype=np.uint8).ctypes.data, len(staging))
-            with self._lock:
-                self._staging.append(staging)
-        return staging
-
-    def close(self) -> None:
-        for staging in self._staging:
-            self.copies.unpin(np.frombuffer(staging, dtype=np.uint8).ctypes.data)
-        self._staging.clear()
-
-
 def slots_for(budget_bytes: int, layers: Sequence[ExpertLayer], minimum: int) -> Dict[RecordLayout, int]:
     """Slots per record layout: ``budget_bytes`` shared in proportion to each layout's layers, at least
     ``minimum`` and at most every expert of those layers."""
@@ -302,9 +108,9 @@ class ExpertBank:
         except BaseException:
             self._close_files()
             raise
-        self._readers = _Readers(read_threads)
+        self._readers = Readers(read_threads)
         self.policy_name, self.min_slots = policy, min_slots
-        self._pools: List[_Pool] = []
+        self._pools: List[Pool] = []
         # No memory is taken before ``resize``: the engine sizes the bank once the resident weights are
         # loaded and the free memory is known.
         self.budget_bytes: Optional[int] = None
@@ -355,7 +161,7 @@ class ExpertBank:
         index: Dict[RecordLayout, int] = {}
         for layout, n in slots.items():
             index[layout] = len(self._pools)
-            self._pools.append(_Pool(layout, n, self._copies))
+            self._pools.append(Pool(layout, n, self._copies))
         self._pool_of = {layer: index[info.layout] for layer, info in self.layers.items()}
         self.clear()
 
@@ -373,7 +179,7 @@ class ExpertBank:
         experts = {i: {l: self.layers[l].num_experts for l in self.layers if self._pool_of[l] == i}
                    for i in range(len(self._pools))}
         self._policies = [make_policy(self.policy_name, pool.slots, experts[i]) for i, pool in enumerate(self._pools)]
-        self._filling: List[Dict[int, _RecordRead]] = [{} for _ in self._pools]  # slot -> read in flight
+        self._filling: List[Dict[int, RecordRead]] = [{} for _ in self._pools]  # slot -> read in flight
         self._prefetched: Dict[int, set] = {}  # layer -> slots read ahead for its next call
         self._last_output: List[Dict[int, object]] = [{} for _ in self._pools]  # slot -> output computed from it
         self._pinned = (-1, np.zeros(0, dtype=np.int64))  # (pool, slots) of the call being served
@@ -556,7 +362,7 @@ class ExpertBank:
         return victims
 
     def _fill(self, p: int, layer: int, experts: np.ndarray, slots: np.ndarray,
-              ahead: bool = False) -> List[_RecordRead]:
+              ahead: bool = False) -> List[RecordRead]:
         """Enter ``experts`` in the table at ``slots`` and start reading them there (after every read a
         layer waits for, when ``ahead``)."""
         self._slot_of[layer][experts] = slots
@@ -566,12 +372,12 @@ class ExpertBank:
         size = info.layout.record_size
         self.stats.reads += len(experts)
         self.stats.bytes_read += len(experts) * size
-        priority = _Readers.AHEAD if ahead else _Readers.URGENT
-        return [_RecordRead([self._readers.submit(priority, self._read, pool, fd, info, int(e), int(s), i)
+        priority = Readers.AHEAD if ahead else Readers.URGENT
+        return [RecordRead([self._readers.submit(priority, self._read, pool, fd, info, int(e), int(s), i)
                              for i in range(len(pool.pieces))])
                 for e, s in zip(experts.tolist(), slots.tolist())]
 
-    def _read(self, pool: _Pool, fd: int, info: ExpertLayer, expert: int, slot: int, piece: int) -> None:
+    def _read(self, pool: Pool, fd: int, info: ExpertLayer, expert: int, slot: int, piece: int) -> None:
         lo, hi = pool.pieces[piece]
         start = expert * info.layout.record_size + lo
         try:
@@ -584,7 +390,7 @@ class ExpertBank:
         if self.drop_page_cache and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, start, hi - lo, os.POSIX_FADV_DONTNEED)
 
-    def _wait(self, p: int, futures: List[_RecordRead]) -> None:
+    def _wait(self, p: int, futures: List[RecordRead]) -> None:
         """Wait for reads; if one failed, forget everything they were filling (its slot holds no expert)."""
         error = None
         for future in futures:

@@ -184,7 +184,7 @@ def serve(flash, cluster) -> None:
         if flags & d.FLAG_CLEAR_BANK:
             flash.bank.clear()
         if flags & d.FLAG_DROP_PAGE_CACHE:
-            from .expert_bank import drop_from_page_cache
+            from .bank_pool import drop_from_page_cache
 
             drop_from_page_cache([flash.directory / layer.file for layer in flash.manifest.expert_layers])
         if mode == d.MODE_FRESH:

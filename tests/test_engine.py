@@ -162,10 +162,10 @@ def test_a_thrashed_bank_still_equals_mlx_lm(models, monkeypatch, piece):
     chunks run in groups, and fewer than the experts a few tokens use, so experts are evicted and read
     again), prefetch on, over a prompt, its answer and a follow-up turn: greedy tokens and logits stay
     mlx-lm's exactly; also with records read in pieces of 1000 bytes (cut inside parts and padding)."""
-    from llm_flash_moe import expert_bank
+    from llm_flash_moe import bank_pool
 
     if piece:
-        monkeypatch.setattr(expert_bank, "READ_PIECE_BYTES", piece)
+        monkeypatch.setattr(bank_pool, "READ_PIECE_BYTES", piece)
     hf = models.hf("bfloat16")
     reference, tokenizer = mlx_lm.load(str(models.reference(hf)))
     layout = Manifest.load(models.prepared(hf)).expert_layers[0].layout
@@ -242,7 +242,7 @@ def test_records_in_the_bank_are_not_also_in_the_page_cache(models, tmp_path):
     """One cache, not two: what the bank read is dropped from the OS page cache (unified memory / CPU)."""
     import mmap
 
-    from llm_flash_moe.expert_bank import drop_from_page_cache as evict
+    from llm_flash_moe.bank_pool import drop_from_page_cache as evict
 
     prepared = copy_model(models.prepared(models.hf("float32")), tmp_path / "m")
     flash = load_flash_model(prepared, prefetch=False)
@@ -349,10 +349,10 @@ def test_staged_copies_give_the_same_results(models, monkeypatch, piece):
     """CUDA's path (reads land in pinned staging, each record is copied into its bank slot) gives what
     reading straight into the bank gives, with prefetch, bank hits and prompt chunks; every record read
     is copied whole into its slot exactly once, also when it is read in pieces of 1000 bytes."""
-    from llm_flash_moe import expert_bank
+    from llm_flash_moe import bank_pool, expert_bank
 
     if piece:
-        monkeypatch.setattr(expert_bank, "READ_PIECE_BYTES", piece)
+        monkeypatch.setattr(bank_pool, "READ_PIECE_BYTES", piece)
 
     prepared = models.prepared(models.hf("float32"))
     direct = load_flash_model(prepared)
@@ -415,13 +415,13 @@ def test_reads_a_layer_waits_for_go_before_reads_ahead():
     """With every read thread busy, a miss submitted after a prediction's reads is read before them."""
     import threading
 
-    from llm_flash_moe.expert_bank import _Readers
+    from llm_flash_moe.bank_pool import Readers
 
-    readers, gate, order = _Readers(1), threading.Event(), []
-    blocker = readers.submit(_Readers.URGENT, gate.wait)
-    ahead = [readers.submit(_Readers.AHEAD, order.append, f"ahead {i}") for i in range(3)]
-    urgent = [readers.submit(_Readers.URGENT, order.append, f"miss {i}") for i in range(2)]
-    failed = readers.submit(_Readers.URGENT, lambda: 1 / 0)
+    readers, gate, order = Readers(1), threading.Event(), []
+    blocker = readers.submit(Readers.URGENT, gate.wait)
+    ahead = [readers.submit(Readers.AHEAD, order.append, f"ahead {i}") for i in range(3)]
+    urgent = [readers.submit(Readers.URGENT, order.append, f"miss {i}") for i in range(2)]
+    failed = readers.submit(Readers.URGENT, lambda: 1 / 0)
     gate.set()
     for future in [blocker, *ahead, *urgent]:
         future.result(timeout=10)
