@@ -154,6 +154,7 @@ class Pool:
         # per piece, what its bytes are: (part name or None for padding, offset in the part, bytes)
         self.pieces = pieces(layout.record_size)
         self._segments = [self._covering(lo, hi) for lo, hi in self.pieces]
+        self._piece_bytes = max(hi - lo for lo, hi in self.pieces)  # a read thread's scratch or staging
 
     def _covering(self, lo: int, hi: int) -> List[tuple]:
         out, position = [], lo
@@ -180,7 +181,7 @@ class Pool:
         if self.copies is None:  # unified memory: scatter the piece straight into the pool
             scratch = getattr(self._local, "scratch", None)
             if scratch is None:
-                scratch = self._local.scratch = np.empty(READ_PIECE_BYTES, dtype=np.uint8)
+                scratch = self._local.scratch = np.empty(self._piece_bytes, dtype=np.uint8)
             vecs = [memoryview(scratch[:n]) if name is None else memoryview(self._rows[name][slot][at:at + n])
                     for name, at, n in segments]
             return os.preadv(fd, vecs, offset + lo)
@@ -201,7 +202,7 @@ class Pool:
     def _staging_buffer(self) -> mmap.mmap:
         staging = getattr(self._local, "staging", None)
         if staging is None:
-            staging = self._local.staging = mmap.mmap(-1, READ_PIECE_BYTES)  # page-aligned
+            staging = self._local.staging = mmap.mmap(-1, self._piece_bytes)  # page-aligned
             self.copies.pin(np.frombuffer(staging, dtype=np.uint8).ctypes.data, len(staging))
             with self._lock:
                 self._staging.append(staging)
