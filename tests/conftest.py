@@ -7,6 +7,7 @@ Everything is built once per test session under one temporary directory, and llm
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,16 @@ def user_path(tmp_path, monkeypatch, tiny_model) -> Path:
     prompt_cache.MEMORY.clear()
     yield path
     prompt_cache.MEMORY.clear()
+
+
+def logged_turns(user_dir: Path) -> list:
+    """The rows of llm's ``turns`` table in ``user_dir``'s logs.db, oldest first, as dicts (none before the
+    first response is logged). Test modules import it: ``from conftest import logged_turns``."""
+    if not (user_dir / "logs.db").exists():
+        return []
+    db = sqlite3.connect(user_dir / "logs.db")
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("select * from turns order by id")]
+    finally:
+        db.close()

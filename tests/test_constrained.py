@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +27,7 @@ import llm
 from llm.cli import cli
 from llm.utils import make_schema_id, multi_schema, schema_dsl
 
+from conftest import logged_turns
 from llm_flash_moe import constrained, plugin, registry
 from llm_flash_moe.answer import parse_tool_call
 from llm_flash_moe.chat import template_tools
@@ -111,16 +111,6 @@ def one_line_error(result) -> str:
 
 def last_log(n: int = 1) -> list:
     return json.loads(ok("logs", "--json", "-n", str(n)).output)
-
-
-def logged_turns(user_dir: Path) -> list:
-    if not (user_dir / "logs.db").exists():
-        return []
-    db = sqlite3.connect(user_dir / "logs.db")
-    try:
-        return db.execute("select id from turns").fetchall()
-    finally:
-        db.close()
 
 
 def assert_valid(text: str, schema: dict):

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from click.testing import CliRunner
 import llm
 from llm.cli import cli
 
+from conftest import logged_turns
 from llm_flash_moe import plugin, prompt_cache, registry, session
 from llm_flash_moe.answer import ReplySplitter
 
@@ -56,12 +56,7 @@ def run(*args, input=None):
 
 
 def logged(user_dir: Path) -> list:
-    db = sqlite3.connect(user_dir / "logs.db")
-    db.row_factory = sqlite3.Row
-    try:
-        rows = [dict(r) for r in db.execute("select * from turns order by id")]
-    finally:
-        db.close()
+    rows = logged_turns(user_dir)
     for row in rows:
         row["response_json"] = json.loads(row["response_json"])
     return rows

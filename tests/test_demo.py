@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from click.testing import CliRunner
 
 from llm.cli import cli
 
+from conftest import logged_turns
 from llm_flash_moe import demo, registry
 
 pytest.importorskip("mlx.core")
@@ -64,15 +64,6 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
-def turns(user_dir: Path) -> list:
-    db = sqlite3.connect(user_dir / "logs.db")
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("select * from turns order by id")]
-    finally:
-        db.close()
-
-
 @pytest.fixture(scope="module")
 def readme_user(tmp_path_factory) -> Path:
     """A fresh llm user directory in which the README's first command's llm steps ran (and passed)."""
@@ -103,7 +94,7 @@ def user(readme_user, tmp_path, monkeypatch) -> Path:
 def test_readme_first_command_prints_the_demo_output(readme_user, monkeypatch):
     printed = json.loads(readme_user.joinpath("readme-prompt.json").read_text())
     assert printed["stdout"].strip(), printed  # the answer, on stdout (the demo does not think by default)
-    (row,) = turns(readme_user)
+    (row,) = logged_turns(readme_user)
     rj = json.loads(row["response_json"])
     assert rj["thinking"] is False and row["output_tokens"] == 20 and rj["finish_reason"] == "length"
     monkeypatch.setenv("LLM_USER_PATH", str(readme_user))
@@ -116,7 +107,7 @@ def test_prepare_demo_end_to_end(user):
     assert manifest["model_type"] == "qwen3_5_moe" and manifest["source"] == demo.DEMO_SOURCE
     result = run("-m", "demo-flash", "hi", *GREEDY, "-o", "max_tokens", "6", *NO_THINK)
     assert result.exit_code == 0, result.output
-    row = turns(user)[-1]
+    row = logged_turns(user)[-1]
     assert row["model"] == "demo-flash" and row["output_tokens"] >= 1
     from mlx_lm.utils import load_tokenizer
 
@@ -126,7 +117,7 @@ def test_prepare_demo_end_to_end(user):
                                         enable_thinking=False)
     assert row["input_tokens"] == len(expected)
     thinking = run("-m", "demo-flash", "hi", *GREEDY, "-o", "max_tokens", "6", "-o", "thinking", "1")
-    assert thinking.exit_code == 0 and json.loads(turns(user)[-1]["response_json"])["thinking"] is True
+    assert thinking.exit_code == 0 and json.loads(logged_turns(user)[-1]["response_json"])["thinking"] is True
 
 
 def test_prepare_demo_again_only_registers_it(user):

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import logged_turns
 from llm_flash_moe import distributed, registry, ring
 from llm_flash_moe.distributed_bench import free_ports
 from llm_flash_moe.errors import FlashMoeError
@@ -187,11 +188,7 @@ def reference(user: Path, monkeypatch, *args) -> list:
 
 
 def logged(user: Path) -> list:
-    db = sqlite3.connect(user / "logs.db")
-    try:
-        return [json.loads(r[0]) for r in db.execute("select response_json from turns order by id")]
-    finally:
-        db.close()
+    return [json.loads(r["response_json"]) for r in logged_turns(user)]
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from click.testing import CliRunner
 import llm
 from llm.cli import cli
 
+from conftest import logged_turns
 from llm_flash_moe import cli as flash_cli
 from llm_flash_moe import registry, session, settings
 from llm_flash_moe.answer import ReplySplitter, opens_reasoning
@@ -58,15 +58,6 @@ def fresh_prompt_cache():
 
 def run(*args, input=None):
     return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
-
-
-def turns(user_dir: Path) -> list:
-    db = sqlite3.connect(user_dir / "logs.db")
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("select * from turns order by id")]
-    finally:
-        db.close()
 
 
 def render(tokenizer, messages, thinking=True) -> list:
@@ -231,7 +222,7 @@ def test_usage_and_response_json_logged(user_path, spy, tokenizer):
     (call,) = spy
     expected_prompt = render(tokenizer, [{"role": "user", "content": "hello there"}], thinking=True)
     assert call["prompt"] == expected_prompt
-    (row,) = turns(user_path)
+    (row,) = logged_turns(user_path)
     assert row["input_tokens"] == len(expected_prompt)
     assert row["output_tokens"] == len(call["responses"]) == call["responses"][-1].generation_tokens
     assert 1 <= row["output_tokens"] <= 12
@@ -258,7 +249,7 @@ def test_options_apply_per_response(user_path):
     args = ["-m", MODEL, "hi", *GREEDY, "-o", "max_tokens", "4", *NO_THINK, "-o", "prompt_cache", "0"]
     for extra in ([], [], ["-o", "experts", "1"], []):
         assert run(*args, *extra).exit_code == 0
-    first, second, one_expert, back = (json.loads(t["response_json"]) for t in turns(user_path))
+    first, second, one_expert, back = (json.loads(t["response_json"]) for t in logged_turns(user_path))
     assert first["expert_reads"] + first["bank_hits"] > 0
     assert second["expert_reads"] == second["bytes_read"] == 0 and second["bank_hit_rate"] == 1.0
     assert second["bank_hits"] == first["bank_hits"] + first["expert_reads"] - first["prefetch_reads"]
@@ -284,7 +275,7 @@ def test_continue_includes_history(user_path, spy, tokenizer):
     assert first.exit_code == 0, first.output
     follow = run("-c", "What is my name?", *GREEDY, "-o", "max_tokens", "6", *NO_THINK)
     assert follow.exit_code == 0, follow.output
-    t1, t2 = turns(user_path)
+    t1, t2 = logged_turns(user_path)
     assert t1["thread_id"] == t2["thread_id"] and t2["model"] == MODEL
     answer1 = json.loads(run("logs", "--json", "-n", "2").output)[0]["response"]
     expected = render(tokenizer, [{"role": "user", "content": "My name is Zorblax"},
@@ -298,13 +289,13 @@ def test_continue_includes_history(user_path, spy, tokenizer):
 def test_cid_picks_the_conversation(user_path, spy):
     args = [*GREEDY, "-o", "max_tokens", "3", *NO_THINK]
     assert run("-m", MODEL, "Remember apples", *args).exit_code == 0
-    first_thread = turns(user_path)[0]["thread_id"]
+    first_thread = logged_turns(user_path)[0]["thread_id"]
     assert run("-m", MODEL, "Remember bananas", *args).exit_code == 0
     result = run("--cid", first_thread, "What fruit?", *args)
     assert result.exit_code == 0, result.output
     text = decoded_prompt(spy[2])
     assert "apples" in text and "bananas" not in text
-    assert turns(user_path)[2]["thread_id"] == first_thread
+    assert logged_turns(user_path)[2]["thread_id"] == first_thread
 
 
 def test_chat_answers_twice_from_one_load(user_path, spy, monkeypatch):
@@ -324,7 +315,7 @@ def test_chat_answers_twice_from_one_load(user_path, spy, monkeypatch):
     assert result.exit_code == 0, result.output
     assert len(loads) == 1
     assert len(spy) == 2
-    t1, t2 = turns(user_path)
+    t1, t2 = logged_turns(user_path)
     assert t1["thread_id"] == t2["thread_id"]
     second = decoded_prompt(spy[1])
     assert "Be brief" in second and "first question" in second and "second question" in second
@@ -401,7 +392,7 @@ def test_reasoning_is_separate_from_the_answer(user_path, monkeypatch):
     logged = json.loads(run("logs", "--json", "-n", "1").output)[0]
     assert logged["response"] == "The answer is 4."
     assert logged["reasoning"] == "Let me think about it."
-    rows = turns(user_path)
+    rows = logged_turns(user_path)
     assert rows[-1]["output_tokens"] == len(THOUGHT)
 
 
