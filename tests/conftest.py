@@ -132,18 +132,24 @@ def spy(monkeypatch):
 
 
 @pytest.fixture
-def user_path(tmp_path, monkeypatch, tiny_model) -> Path:
-    """A fresh llm user directory with the tiny model registered as "tiny", no prompt-cache state."""
-    from llm_flash_moe import prompt_cache, registry
-
+def llm_user(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty llm user directory, with errors shown as llm shows them to users."""
     path = tmp_path / "llm-user"
     path.mkdir()
     monkeypatch.setenv("LLM_USER_PATH", str(path))
     monkeypatch.delenv("LLM_RAISE_ERRORS", raising=False)
+    return path
+
+
+@pytest.fixture
+def user_path(llm_user, monkeypatch, tiny_model) -> Path:
+    """A fresh llm user directory with the tiny model registered as "tiny", no prompt-cache state."""
+    from llm_flash_moe import prompt_cache, registry
+
     monkeypatch.delenv(prompt_cache.DISK_ENV, raising=False)
     registry.register("tiny", tiny_model)
     prompt_cache.MEMORY.clear()
-    yield path
+    yield llm_user
     prompt_cache.MEMORY.clear()
 
 

@@ -33,15 +33,6 @@ def checkpoints(tmp_path_factory) -> dict:
             for t, layout in (("qwen3_5_moe", "fused"), ("qwen3_moe", "per_expert"))}
 
 
-@pytest.fixture
-def user(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "llm-user"
-    path.mkdir()
-    monkeypatch.setenv("LLM_USER_PATH", str(path))
-    monkeypatch.delenv("LLM_RAISE_ERRORS", raising=False)
-    return path
-
-
 @dataclasses.dataclass
 class Whole:
     """config.json replaced by this JSON value."""
@@ -94,8 +85,8 @@ def _set_text(field, value):
     ("qwen3_5_moe", lambda c: c.update(quantization="x"), "quantization must be an object"),
     ("qwen3_5_moe", _set_text("eos_token_id", "x"), "eos_token_id must be an integer or a list of integers"),
 ])
-def test_malformed_config_shapes(checkpoints, tmp_path, user, model_type, edit, expected):
-    line = assert_refused(with_config(checkpoints[model_type], tmp_path, edit), user)
+def test_malformed_config_shapes(checkpoints, tmp_path, llm_user, model_type, edit, expected):
+    line = assert_refused(with_config(checkpoints[model_type], tmp_path, edit), llm_user)
     assert expected in line, line
     assert "download the checkpoint's config.json again" in line
 
@@ -126,7 +117,7 @@ def type_swaps(config: dict) -> list:
     return swaps
 
 
-def test_every_type_swap_in_the_qwen35_config_is_one_line(checkpoints, tmp_path, user):
+def test_every_type_swap_in_the_qwen35_config_is_one_line(checkpoints, tmp_path, llm_user):
     source = checkpoints["qwen3_5_moe"]
     config = json.loads((source / "config.json").read_text())
     swaps = type_swaps(config)
@@ -138,5 +129,5 @@ def test_every_type_swap_in_the_qwen35_config_is_one_line(checkpoints, tmp_path,
             for key in path[:-1]:
                 target = target[key]
             target[path[-1]] = value
-        line = assert_refused(with_config(source, tmp_path, edit), user)
+        line = assert_refused(with_config(source, tmp_path, edit), llm_user)
         assert ".".join(path) in line or "model type" in line, (path, value, line)

@@ -227,14 +227,10 @@ def reference(source, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def user(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "llm-user"
-    path.mkdir()
-    monkeypatch.setenv("LLM_USER_PATH", str(path))
-    monkeypatch.delenv("LLM_RAISE_ERRORS", raising=False)
+def user(llm_user, monkeypatch) -> Path:
     monkeypatch.delenv(faults.ENV, raising=False)
     session.unload()
-    yield path
+    yield llm_user
     session.unload()
 
 
