@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_flash_moe.bank_pool import drop_from_page_cache
+from llm_flash_moe.bank_pool import drop_from_page_cache, pieces
 from llm_flash_moe.flash_layout import Manifest
 
 
@@ -41,8 +41,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     out = {"record_bytes": size, "records_per_setting": args.records, "gbps": {}}
     for piece_kb in args.pieces_kb:
-        piece = piece_kb * 1024 or size
-        ranges = [(lo, min(lo + piece, size)) for lo in range(0, size, piece)]
+        ranges = pieces(size, piece_kb * 1024 or size)
         for threads in args.threads:
             if not drop_from_page_cache(files):
                 sys.exit("disk_check: the page cache cannot be dropped on this system (Linux only)")

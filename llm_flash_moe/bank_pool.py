@@ -71,10 +71,12 @@ def allocate_rows(layout: RecordLayout, rows: int, on_device: bool = False):
     return typed, raw
 
 
-def pieces(record_size: int) -> List[tuple]:
-    """The byte ranges ``(start, end)`` a record is read in, each by its own read thread: one record is
-    often a layer's only miss, and a disk streams more with several requests in flight than with one."""
-    return [(lo, min(lo + READ_PIECE_BYTES, record_size)) for lo in range(0, record_size, READ_PIECE_BYTES)]
+def pieces(record_size: int, piece_bytes: Optional[int] = None) -> List[tuple]:
+    """The byte ranges ``(start, end)`` a record is read in (pieces of ``READ_PIECE_BYTES`` unless told),
+    each by its own read thread: one record is often a layer's only miss, and a disk streams more with several
+    requests in flight than with one."""
+    step = piece_bytes or READ_PIECE_BYTES
+    return [(lo, min(lo + step, record_size)) for lo in range(0, record_size, step)]
 
 
 class RecordRead:

@@ -379,16 +379,16 @@ class ExpertBank:
 
     def _read(self, pool: Pool, fd: int, info: ExpertLayer, expert: int, slot: int, piece: int) -> None:
         lo, hi = pool.pieces[piece]
-        start = expert * info.layout.record_size + lo
+        offset = expert * info.layout.record_size
         try:
-            n = pool.read(fd, expert * info.layout.record_size, slot, piece)
+            n = pool.read(fd, offset, slot, piece)
         except OSError as e:
             raise FlashMoeError(f"cannot read expert {expert} from {self.model_dir / info.file} "
                                 f"({e.strerror}); {self.remedy}")
         if n != hi - lo:
             raise FlashMoeError(f"{self.model_dir / info.file} is truncated at expert {expert}; {self.remedy}")
         if self.drop_page_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, start, hi - lo, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset + lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
     def _wait(self, p: int, futures: List[RecordRead]) -> None:
         """Wait for reads; if one failed, forget everything they were filling (its slot holds no expert)."""
