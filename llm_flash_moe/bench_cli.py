@@ -24,15 +24,21 @@ import click
               help="Experts per token to measure (repeatable; default 4 and 10).")
 @click.option("--bank-fraction", "bank_fractions", type=click.FloatRange(min=0, max=1, min_open=True),
               multiple=True,
-              help="Expert bank sizes to measure, as a share of all the experts (repeatable; default 1 and 1/3).")
+              help="Expert bank sizes to measure, as a share of all the experts (repeatable; default 1, 0.14 and "
+                   "0.25: what a 48 / 64 GB Mac holds of the 397B at 4 bits).")
+@click.option("--read-ahead", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
+              help="Partial banks with reading ahead on the next layer's predicted experts, without, or both.")
 @click.option("--memory-limit", "memory_limit_gb", type=click.FloatRange(min=1), default=None,
               help="Decode the partial banks under a cgroup v2 memory.max of this many GB, page cache included.")
-@click.option("--tokens", type=click.IntRange(min=2), default=32, show_default=True,
-              help="Decoded tokens per pass.")
-@click.option("--repeats", type=click.IntRange(min=2), default=3, show_default=True,
-              help="Passes per measurement; the median is reported (a partial bank: of those after the first).")
-@click.option("--prompt-tokens", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Prompt length for the prefill measurement (0 skips it; slow on the CPU backend).")
+@click.option("--tokens", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Timed decoded tokens per measurement; every token is new (no pass is ever repeated).")
+@click.option("--warmup-tokens", type=click.IntRange(min=0), default=48, show_default=True,
+              help="New tokens decoded before the timed ones in the same stream (the bank fills).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed streams (of new tokens) for the floors and the filled bank; the median is reported.")
+@click.option("--prompt-tokens", type=click.IntRange(min=0), multiple=True,
+              help="Prompt lengths for the prefill measurement: layer by layer against mlx-lm's chunked loop, "
+                   "with the smallest partial bank (repeatable; default 64; 0 skips it; slow on the CPU backend).")
 @click.option("--calibration-layers", type=click.IntRange(min=0), default=8, show_default=True,
               help="Layers of the routing-only model measuring the routing at 512 experts (0: skip).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
@@ -44,8 +50,8 @@ import click
                    "per token and time in the all_sums. Uses --layers, --experts-per-layer, the first --bits and "
                    "--bank-fraction, --experts, --tokens, --repeats, --dir.")
 @click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
-def bench(layers, experts_per_layer, bits, experts, bank_fractions, memory_limit_gb, tokens, repeats,
-          prompt_tokens, calibration_layers, directory, ranks, json_):
+def bench(layers, experts_per_layer, bits, experts, bank_fractions, read_ahead, memory_limit_gb, tokens,
+          warmup_tokens, repeats, prompt_tokens, calibration_layers, directory, ranks, json_):
     """Measure decode speed against its floors, mlx-lm and LRU, at any depth and bank size.
 
     Builds once (then reuses) a synthetic model with Qwen3.5-397B-A17B's per-layer shapes and calibrated
@@ -67,6 +73,8 @@ def bench(layers, experts_per_layer, bits, experts, bank_fractions, memory_limit
     opts = BenchOptions(layers=layers, experts_per_layer=experts_per_layer,
                         bits=tuple(int(b) for b in bits) or defaults.bits, experts=tuple(experts) or defaults.experts,
                         bank_fractions=tuple(bank_fractions) or defaults.bank_fractions,
-                        memory_limit_gb=memory_limit_gb, tokens=tokens, repeats=repeats,
-                        prompt_tokens=prompt_tokens, calibration_layers=calibration_layers, directory=directory)
+                        prefetch={"both": (True, False), "on": (True,), "off": (False,)}[read_ahead],
+                        memory_limit_gb=memory_limit_gb, tokens=tokens, warmup_tokens=warmup_tokens, repeats=repeats,
+                        prompt_tokens=tuple(prompt_tokens) or defaults.prompt_tokens,
+                        calibration_layers=calibration_layers, directory=directory)
     click.echo(json.dumps(run(opts, log=log), indent=None if json_ else 1))

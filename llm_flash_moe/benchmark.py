@@ -39,7 +39,6 @@ import resource
 import subprocess
 import sys
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -48,11 +47,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .bank_pool import DEFAULT_READ_THREADS, Pool, drop_from_page_cache, pieces
+from .cache_replay import lru_misses, min_misses
+from .errors import FlashMoeError
 
 PUBLISHED_ROUTING = {"reuse_consecutive": [0.08, 0.34], "touched_over_30_tokens": [0.43, 0.57],
-                     "lru_hit_rate_16_to_128": [0.49, 0.71], "next_layer_prediction_recall": [0.53, 0.88]}
-DECODE_START = 1024  # teacher-forced decode tokens start here; the prefill prompt uses 0..prompt_tokens-1
+                     "lru_hit_rate_16_to_128": [0.49, 0.71], "next_layer_prediction_recall": [0.53, 0.88],
+                     "gini": {"range": [0.20, 0.52], "mean": 0.38}, "top20_share": {"range": [0.30, 0.54], "mean": 0.42}}
+DECODE_START = 1024  # teacher-forced decode tokens are drawn from here on, each once (``Tokens``)
 TARGET_RATIO = 1.10
+WALK_TOKENS = 4096  # the synthetic model's embeddings walk over this many ids (flash_model.write_synthetic_model)
 CALIBRATION_EXPERTS, CALIBRATION_TOKENS = 512, 128
 
 
@@ -62,10 +65,12 @@ class BenchOptions:
     experts_per_layer: int = 512
     bits: Tuple[int, ...] = (4,)
     experts: Tuple[int, ...] = (4, 10)
-    tokens: int = 32
-    repeats: int = 3  # passes over the tokens; timed figures are medians
-    prompt_tokens: int = 64
-    bank_fractions: Tuple[float, ...] = (1.0, 1 / 3)
+    tokens: int = 64  # timed decoded tokens of a measurement, each new (never a pass repeated)
+    warmup_tokens: int = 48  # decoded before the timed ones in the same stream (the bank fills)
+    repeats: int = 3  # timed streams for the floors (each of new tokens); figures are medians
+    prompt_tokens: Tuple[int, ...] = (64,)
+    bank_fractions: Tuple[float, ...] = (1.0, 0.14, 0.25)  # a 48 / 64 GB Mac's share of the 397B at 4 bits
+    prefetch: Tuple[bool, ...] = (True, False)  # partial banks with and without reading ahead
     memory_limit_gb: Optional[float] = None
     calibration_layers: int = 8  # 0 skips the routing calibration
     directory: Optional[Path] = None
@@ -75,8 +80,22 @@ class BenchOptions:
 # ------------------------------------------------------------------------------ decoding and timing
 
 
-def decode_tokens(opts: BenchOptions) -> List[int]:
-    return list(range(DECODE_START, DECODE_START + opts.tokens + 1))
+class Tokens:
+    """Teacher-forced decode tokens, each handed out once: consecutive ids from ``DECODE_START`` (the
+    synthetic model's embeddings walk slowly along ids, so consecutive tokens route alike, as a text's do),
+    never a pass over tokens already decoded (a loop over the same tokens flatters any frequency policy)."""
+
+    def __init__(self, start: int = DECODE_START):
+        self.next = start
+
+    def take(self, n: int) -> List[int]:
+        if self.next + n > WALK_TOKENS:
+            raise FlashMoeError(f"the bench needs more than the {WALK_TOKENS - DECODE_START:,} new tokens the "
+                                "synthetic model's routing is shaped for: use fewer --tokens / --warmup-tokens / "
+                                "--repeats / --bank-fraction")
+        out = list(range(self.next, self.next + n))
+        self.next += n
+        return out
 
 
 def decode_ms(model, tokens: List[int], before_pass=None) -> float:
@@ -94,8 +113,26 @@ def decode_ms(model, tokens: List[int], before_pass=None) -> float:
     return (time.perf_counter() - start) * 1000 / (len(tokens) - 1)
 
 
-def median_ms(model, tokens: List[int], repeats: int, before_pass=None) -> float:
-    return float(np.median([decode_ms(model, tokens, before_pass) for _ in range(repeats)]))
+def median_ms(model, supply: Tokens, tokens: int, repeats: int) -> float:
+    """Median ms/token of ``repeats`` decodes, each of ``tokens`` + 1 new tokens."""
+    return float(np.median([decode_ms(model, supply.take(tokens + 1)) for _ in range(repeats)]))
+
+
+def decode_stream(model, warmup: List[int], timed: List[int], at_timed=None) -> float:
+    """One teacher-forced stream: ``warmup`` then ``timed`` tokens in one cache (as a conversation goes on);
+    ``at_timed()`` is called between them; returns ms per timed token."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    for t in warmup:
+        mx.eval(model(mx.array([[t]]), cache=cache))
+    if at_timed is not None:
+        at_timed()
+    start = time.perf_counter()
+    for t in timed:
+        mx.eval(model(mx.array([[t]]), cache=cache))
+    return (time.perf_counter() - start) * 1000 / len(timed)
 
 
 def decode_logits(model, tokens: List[int]) -> np.ndarray:
@@ -130,29 +167,25 @@ def by_layer(calls) -> Dict[int, List[set]]:
     return out
 
 
-def lru_misses(calls, capacity: int, per_layer: bool = False, count_from: int = 0) -> int:
-    """Misses of an LRU of ``capacity`` entries over ``calls`` (global, or ``capacity`` per layer when
-    ``per_layer``), counted from call number ``count_from`` on."""
-    caches: Dict[object, OrderedDict] = {}
-    misses = 0
-    for i, (layer, experts) in enumerate(calls):
-        cache = caches.setdefault(layer if per_layer else None, OrderedDict())
-        for e in experts:
-            key = (layer, e)
-            if key in cache:
-                cache.move_to_end(key)
-                continue
-            misses += i >= count_from
-            cache[key] = True
-            if len(cache) > capacity:
-                cache.popitem(last=False)
-    return misses
+def popularity(sequence: List[set], experts_per_layer: int) -> Tuple[float, float]:
+    """A layer's expert popularity over ``sequence`` (its choices, token by token): the Gini coefficient of
+    the experts' choice counts, and the share of choices taken by the most chosen 20 % of its experts."""
+    counts = np.zeros(experts_per_layer)
+    for chosen in sequence:
+        counts[list(chosen)] += 1
+    ordered = np.sort(counts)
+    n = len(ordered)
+    gini = float((2 * np.arange(1, n + 1) - n - 1) @ ordered / (n * ordered.sum()))
+    top = float(ordered[-max(1, n // 5):].sum() / ordered.sum())
+    return gini, top
 
 
 def routing_stats(per_layer: Dict[int, List[set]], experts_per_layer: int, recall: Optional[float] = None) -> dict:
     """Reuse between consecutive tokens, share of a layer's experts touched over 30 tokens, per-layer LRU
-    hit rates for 16-128 entries, and the next-layer prediction recall when given."""
+    hit rates for 16-128 entries, per-layer popularity (Gini, top 20 %'s share), and the next-layer
+    prediction recall when given."""
     reuse, touched, lru = [], [], {n: [] for n in (16, 32, 64, 128)}
+    ginis, tops = [], []
     for sequence in per_layer.values():
         k = len(sequence[0])
         reuse += [len(a & b) / k for a, b in zip(sequence, sequence[1:])]
@@ -160,9 +193,15 @@ def routing_stats(per_layer: Dict[int, List[set]], experts_per_layer: int, recal
         total = sum(len(s) for s in sequence)
         for n in lru:
             lru[n].append(1 - lru_misses([(0, tuple(s)) for s in sequence], n) / total)
+        gini, top = popularity(sequence, experts_per_layer)
+        ginis.append(gini)
+        tops.append(top)
     out = {"tokens": len(next(iter(per_layer.values()))), "experts_per_layer": experts_per_layer,
            "reuse_consecutive": _r3(np.mean(reuse)), "touched_over_30_tokens": _r3(np.mean(touched)),
-           "lru_hit_rate": {str(n): _r3(np.mean(v)) for n, v in lru.items()}}
+           "lru_hit_rate": {str(n): _r3(np.mean(v)) for n, v in lru.items()},
+           "gini": {"mean": _r3(np.mean(ginis)), "min": _r3(min(ginis)), "max": _r3(max(ginis)),
+                    "per_layer": [_r3(g) for g in ginis]},
+           "top20_share": {"mean": _r3(np.mean(tops)), "min": _r3(min(tops)), "max": _r3(max(tops))}}
     if recall is not None:
         out["next_layer_prediction_recall"] = _r3(recall)
     return out
@@ -378,20 +417,25 @@ def primitives_per_block(flash) -> dict:
 
 @dataclass
 class BankRun:
-    """The engine with one bank size: what it read, how fast, against LRU on the same requests."""
+    """The engine with one bank size on one stream of new tokens (warm-up, then timed): what it read, how
+    fast, against LRU and Belady's MIN of the same capacity replayed on the same requests."""
 
     bank_fraction: float
+    prefetch: bool = True
     bank_gb: float = 0.0
     bank_slots: int = 0
-    first_pass_ms_per_token: Optional[float] = None
+    warmup_tokens: int = 0
+    timed_tokens: int = 0
     ms_per_token: Optional[float] = None
-    pass_ms: List[float] = field(default_factory=list)
+    records_read_per_token: float = 0.0  # demand reads and reads ahead, after the warm-up
+    lru_records_per_token: float = 0.0
+    min_records_per_token: float = 0.0
+    vs_lru: Optional[float] = None  # records read / LRU's
+    min_vs_lru: Optional[float] = None
     bytes_read_per_token: float = 0.0
+    lru_bytes_per_token: float = 0.0
     bank_hit_rate: float = 0.0
     lru_hit_rate_same_capacity: float = 0.0
-    lru_bytes_per_token: float = 0.0
-    lru_per_layer_hit_rate_same_capacity: float = 0.0
-    lru_per_layer_bytes_per_token: float = 0.0
     prefetch_reads_per_token: float = 0.0
     prefetch_hit_rate: float = 0.0  # of the records read ahead, the share the layer's next call asked for
     prediction_recall: float = 0.0
@@ -404,56 +448,55 @@ class BankRun:
     cgroup_file_gb_at_end: Optional[float] = None
 
 
-def bank_run(model_dir: Path, k: int, fraction: float, tokens: List[int], repeats: int, read_threads: int,
-             drop_page_cache: Optional[bool] = None, cold: bool = True) -> BankRun:
-    """Decode ``tokens`` ``repeats`` times with a bank of ``fraction`` of all experts: the first pass from
-    an empty bank, the others with what the bank kept (files evicted before every pass when ``cold``)."""
+def bank_run(model_dir: Path, k: int, fraction: float, warmup: List[int], timed: List[int], read_threads: int,
+             drop_page_cache: Optional[bool] = None, cold: bool = True, prefetch: bool = True) -> BankRun:
+    """Decode ``warmup`` then ``timed`` new tokens in one stream with a bank of ``fraction`` of all experts,
+    starting empty (the layer files evicted first when ``cold``); figures are of the timed tokens."""
     from .engine import all_experts_bytes, load_flash_model
     from .flash_layout import Manifest
 
     manifest = Manifest.load(model_dir)
     everything = all_experts_bytes(manifest)
     flash = load_flash_model(model_dir, experts_per_token=k, bank_bytes=int(round(fraction * everything)),
-                             read_threads=read_threads, drop_page_cache=drop_page_cache)
+                             read_threads=read_threads, drop_page_cache=drop_page_cache, prefetch=prefetch)
     try:
-        files = [model_dir / l.file for l in manifest.expert_layers]
-        evict = (lambda: drop_from_page_cache(files)) if cold else None
+        if cold:
+            drop_from_page_cache([model_dir / l.file for l in manifest.expert_layers])
         requests = Requests(flash.bank)
-        result = BankRun(fraction, bank_gb=round(flash.bank.nbytes / 1e9, 3), bank_slots=flash.bank.slots,
+        result = BankRun(fraction, prefetch=prefetch, bank_gb=round(flash.bank.nbytes / 1e9, 3),
+                         bank_slots=flash.bank.slots, warmup_tokens=len(warmup), timed_tokens=len(timed),
                          drop_page_cache=flash.bank.drop_page_cache)
-        result.first_pass_ms_per_token = _r(decode_ms(flash.model, tokens, evict))
-        first_calls = len(requests.calls)
-        before = replace(flash.bank.stats)
-        passes = [decode_ms(flash.model, tokens, evict) for _ in range(max(1, repeats - 1))]
-        during = flash.bank.stats.since(before)
-        timed = len(passes) * len(tokens)  # every token of a pass reads, the untimed first one too
-        record = manifest.expert_layers[0].layout.record_size
-        result.pass_ms = [_r(p) for p in passes]
-        result.ms_per_token = _r(np.median(passes))
-        result.bytes_read_per_token = during.bytes_read / timed
+        marks = {}
+
+        def at_timed():
+            marks["calls"], marks["stats"] = len(requests.calls), replace(flash.bank.stats)
+
+        result.ms_per_token = _r(decode_stream(flash.model, warmup, timed, at_timed))
+        during = flash.bank.stats.since(marks["stats"])
+        n, record = len(timed), manifest.expert_layers[0].layout.record_size
+        lru = lru_misses(requests.calls, flash.bank.slots, count_from=marks["calls"])
+        best = min_misses(requests.calls, flash.bank.slots, count_from=marks["calls"])
+        result.records_read_per_token = _r(during.reads / n)
+        result.lru_records_per_token, result.min_records_per_token = _r(lru / n), _r(best / n)
+        result.vs_lru = _r3(during.reads / lru) if lru else None
+        result.min_vs_lru = _r3(best / lru) if lru else None
+        result.bytes_read_per_token = during.bytes_read / n
+        result.lru_bytes_per_token = lru * record / n
         result.bank_hit_rate = _r3(during.hit_rate)
-        result.prefetch_reads_per_token = during.prefetch_reads / timed
+        result.lru_hit_rate_same_capacity = _r3(1 - lru / during.requested)
+        result.prefetch_reads_per_token = _r(during.prefetch_reads / n)
         result.prefetch_hit_rate = _r3(during.prefetch_hit_rate)
         result.prediction_recall = _r3(during.prediction_recall)
-        result.read_wait_ms_per_token = _r(during.read_wait_seconds * 1000 / timed)
-        result.router_ms_per_token = _r((during.router_launch_seconds + during.router_wait_seconds) * 1000 / timed)
-        layers = len(manifest.expert_layers)
-        for per_layer, capacity in ((False, flash.bank.slots), (True, max(1, flash.bank.slots // layers))):
-            misses = lru_misses(requests.calls, capacity, per_layer, count_from=first_calls)
-            hit = 1 - misses / during.requested
-            if per_layer:
-                result.lru_per_layer_hit_rate_same_capacity = _r3(hit)
-                result.lru_per_layer_bytes_per_token = misses * record / timed
-            else:
-                result.lru_hit_rate_same_capacity = _r3(hit)
-                result.lru_bytes_per_token = misses * record / timed
+        result.read_wait_ms_per_token = _r(during.read_wait_seconds * 1000 / n)
+        result.router_ms_per_token = _r((during.router_launch_seconds + during.router_wait_seconds) * 1000 / n)
         result.peak_rss_gb = peak_rss_gb()
         return result
     finally:
         flash.close()
 
 
-def bank_run_capped(model_dir: Path, k: int, fraction: float, opts: BenchOptions, log) -> BankRun:
+def bank_run_capped(model_dir: Path, k: int, fraction: float, warmup: List[int], timed: List[int],
+                    prefetch: bool, opts: BenchOptions, log) -> BankRun:
     """``bank_run`` in a child process under a cgroup v2 ``memory.max`` of ``opts.memory_limit_gb``
     (reads dropped from the page cache as on unified memory); skipped with a note where cgroups are not
     available."""
@@ -469,10 +512,9 @@ def bank_run_capped(model_dir: Path, k: int, fraction: float, opts: BenchOptions
             (group / "memory.swap.max").write_text("0")
     except OSError as e:
         log(f"  memory limit skipped: no writable cgroup v2 memory controller ({e.strerror})")
-        result = bank_run(model_dir, k, fraction, decode_tokens(opts), opts.repeats, opts.read_threads, True)
-        return result
-    args = {"model_dir": str(model_dir), "k": k, "fraction": fraction, "tokens": decode_tokens(opts),
-            "repeats": opts.repeats, "read_threads": opts.read_threads}
+        return bank_run(model_dir, k, fraction, warmup, timed, opts.read_threads, True, prefetch=prefetch)
+    args = {"model_dir": str(model_dir), "k": k, "fraction": fraction, "warmup": warmup, "timed": timed,
+            "read_threads": opts.read_threads, "prefetch": prefetch}
     procs = str(group / "cgroup.procs")
 
     def enter():
@@ -513,60 +555,47 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     record = manifest.expert_layers[0].layout.record_size
     everything = all_experts_bytes(manifest)
     files = [model_dir / l.file for l in manifest.expert_layers]
-    tokens = decode_tokens(opts)
+    supply = Tokens()
     name = f"{manifest.expert_layers[0].quantization.bits}-bit k={k}"
     result = {"bits": manifest.expert_layers[0].quantization.bits, "experts_per_token": k, "record_bytes": record,
               "layers": len(manifest.expert_layers), "experts_per_layer": manifest.num_experts,
-              "decode_tokens": opts.tokens, "all_experts_gb": round(everything / 1e9, 2)}
+              "warmup_tokens": opts.warmup_tokens, "timed_tokens": opts.tokens,
+              "all_experts_gb": round(everything / 1e9, 2)}
+    full = max(opts.bank_fractions) >= 1  # else only the partial banks are timed (the floors still are)
 
-    # The engine with a bank for every expert: warm-up pass (also the routing trace), then timed passes.
+    # The engine with a bank for every expert, filled by use: a stream of new tokens (also the routing trace).
     flash = load_flash_model(model_dir, experts_per_token=k, bank_bytes=everything, read_threads=opts.read_threads)
     requests = Requests(flash.bank)
     drop_from_page_cache(files)
-    before = replace(flash.bank.stats)
-    first = decode_ms(flash.model, tokens)
-    one_pass = list(requests.calls)
-    recall = flash.bank.stats.since(before).prediction_recall
-    trace = one_pass[len(manifest.expert_layers):]  # the timed tokens (the first token is not timed)
-    result["routing"] = routing_stats(by_layer(one_pass), manifest.num_experts, recall)
-    engine_logits = decode_logits(flash.model, tokens)
+    marks = {}
+    warm = decode_stream(flash.model, supply.take(opts.warmup_tokens), supply.take(opts.tokens),
+                         lambda: marks.update(calls=len(requests.calls), stats=replace(flash.bank.stats)))
+    during = flash.bank.stats.since(marks["stats"])
+    trace = requests.calls[marks["calls"]:]  # the timed tokens' requests
+    result["routing"] = routing_stats(by_layer(requests.calls), manifest.num_experts, during.prediction_recall)
+    logit_tokens = supply.take(opts.tokens + 1)
+    engine_logits = decode_logits(flash.model, logit_tokens)
     result["primitives_per_moe_block"] = {"engine": primitives_per_block(flash)}
-    full = max(opts.bank_fractions) >= 1  # else only the partial banks are timed (the floors still are)
-    before = replace(flash.bank.stats)
-    warm = median_ms(flash.model, tokens, opts.repeats) if full else None
-    during = flash.bank.stats.since(before)
-    result["full_bank"] = None if not full else {"bank_gb": round(flash.bank.nbytes / 1e9, 3), "first_pass_ms_per_token": _r(first),
-                           "ms_per_token": _r(warm), "bank_hit_rate": _r3(during.hit_rate),
-                           "bytes_read_per_token": during.bytes_read / (opts.repeats * len(tokens)),
-                           "router_ms_per_token": _r((during.router_launch_seconds + during.router_wait_seconds)
-                                                     * 1000 / (opts.repeats * len(tokens))),
-                           "read_wait_ms_per_token": _r(during.read_wait_seconds * 1000 / (opts.repeats * len(tokens)))}
-    log(f"  {name}: engine, bank of every expert: first pass {first:.1f}, warm {warm} ms/token")
-
-    if opts.prompt_tokens:  # a prompt chunk reads each distinct expert once
-        from mlx_lm.models.cache import make_prompt_cache
-
-        flash.bank.clear()
-        chunk = Requests(flash.bank)
-        before = flash.bank.stats.bytes_read
-        mx.eval(flash.model(mx.array([list(range(opts.prompt_tokens))]), cache=make_prompt_cache(flash.model)))
-        union = sum(len(set().union(*s)) for s in by_layer(chunk.calls).values())
-        result["prefill"] = {"tokens": opts.prompt_tokens, "bytes_read": flash.bank.stats.bytes_read - before,
-                             "union_bytes": union * record}
+    n = opts.tokens
+    result["full_bank"] = None if not full else {
+        "bank_gb": round(flash.bank.nbytes / 1e9, 3), "ms_per_token": _r(warm), "bank_hit_rate": _r3(during.hit_rate),
+        "bytes_read_per_token": during.bytes_read / n,
+        "router_ms_per_token": _r((during.router_launch_seconds + during.router_wait_seconds) * 1000 / n),
+        "read_wait_ms_per_token": _r(during.read_wait_seconds * 1000 / n)}
+    if full:
+        log(f"  {name}: engine, bank of every expert filled by use: {warm:.1f} ms/token on new tokens "
+            f"after {opts.warmup_tokens} (hit rate {during.hit_rate:.3f})")
 
     # A bank that holds every expert of the model: each layer picks its slots on the device, no host sync.
     preloaded_logits = None
     if full:
         flash.bank.fill()
         before = replace(flash.bank.stats)
-        preloaded = median_ms(flash.model, tokens, opts.repeats)
+        preloaded = median_ms(flash.model, supply, opts.tokens, opts.repeats)
         during = flash.bank.stats.since(before)
         result["primitives_per_moe_block"]["engine_preloaded"] = primitives_per_block(flash)
-        result["preloaded_bank"] = {"ms_per_token": _r(preloaded), "bank_hit_rate": _r3(during.hit_rate),
-                                    "router_ms_per_token": _r((during.router_launch_seconds
-                                                               + during.router_wait_seconds)
-                                                              * 1000 / (opts.repeats * len(tokens)))}
-        preloaded_logits = decode_logits(flash.model, tokens)
+        result["preloaded_bank"] = {"ms_per_token": _r(preloaded), "bank_hit_rate": _r3(during.hit_rate)}
+        preloaded_logits = decode_logits(flash.model, logit_tokens)
         log(f"  {name}: engine, bank filled with every expert (no host sync): {preloaded:.1f} ms/token")
 
     # mlx-lm with every expert resident, and the sync floor.
@@ -575,12 +604,12 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     if memory and everything < memory * 1e9 / 2:
         flash.bank.resize(0)  # make room
         restore = with_resident_experts(flash)
-        resident = median_ms(flash.model, tokens, opts.repeats)
-        reference = decode_logits(flash.model, tokens)
+        resident = median_ms(flash.model, supply, opts.tokens, opts.repeats)
+        reference = decode_logits(flash.model, logit_tokens)
         result["primitives_per_moe_block"]["mlx_lm"] = primitives_per_block(flash)
         for block in restore.blocks:
             block.synchronize = True
-        sync_floor = median_ms(flash.model, tokens, opts.repeats)
+        sync_floor = median_ms(flash.model, supply, opts.tokens, opts.repeats)
         restore()
         mx.clear_cache()
         result["agreement_with_mlx_lm"] = agreement(engine_logits, reference)
@@ -606,24 +635,98 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
         if fraction >= 1:
             run = {"bank_fraction": 1.0, **result["full_bank"]}
             run["target_ms_per_token"] = _r(TARGET_RATIO * sync_floor) if sync_floor else None
-        else:
+            runs.append(run)
+            continue
+        warmup, timed = supply.take(opts.warmup_tokens), supply.take(opts.tokens)  # the same stream for both
+        for prefetch in opts.prefetch:
             if opts.memory_limit_gb:
-                run = asdict(bank_run_capped(model_dir, k, fraction, opts, log))
+                run = asdict(bank_run_capped(model_dir, k, fraction, warmup, timed, prefetch, opts, log))
             else:
-                run = asdict(bank_run(model_dir, k, fraction, tokens, opts.repeats, opts.read_threads))
+                run = asdict(bank_run(model_dir, k, fraction, warmup, timed, opts.read_threads, prefetch=prefetch))
             missed_s = run["bytes_read_per_token"] / (gbps * 1e9) if gbps else None
             run["target_ms_per_token"] = (_r(TARGET_RATIO * (sync_floor + 1000 * missed_s))
                                           if sync_floor and missed_s is not None else None)
             run["bytes_read_per_token"] = int(run["bytes_read_per_token"])
             run["lru_bytes_per_token"] = int(run["lru_bytes_per_token"])
-            run["lru_per_layer_bytes_per_token"] = int(run["lru_per_layer_bytes_per_token"])
+            run["projected_60_layers_ms_per_token"] = projection(run, len(manifest.expert_layers))
+            runs.append(run)
+            log(f"  {name}: bank {fraction:.2f}, read-ahead {'on' if prefetch else 'off'}: {run['ms_per_token']} "
+                f"ms/token, records/token {run['records_read_per_token']} = {run['vs_lru']} x LRU "
+                f"(MIN {run['min_vs_lru']} x LRU), hit rate {run['bank_hit_rate']}")
+    for run in runs:
         run["vs_sync_floor"] = _r3(run["ms_per_token"] / sync_floor) if sync_floor else None
         run["vs_target"] = _r3(run["ms_per_token"] / run["target_ms_per_token"]) if run.get("target_ms_per_token") else None
-        runs.append(run)
-        log(f"  {name}: bank {fraction:.2f} of the experts: {json.dumps(run)}")
     result["banks"] = runs
+    if opts.prompt_tokens and any(opts.prompt_tokens):
+        result["prefill"] = prefill_runs(model_dir, k, opts, log)
     result["peak_rss_gb"] = peak_rss_gb()
     return result
+
+
+APPLE_SSD_GBPS = (5.0, 17.0)  # a fast and the fastest Apple SSD, for the projection
+
+
+def projection(run: dict, layers: int, depth: int = 60) -> dict:
+    """A PROJECTION, not a measurement: ms/token at ``depth`` layers on SSDs of ``APPLE_SSD_GBPS``, from
+    this run's parts: the time not spent waiting for reads, and the bytes read, both per layer, scaled to
+    ``depth`` layers, the reads added at each bandwidth without overlap (an upper bound for them)."""
+    compute = (run["ms_per_token"] - run["read_wait_ms_per_token"]) * depth / layers
+    reads = run["bytes_read_per_token"] * depth / layers
+    return {f"{gbps:g}_gbps": _r(compute + reads / (gbps * 1e6)) for gbps in APPLE_SSD_GBPS}
+
+
+def prefill_runs(model_dir: Path, k: int, opts: BenchOptions, log) -> List[dict]:
+    """Prompts of ``opts.prompt_tokens`` tokens with the smallest partial bank: the layer-major prefill
+    (``prefill.layer_major_prefill``) against mlx-lm's chunked prompt loop over the same engine: bytes read
+    against the union of the experts the prompt needs, time to the first token, peak memory."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from .engine import all_experts_bytes, load_flash_model
+    from .flash_layout import Manifest
+    from .prefill import layer_major_prefill
+
+    manifest = Manifest.load(model_dir)
+    fraction = min([f for f in opts.bank_fractions if f < 1] or [1.0])
+    flash = load_flash_model(model_dir, experts_per_token=k, read_threads=opts.read_threads,
+                             bank_bytes=int(round(fraction * all_experts_bytes(manifest))))
+    files = [model_dir / l.file for l in manifest.expert_layers]
+    record = manifest.expert_layers[0].layout.record_size
+    out = []
+    try:
+        for length in [n for n in opts.prompt_tokens if n]:
+            ids = [t % WALK_TOKENS for t in range(length)]  # the ids whose embeddings walk (see Tokens)
+            row = {"prompt_tokens": length, "bank_fraction": fraction}
+            for how in ("layer_major", "mlx_lm_chunked"):
+                flash.bank.clear()
+                drop_from_page_cache(files)
+                requests = Requests(flash.bank)
+                before = replace(flash.bank.stats)
+                mx.reset_peak_memory()
+                cache = make_prompt_cache(flash.model)
+                start = time.perf_counter()
+                if how == "layer_major":
+                    layer_major_prefill(flash.model, cache, ids[:-1])
+                    mx.eval(flash.model(mx.array([ids[-1:]]), cache=cache))
+                else:
+                    for _ in generate_step(mx.array(ids), flash.model, max_tokens=0, prompt_cache=cache):
+                        pass
+                seconds = time.perf_counter() - start
+                during = flash.bank.stats.since(before)
+                union = len({(layer, e) for layer, experts in requests.calls for e in experts})
+                row[how] = {"seconds_to_first_token": _r(seconds), "gb_read": _r3(during.bytes_read / 1e9),
+                            "union_gb": _r3(union * record / 1e9),
+                            "vs_union": _r3(during.bytes_read / (union * record)) if union else None,
+                            "mlx_peak_memory_gb": _r3(mx.get_peak_memory() / 1e9)}
+                del cache
+                mx.clear_cache()
+            row["peak_rss_gb"] = peak_rss_gb()
+            log(f"  prefill {length} tokens, bank {fraction:.2f}: {json.dumps(row)}")
+            out.append(row)
+    finally:
+        flash.close()
+    return out
 
 
 def peak_rss_gb() -> float:
@@ -676,6 +779,6 @@ def run(opts: BenchOptions, log=print) -> dict:
 
 if __name__ == "__main__":  # the capped decode's child process (see bank_run_capped)
     args = json.loads(sys.argv[1])
-    done = bank_run(Path(args["model_dir"]), args["k"], args["fraction"], args["tokens"], args["repeats"],
-                    args["read_threads"], drop_page_cache=True)
+    done = bank_run(Path(args["model_dir"]), args["k"], args["fraction"], args["warmup"], args["timed"],
+                    args["read_threads"], drop_page_cache=True, prefetch=args["prefetch"])
     print(json.dumps(asdict(done)))

@@ -72,15 +72,21 @@ def make_sampler(settings):
     return mlx_make_sampler(settings.temperature, settings.top_p, settings.min_p, top_k=settings.top_k)
 
 
-def prefill(model, cache, tokens: List[int]) -> None:
-    """Run ``tokens`` through the model into ``cache`` by mlx-lm's own prompt loop (``generate_step``:
-    its chunking, stream and memory clearing). With ``max_tokens=0`` it yields nothing; it still computes
-    the last token's logits, one row of the output layer."""
+def prefill(flash, cache, tokens: List[int]) -> None:
+    """Run ``tokens`` through ``flash``'s model into ``cache``, computing no logits: layer by layer, so that
+    each expert the prompt needs is read once (``prefill.layer_major_prefill``); a model leading a cluster
+    (its calls announced to the workers) goes through mlx-lm's own chunked prompt loop instead."""
     import mlx.core as mx
+
+    if flash.cluster is None:
+        from .prefill import layer_major_prefill
+
+        layer_major_prefill(flash.model, cache, tokens)
+        return
     from mlx_lm.generate import generate_step
 
-    for _ in generate_step(mx.array(tokens), model, max_tokens=0, prompt_cache=cache):
-        pass
+    for _ in generate_step(mx.array(tokens), flash.model, max_tokens=0, prompt_cache=cache):
+        pass  # it computes the last token's logits too (one row of the output layer)
 
 
 def check_finite(step, model_id: str, name: str) -> None:
@@ -188,9 +194,12 @@ class Turn:
         self._cache = cache
         position = self.cached
         if self.store is not None and self.checkpoint is not None and position < self.checkpoint:
-            prefill(self.flash.model, cache, self.prompt_ids[position:self.checkpoint])
+            prefill(self.flash, cache, self.prompt_ids[position:self.checkpoint])
             self._mid = prompt_cache.freeze(cache)
             position = self.checkpoint
+        if len(self.prompt_ids) - position > 1:  # mlx-lm's loop gets the last prompt token alone
+            prefill(self.flash, cache, self.prompt_ids[position:-1])
+            position = len(self.prompt_ids) - 1
         rest = self.prompt_ids[position:]
         self._model = EndDeferred(self.flash.model, self.flash.tokenizer.eos_token_ids, max_tokens, len(rest))
         for response in mlx_lm.stream_generate(self._model, self.flash.tokenizer, rest,

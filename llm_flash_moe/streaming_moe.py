@@ -26,6 +26,9 @@ from .expert_bank import ExpertBank
 # doubled the bytes a partial bank read (wrong predictions read and evicting useful experts) for a
 # quarter of the misses; the likelier half keeps reads below LRU's (docs/PERFORMANCE.md, "Prefetch").
 PREFETCH_SHARE = 0.5
+# A prompt whose experts of one layer do not all fit the bank keeps each (token, expert) pair's output until
+# the layer is done (``StreamingMoE.prompt``): at most this many bytes of them at a time.
+PAIR_BUFFER_BYTES = 1 << 30
 
 
 def route(block, x: mx.array):
@@ -136,6 +139,54 @@ class StreamingMoE(nn.Module):
             mx.eval(y)  # the bank may refill these slots before anything else evaluates this output
             return y
         return self.pairs(x, chosen, unique, scores)
+
+    def prompt(self, xs):
+        """The block's outputs for a whole prompt given as chunks of inputs (``prefill``): each expert the
+        prompt routes to is read once. When the bank holds them all at once, each chunk is computed as
+        ``_chunk`` computes it (the same arithmetic). A bank too small for them runs ``pairs`` (a group of
+        experts at a time) over windows of chunks whose pair outputs fit ``PAIR_BUFFER_BYTES``: each expert is
+        then read once per window (a window holds ~6,500 tokens of the 397B in bf16)."""
+        routed = [route(self, x) for x in xs]
+        mx.eval([r for pair in routed for r in pair])
+        chosen = [np.array(inds) for inds, _ in routed]
+        unique = np.unique(np.concatenate([c.reshape(-1) for c in chosen]))
+        if len(unique) > self.bank.capacity(self.layer):
+            return [y for window in self._windows(xs) for y in self._window(xs, routed, chosen, window)]
+        pool = self.bank.arrays(self.layer)
+        slot_of = np.zeros(self.num_experts, dtype=np.uint32)
+        slot_of[unique] = self.bank.lookup(self.layer, unique)
+        ys = []
+        for x, c, (_, scores) in zip(xs, chosen, routed):
+            y = self._weighted(kernels.LoadedSwitchGLU(pool, self.quant)(x, mx.array(slot_of[c])), scores)
+            if self.shared:
+                y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            mx.eval(y)
+            ys.append(y)
+        return ys
+
+    def _windows(self, xs):
+        """Consecutive chunk numbers grouped so that each group's pair outputs fit ``PAIR_BUFFER_BYTES``."""
+        windows, size = [[]], 0
+        for i, x in enumerate(xs):
+            need = x.size * self.top_k * x.itemsize
+            if windows[-1] and size + need > PAIR_BUFFER_BYTES:
+                windows.append([])
+                size = 0
+            windows[-1].append(i)
+            size += need
+        return windows
+
+    def _window(self, xs, routed, chosen, window):
+        lengths = [xs[i].shape[1] for i in window]
+        x = mx.concatenate([xs[i] for i in window], axis=1)
+        c = np.concatenate([chosen[i] for i in window], axis=1)
+        scores = mx.concatenate([routed[i][1] for i in window], axis=1)
+        y = self.pairs(x, c, np.unique(c), scores)
+        if self.shared:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        mx.eval(y)
+        bounds = np.cumsum(lengths)[:-1].tolist()
+        return mx.split(y, bounds, axis=1) if bounds else [y]
 
     def pairs(self, x, chosen, experts, scores):
         """The weighted sum over the (token, expert) pairs of ``chosen`` whose expert is in ``experts``

@@ -6,8 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from llm_flash_moe.benchmark import (bank_run, count_primitives, lru_misses, read_records, routing_stats,
+from llm_flash_moe.benchmark import (Tokens, bank_run, count_primitives, popularity, read_records, routing_stats,
                                      with_resident_experts)
+from llm_flash_moe.cache_replay import lru_misses, min_misses
 from llm_flash_moe.engine import load_flash_model
 
 
@@ -81,19 +82,75 @@ def test_read_records_reads_the_given_records(models, monkeypatch):
     assert sorted(seen) == sorted(expected)
 
 
-def test_bank_run_counts_reads_against_lru_on_the_same_requests(models):
-    """A partial bank's figures: bytes per token are what the bank read in the passes after the first,
-    and the LRU figures come from the same requests (replayed here independently)."""
+def test_bank_run_counts_reads_against_lru_and_min_on_the_same_requests(models):
+    """A partial bank's figures are of the timed new tokens after a warm-up in the same stream; LRU and MIN
+    are replayed on the requests the engine made (recorded here independently)."""
+    from llm_flash_moe import expert_bank
+
     prepared = models.prepared(models.hf("float32"))
-    tokens = list(range(10, 22))
-    run = bank_run(prepared, k=2, fraction=0.4, tokens=tokens, repeats=3, read_threads=2, cold=False)
+    calls = []
+    real = expert_bank.ExpertBank.lookup
+
+    def recording(self, layer, experts, prefetch=None):
+        calls.append((layer, tuple(int(e) for e in experts)))
+        return real(self, layer, experts, prefetch)
+
+    expert_bank.ExpertBank.lookup = recording
+    try:
+        run = bank_run(prepared, k=2, fraction=0.4, warmup=list(range(10, 16)), timed=list(range(16, 28)),
+                       read_threads=2, cold=False, prefetch=False)
+    finally:
+        expert_bank.ExpertBank.lookup = real
     flash = load_flash_model(prepared)
+    layers = len(flash.manifest.expert_layers)
     everything = sum(l.num_experts for l in flash.manifest.expert_layers)
-    assert run.bank_slots == int(0.4 * everything) and len(run.pass_ms) == 2
-    assert 0 < run.bank_hit_rate < 1 and 0 < run.lru_hit_rate_same_capacity < 1
+    assert run.bank_slots == int(0.4 * everything) and run.timed_tokens == 12 and run.warmup_tokens == 6
+    warm = 6 * layers
+    lru, best = lru_misses(calls, run.bank_slots, count_from=warm), min_misses(calls, run.bank_slots, count_from=warm)
+    assert run.lru_records_per_token == round(lru / 12, 2) and run.min_records_per_token == round(best / 12, 2)
+    assert 0 < best <= lru
+    # without reading ahead, the bank's policy is the only difference from LRU on these requests
     record = flash.manifest.expert_layers[0].layout.record_size
-    assert run.bytes_read_per_token > 0 and round(run.bytes_read_per_token * 2 * len(tokens)) % record == 0
-    assert run.lru_bytes_per_token == pytest.approx((1 - run.lru_hit_rate_same_capacity) * 2 * 4 * record, rel=0.01)
+    reads = run.bytes_read_per_token * 12 / record
+    assert reads == round(reads) > 0 and run.records_read_per_token == round(reads / 12, 2)
+    assert run.vs_lru == round(reads / lru, 3)
+
+
+def test_min_reads_no_more_than_any_cache_and_exactly_beladys_choice():
+    """MIN against every eviction order on small traces: it is the minimum (brute force)."""
+    import random
+
+    def best_possible(keys, capacity):
+        @__import__("functools").lru_cache(maxsize=None)
+        def go(i, cached):
+            if i == len(keys):
+                return 0
+            if keys[i] in cached:
+                return go(i + 1, cached)
+            if len(cached) < capacity:
+                return 1 + go(i + 1, cached | {keys[i]})
+            return 1 + min(go(i + 1, (cached - {v}) | {keys[i]}) for v in cached)
+        return go(0, frozenset())
+
+    rng = random.Random(0)
+    for _ in range(30):
+        keys = [rng.randrange(6) for _ in range(14)]
+        calls = [(0, (e,)) for e in keys]
+        for capacity in (1, 2, 3):
+            assert min_misses(calls, capacity) == best_possible(tuple(keys), capacity)
+            assert min_misses(calls, capacity) <= lru_misses(calls, capacity)
+
+
+def test_tokens_are_never_handed_out_twice():
+    supply = Tokens()
+    seen = supply.take(100) + supply.take(50)
+    assert len(set(seen)) == 150
+
+
+def test_popularity_gini_and_top_share():
+    assert popularity([{0}, {1}, {2}, {3}, {4}], 5) == (0.0, 0.2)  # uniform
+    gini, top = popularity([{0}] * 9 + [{1}], 10)
+    assert gini == pytest.approx((2 * 10 - 11) * 9 / (10 * 10) + (2 * 9 - 11) * 1 / (10 * 10)) and top == 1.0
 
 
 def test_count_primitives_skips_views():

@@ -489,6 +489,15 @@ def test_nothing_is_computed_or_read_for_a_token_after_the_answer_ends(user_path
         return real(self, inputs, *args, **kwargs)
 
     monkeypatch.setattr(model_class, "__call__", counting)
+    from llm_flash_moe import prefill
+
+    layer_major = prefill.layer_major_prefill
+
+    def counting_prefill(model, cache, tokens, **kw):  # the prompt but its last token, layer by layer
+        fed.append(len(tokens))
+        return layer_major(model, cache, tokens, **kw)
+
+    monkeypatch.setattr(prefill, "layer_major_prefill", counting_prefill)
     steer(monkeypatch, flash, ["one two three four"])
     max_tokens = "50" if ending == "stop" else "3"
     before = replace(flash.bank.stats)
@@ -500,6 +509,6 @@ def test_nothing_is_computed_or_read_for_a_token_after_the_answer_ends(user_path
     assert answer == (int(max_tokens) if ending == "length" else len(flash.tokenizer.encode(
         "one two three four", add_special_tokens=False)) + 1)
     assert sum(fed) == len(call["prompt"]) + answer - 1
-    decode_calls = fed.count(1)  # the prompt went through in one call
+    decode_calls = fed.count(1) - 1  # the prompt went through in one prefill, then its last token
     moe_layers = len(flash.manifest.expert_layers)
     assert flash.bank.stats.since(before).requested >= decode_calls * moe_layers * flash.experts_per_token
