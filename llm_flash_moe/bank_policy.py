@@ -2,17 +2,17 @@
 
 Each slot has a priority; the victims are the free slots first, then the lowest priorities. Two rules:
 
-- ``DecayedFrequency`` (the bank's default): an expert's score is the number of times it was asked for,
-  each request weighing half as much every ``half_life`` requests of its layer (LRFU). Its priority
-  ``log2(score) + t / half_life`` orders slots by their score at the current time without updating
-  every slot at every step. Scores are kept for every expert of every layer, in the bank or not, so an
-  expert that was popular before it was evicted comes back with its history: routing is skewed (some
-  experts are chosen far more often than others) and that skew outlives any one slot's stay.
-- ``LeastRecentlyUsed``: the baseline the default is measured against (benchmark: same capacity, same
-  trace).
+- ``RecencyFrequency`` (the bank's default): LRU's recency plus a bonus for experts asked for often. An
+  expert's priority is the clock of its last request (its layer's calls: one per decoded token) plus
+  ``RECENCY_WEIGHT`` clock steps per doubling of ``1 + its request count``, each request's weight halving
+  every ``HALF_LIFE`` calls of its layer (counts are kept for every expert, in the bank or not, so a popular
+  expert evicted once comes back with its history). On new tokens at 512 experts per layer it read 0.94-0.99x
+  the records of LRU of the same size in trace replays, where decayed frequency alone (the previous default)
+  read up to 1.15x at k=10 (docs/PERFORMANCE.md, "Which expert leaves").
+- ``LeastRecentlyUsed``: the baseline (the benchmark replays it on the engine's own requests).
 
-An expert read ahead on a prediction (prefetch) is inserted without counting as a request: until a layer
-asks for it, it ranks by its history alone (an expert with none goes first).
+An expert read ahead on a prediction is inserted at the eviction end: until a layer asks for it, it leaves
+before any expert that was asked for, so a wrong guess costs its read and never a useful expert.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
-DEFAULT_HALF_LIFE = 64.0  # requests of a layer; chosen on the benchmark's calibrated routing (docs/PERFORMANCE.md)
+RECENCY_WEIGHT = 8.0  # clock steps (decoded tokens) that a doubling of an expert's request count is worth
+HALF_LIFE = 128.0  # calls of a layer over which a request's weight in the count halves
+# Both chosen by replaying fresh-token routing traces at 512 and 64 experts per layer, k=4 and 10, banks of
+# 0.14-0.5 of the experts (docs/PERFORMANCE.md); larger weights won at one setting and lost at others.
 
 
 class LeastRecentlyUsed:
@@ -44,30 +47,39 @@ class LeastRecentlyUsed:
         return _lowest(self.priority, n, exclude)
 
 
-class DecayedFrequency:
-    def __init__(self, slots: int, experts_per_layer: Dict[int, int], half_life: float = DEFAULT_HALF_LIFE):
-        self.rate = 1.0 / half_life
-        self.priority = np.full(slots, -np.inf)
+class RecencyFrequency:
+    def __init__(self, slots: int, experts_per_layer: Dict[int, int], weight: float = RECENCY_WEIGHT,
+                 half_life: float = HALF_LIFE):
+        self.weight, self.rate = weight, 1.0 / half_life
+        self.priority = np.full(slots, -np.inf)  # -inf: free; kept current by ``victims``
+        self.last = np.zeros(slots)  # clock of the slot's expert's last request
+        self.count = np.zeros(slots)  # its decayed request count at that time
+        self.ahead = np.zeros(slots, dtype=bool)  # read ahead, not asked for yet
         self.score = {layer: np.zeros(n) for layer, n in experts_per_layer.items()}
-        self.last = {layer: np.zeros(n) for layer, n in experts_per_layer.items()}
-
-    def _decayed(self, layer: int, experts: np.ndarray, now: int) -> np.ndarray:
-        return self.score[layer][experts] * np.exp2(-self.rate * (now - self.last[layer][experts]))
+        self.seen = {layer: np.zeros(n) for layer, n in experts_per_layer.items()}
+        self.now = 0.0
 
     def requested(self, slots: np.ndarray, layer: int, experts: np.ndarray, now: int) -> None:
-        score = self._decayed(layer, experts, now) + 1.0
-        self.score[layer][experts], self.last[layer][experts] = score, now
-        self.priority[slots] = np.log2(score) + self.rate * now
+        count = self.score[layer][experts] * np.exp2(-self.rate * (now - self.seen[layer][experts])) + 1.0
+        self.score[layer][experts], self.seen[layer][experts] = count, now
+        self.last[slots], self.count[slots], self.ahead[slots] = now, count, False
+        self.priority[slots] = 0.0  # resident (``victims`` computes the value)
+        self.now = max(self.now, now)
 
     def prefetched(self, slots: np.ndarray, layer: int, experts: np.ndarray, now: int) -> None:
-        with np.errstate(divide="ignore"):
-            self.priority[slots] = np.log2(self._decayed(layer, experts, now)) + self.rate * now
-        self.priority[slots] = np.maximum(self.priority[slots], np.finfo(float).min)  # resident: not "free"
+        self.ahead[slots] = True
+        self.priority[slots] = 0.0
 
     def freed(self, slots: np.ndarray) -> None:
         self.priority[slots] = -np.inf
+        self.ahead[slots] = False
 
     def victims(self, n: int, exclude: np.ndarray) -> np.ndarray:
+        resident = np.isfinite(self.priority)
+        decayed = self.count * np.exp2(-self.rate * (self.now - self.last))
+        value = self.last + self.weight * np.log2(1.0 + decayed)
+        value[self.ahead] = np.finfo(float).min / 2  # read ahead and not asked for: first to leave
+        self.priority[resident] = value[resident]
         return _lowest(self.priority, n, exclude)
 
 
@@ -90,9 +102,10 @@ def _lowest(priority: np.ndarray, n: int, exclude: np.ndarray) -> np.ndarray:
         priority[exclude] = saved
 
 
-def make_policy(name: str, slots: int, experts_per_layer: Dict[int, int], half_life: Optional[float] = None):
-    if name == "lru":
-        return LeastRecentlyUsed(slots, experts_per_layer)
-    if name == "decayed":
-        return DecayedFrequency(slots, experts_per_layer, half_life or DEFAULT_HALF_LIFE)
-    raise ValueError(f"unknown bank policy {name!r}")
+POLICIES = {"recency-frequency": RecencyFrequency, "lru": LeastRecentlyUsed}
+
+
+def make_policy(name: str, slots: int, experts_per_layer: Dict[int, int]):
+    if name not in POLICIES:
+        raise ValueError(f"unknown bank policy {name!r}")
+    return POLICIES[name](slots, experts_per_layer)

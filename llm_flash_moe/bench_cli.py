@@ -39,6 +39,7 @@ import click
 @click.option("--prompt-tokens", type=click.IntRange(min=0), multiple=True,
               help="Prompt lengths for the prefill measurement: layer by layer against mlx-lm's chunked loop, "
                    "with the smallest partial bank (repeatable; default 64; 0 skips it; slow on the CPU backend).")
+@click.option("--prefill-only", is_flag=True, help="Measure only the prefill of --prompt-tokens (no decode).")
 @click.option("--calibration-layers", type=click.IntRange(min=0), default=8, show_default=True,
               help="Layers of the routing-only model measuring the routing at 512 experts (0: skip).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
@@ -51,7 +52,7 @@ import click
                    "--bank-fraction, --experts, --tokens, --repeats, --dir.")
 @click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
 def bench(layers, experts_per_layer, bits, experts, bank_fractions, read_ahead, memory_limit_gb, tokens,
-          warmup_tokens, repeats, prompt_tokens, calibration_layers, directory, ranks, json_):
+          warmup_tokens, repeats, prompt_tokens, prefill_only, calibration_layers, directory, ranks, json_):
     """Measure decode speed against its floors, mlx-lm and LRU, at any depth and bank size.
 
     Builds once (then reuses) a synthetic model with Qwen3.5-397B-A17B's per-layer shapes and calibrated
@@ -75,6 +76,6 @@ def bench(layers, experts_per_layer, bits, experts, bank_fractions, read_ahead, 
                         bank_fractions=tuple(bank_fractions) or defaults.bank_fractions,
                         prefetch={"both": (True, False), "on": (True,), "off": (False,)}[read_ahead],
                         memory_limit_gb=memory_limit_gb, tokens=tokens, warmup_tokens=warmup_tokens, repeats=repeats,
-                        prompt_tokens=tuple(prompt_tokens) or defaults.prompt_tokens,
+                        prompt_tokens=tuple(prompt_tokens) or defaults.prompt_tokens, decode=not prefill_only,
                         calibration_layers=calibration_layers, directory=directory)
     click.echo(json.dumps(run(opts, log=log), indent=None if json_ else 1))

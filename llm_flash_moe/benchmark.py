@@ -70,7 +70,8 @@ class BenchOptions:
     repeats: int = 3  # timed streams for the floors (each of new tokens); figures are medians
     prompt_tokens: Tuple[int, ...] = (64,)
     bank_fractions: Tuple[float, ...] = (1.0, 0.14, 0.25)  # a 48 / 64 GB Mac's share of the 397B at 4 bits
-    prefetch: Tuple[bool, ...] = (True, False)  # partial banks with and without reading ahead
+    prefetch: Tuple[bool, ...] = (True, False)  # banks with and without reading ahead
+    decode: bool = True  # False: only the prefill of ``prompt_tokens``
     memory_limit_gb: Optional[float] = None
     calibration_layers: int = 8  # 0 skips the routing calibration
     directory: Optional[Path] = None
@@ -254,7 +255,7 @@ def routing_only(model_dir: Path, k: int, tokens: List[int]) -> dict:
 
 def routing_calibration(directory: Path, opts: BenchOptions, log) -> Optional[dict]:
     """The routing statistics at the real model's 512 experts per layer (routing-only model)."""
-    from .synthetic.flash_model import write_synthetic_model
+    from .synthetic.flash_model import layer_ginis, write_synthetic_model
 
     if not opts.calibration_layers:
         return None
@@ -263,7 +264,8 @@ def routing_calibration(directory: Path, opts: BenchOptions, log) -> Optional[di
     write_synthetic_model(model_dir, layers=opts.calibration_layers, bits=4, expert_files=False,
                           experts_per_layer=CALIBRATION_EXPERTS)
     tokens = list(range(DECODE_START, DECODE_START + CALIBRATION_TOKENS))
-    out = {"layers": opts.calibration_layers, "published_for_the_real_model": PUBLISHED_ROUTING}
+    out = {"layers": opts.calibration_layers, "published_for_the_real_model": PUBLISHED_ROUTING,
+           "gini_published_at_these_depths": layer_ginis(opts.calibration_layers)}
     for k in sorted(set(opts.experts) | {10}):
         out[f"k{k}"] = routing_only(model_dir, k, tokens)
         log(f"  routing at 512 experts, k={k}: {out[f'k{k}']}")
@@ -550,6 +552,7 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
 
     from .engine import all_experts_bytes, load_flash_model
     from .flash_layout import Manifest
+    from .synthetic.flash_model import layer_ginis
 
     manifest = Manifest.load(model_dir)
     record = manifest.expert_layers[0].layout.record_size
@@ -573,11 +576,12 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     during = flash.bank.stats.since(marks["stats"])
     trace = requests.calls[marks["calls"]:]  # the timed tokens' requests
     result["routing"] = routing_stats(by_layer(requests.calls), manifest.num_experts, during.prediction_recall)
+    result["routing"]["gini"]["published_at_these_depths"] = layer_ginis(len(manifest.expert_layers))
     logit_tokens = supply.take(opts.tokens + 1)
     engine_logits = decode_logits(flash.model, logit_tokens)
     result["primitives_per_moe_block"] = {"engine": primitives_per_block(flash)}
     n = opts.tokens
-    result["full_bank"] = None if not full else {
+    result["first_stream"] = {  # the bank of every expert, filled by use from empty, read-ahead as by default
         "bank_gb": round(flash.bank.nbytes / 1e9, 3), "ms_per_token": _r(warm), "bank_hit_rate": _r3(during.hit_rate),
         "bytes_read_per_token": during.bytes_read / n,
         "router_ms_per_token": _r((during.router_launch_seconds + during.router_wait_seconds) * 1000 / n),
@@ -632,14 +636,9 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
 
     runs = []
     for fraction in opts.bank_fractions:
-        if fraction >= 1:
-            run = {"bank_fraction": 1.0, **result["full_bank"]}
-            run["target_ms_per_token"] = _r(TARGET_RATIO * sync_floor) if sync_floor else None
-            runs.append(run)
-            continue
-        warmup, timed = supply.take(opts.warmup_tokens), supply.take(opts.tokens)  # the same stream for both
+        warmup, timed = supply.take(opts.warmup_tokens), supply.take(opts.tokens)  # the same stream for each
         for prefetch in opts.prefetch:
-            if opts.memory_limit_gb:
+            if opts.memory_limit_gb and fraction < 1:
                 run = asdict(bank_run_capped(model_dir, k, fraction, warmup, timed, prefetch, opts, log))
             else:
                 run = asdict(bank_run(model_dir, k, fraction, warmup, timed, opts.read_threads, prefetch=prefetch))
@@ -649,16 +648,13 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
             run["bytes_read_per_token"] = int(run["bytes_read_per_token"])
             run["lru_bytes_per_token"] = int(run["lru_bytes_per_token"])
             run["projected_60_layers_ms_per_token"] = projection(run, len(manifest.expert_layers))
+            run["vs_sync_floor"] = _r3(run["ms_per_token"] / sync_floor) if sync_floor else None
+            run["vs_target"] = _r3(run["ms_per_token"] / run["target_ms_per_token"]) if run["target_ms_per_token"] else None
             runs.append(run)
             log(f"  {name}: bank {fraction:.2f}, read-ahead {'on' if prefetch else 'off'}: {run['ms_per_token']} "
                 f"ms/token, records/token {run['records_read_per_token']} = {run['vs_lru']} x LRU "
                 f"(MIN {run['min_vs_lru']} x LRU), hit rate {run['bank_hit_rate']}")
-    for run in runs:
-        run["vs_sync_floor"] = _r3(run["ms_per_token"] / sync_floor) if sync_floor else None
-        run["vs_target"] = _r3(run["ms_per_token"] / run["target_ms_per_token"]) if run.get("target_ms_per_token") else None
     result["banks"] = runs
-    if opts.prompt_tokens and any(opts.prompt_tokens):
-        result["prefill"] = prefill_runs(model_dir, k, opts, log)
     result["peak_rss_gb"] = peak_rss_gb()
     return result
 
@@ -771,8 +767,12 @@ def run(opts: BenchOptions, log=print) -> dict:
         model_dir = synthetic_model_dir(directory, opts.layers, opts.experts_per_layer, bits)
         log(f"synthetic model {model_dir} (built once, reused)")
         write_synthetic_model(model_dir, layers=opts.layers, bits=bits, experts_per_layer=opts.experts_per_layer)
-        for k in opts.experts:
+        for k in opts.experts if opts.decode else ():
             results.append(bench_one(model_dir, k, opts, log))
+        if any(opts.prompt_tokens):
+            out.setdefault("prefill", []).append(
+                {"bits": bits, "experts_per_token": max(opts.experts),
+                 "runs": prefill_runs(model_dir, max(opts.experts), opts, log)})
     out["results"] = results
     return out
 

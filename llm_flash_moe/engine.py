@@ -28,6 +28,7 @@ class FlashModel:
     tokenizer: object
     bank: ExpertBank
     cluster: Optional[object] = None  # a distributed.Cluster while this process computes as one rank of several
+    prefetch: Optional[bool] = None  # read ahead: on, off, or None: while the bank holds every expert
 
     @property
     def experts_per_token(self) -> int:
@@ -38,17 +39,23 @@ class FlashModel:
         for _, block in moe_blocks(self.model):
             block.top_k = k
 
-    def set_prefetch(self, enabled: bool) -> None:
-        """Let each MoE layer predict the next layer's experts with that layer's router and read them ahead."""
+    def set_prefetch(self, enabled: Optional[bool]) -> None:
+        """Let each MoE layer predict the next layer's experts with that layer's router and read them ahead:
+        True, False, or None (the default): only while the bank can hold every expert. A partial bank reads
+        more with it than without (each wrong guess is a read; on new tokens +7-14 % records at 512 experts
+        per layer), so there it stays off (docs/PERFORMANCE.md, "Read-ahead")."""
+        self.prefetch = enabled
+        on = self.bank.holds_every_expert() if enabled is None else enabled
         blocks = [block for _, block in moe_blocks(self.model)]
         for block, following in zip(blocks, blocks[1:] + [None]):
-            object.__setattr__(block, "next_block", following if enabled else None)
+            object.__setattr__(block, "next_block", following if on else None)
 
     def set_bank_bytes(self, budget_bytes: Optional[int]) -> None:
         """Give the expert bank another budget (None: the automatic one); it starts empty."""
         budget = auto_bank_budget(self.manifest) if budget_bytes is None else int(budget_bytes)
         if budget != self.bank.budget_bytes:
             self.bank.resize(budget)
+            self.set_prefetch(self.prefetch)
 
     def resident_bytes(self) -> int:
         """Bytes of every array the model holds (the expert bank's arrays are not the model's)."""
@@ -109,10 +116,10 @@ def min_bank_slots(manifest: Manifest) -> int:
 
 
 def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, bank_bytes: Optional[int] = None,
-                     compute: str = "auto", prefetch: bool = True, **bank_options) -> FlashModel:
+                     compute: str = "auto", prefetch: Optional[bool] = None, **bank_options) -> FlashModel:
     """Load a prepared model. ``bank_bytes``: the expert bank's budget (None: ``auto_bank_budget``);
     ``compute``: "auto", "model" (bit-identical to mlx-lm) or "float32"; ``prefetch``: read the next
-    layer's predicted experts while this layer computes (see set_prefetch)."""
+    layer's predicted experts while this layer computes (see set_prefetch; None: where it pays)."""
     import mlx.core as mx
 
     from mlx_lm.utils import load_tokenizer

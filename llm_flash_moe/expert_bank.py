@@ -90,7 +90,7 @@ class ExpertBank:
     """The experts of a prepared model's layers, read on demand into a bank of slots (module docstring)."""
 
     def __init__(self, model_dir: Path, manifest: Manifest, budget_bytes: Optional[int] = None, min_slots: int = 1,
-                 read_threads: int = DEFAULT_READ_THREADS, policy: str = "decayed",
+                 read_threads: int = DEFAULT_READ_THREADS, policy: str = "recency-frequency",
                  drop_page_cache: Optional[bool] = None):
         self.model_dir = Path(model_dir)
         self.name = manifest.name
@@ -200,6 +200,10 @@ class ExpertBank:
     def capacity(self, layer: int) -> int:
         """How many distinct experts of ``layer`` one call can ask for."""
         return self._pools[self._pool_of[layer]].slots
+
+    def holds_every_expert(self) -> bool:
+        """Whether the bank has a slot for every expert of the model."""
+        return self.slots >= sum(info.num_experts for info in self.layers.values())
 
     def held(self) -> int:
         """Experts in the bank now."""

@@ -8,8 +8,10 @@ a chosen spread. Resident weights are synthesized the same way, except three tha
   weight ``slow``) with fresh noise per token and a shared direction ``c``; the benchmark feeds tokens
   0, 1, 2, ... so consecutive hidden states are partly correlated (the real model's reuse between
   consecutive tokens) while the walk keeps moving (new experts keep being touched);
-- each router row gets a popularity term ``beta_e * c`` with ``beta_e ~ N(0, skew)``, so some experts are
-  chosen far more often than others (the real model's skew, which makes small LRU caches hit);
+- each router row gets a popularity term ``beta_e * c`` with ``beta_e ~ N(0, skew_layer)``, so some experts
+  are chosen far more often than others, each layer as skewed as the real model's layer at the same relative
+  depth (``QWEN397_GINI``: the published per-layer Gini of the 397B's expert choices, mapped to a skew by
+  ``GINI_TO_SKEW``, measured on this construction);
 - each layer's post-attention norm weight (the scale of the MoE block's input, channel by channel) is
   ``1 + layer_mix * g_layer`` with ``g_layer`` fresh per layer, so the next layer's router applied to this
   layer's input (the engine's prefetch prediction) recalls only part of that layer's choice, as on the
@@ -28,6 +30,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import List
 
 import numpy as np
 
@@ -48,10 +51,29 @@ class Routing:
 
     slow: float = 0.5  # share of the embedding's variance in the slow walk
     rho: float = 0.9  # step correlation of the slow walk
-    skew: float = 1.5  # spread of expert popularity
-    shared: float = 0.3  # weight of the shared direction c in every embedding
+    popularity: str = "qwen397"  # per-layer skew of expert popularity: QWEN397_GINI at the layer's depth
+    shared: float = 0.15  # weight of the shared direction c in every embedding
     layer_mix: float = 0.25  # spread of each layer's post-attention norm weight around 1
     gain: float = 0.05  # spread of every other matrix, relative to 1/sqrt(fan_in)
+
+
+# Published per-layer popularity of Qwen3.5-397B-A17B's routing at k=10 (Gini of the experts' choice counts;
+# shared/CONTEXT.md): (first layer, last layer, Gini) over its 60 layers; mean 0.38.
+QWEN397_GINI = ((0, 3, 0.50), (4, 18, 0.23), (19, 24, 0.35), (25, 29, 0.50), (30, 57, 0.40), (58, 59, 0.50))
+# Gini of 3,000 tokens' choices (k=10 of 512) against the popularity skew, measured on this construction
+# with ``shared`` 0.15; a Gini below the first point gets skew 0.
+GINI_TO_SKEW = ((0.25, 0.0), (0.31, 1.0), (0.42, 2.0), (0.54, 3.0))
+
+
+def layer_ginis(layers: int) -> List[float]:
+    """The 397B's published Gini at the relative depth of each of ``layers`` layers."""
+    depths = [round(layer * 59 / max(1, layers - 1)) for layer in range(layers)]
+    return [next(g for first, last, g in QWEN397_GINI if first <= d <= last) for d in depths]
+
+
+def layer_skews(layers: int) -> List[float]:
+    """Each layer's popularity skew: the 397B's Gini at the same relative depth, mapped by GINI_TO_SKEW."""
+    return [float(np.interp(gini, *zip(*GINI_TO_SKEW))) for gini in layer_ginis(layers)]
 
 
 def qwen397_spec(layers: int, experts_per_token: int = 10, experts: int = 512) -> TinySpec:
@@ -186,10 +208,12 @@ def write_synthetic_model(out: Path, layers: int = 4, bits: int = 4, group_size:
     model, out_config = _quantize(model, config, 4, 64, model.quant_predicate)
     params = dict(tree_flatten(model.parameters()))
     quantized = {k.rsplit(".", 1)[0] for k in params if k.endswith(".scales")}
+    skews = layer_skews(layers)
     for k in params:
         if k.endswith("mlp.gate.weight"):
             w = rng.standard_normal((num_experts, hidden)).astype(np.float32) / np.sqrt(hidden)
-            beta = routing.skew * rng.standard_normal(num_experts).astype(np.float32)
+            layer = int(k.split(".layers.")[1].split(".")[0])
+            beta = skews[layer] * rng.standard_normal(num_experts).astype(np.float32)
             w += np.outer(beta, c) / hidden
             shaped[k.rsplit(".", 1)[0]] = _quantize_np(w, 8)
 
