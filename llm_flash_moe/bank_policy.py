@@ -2,13 +2,14 @@
 
 Each slot has a priority; the victims are the free slots first, then the lowest priorities. Two rules:
 
-- ``RecencyFrequency`` (the bank's default): LRU's recency plus a bonus for experts asked for often. An
-  expert's priority is the clock of its last request (its layer's calls: one per decoded token) plus
-  ``RECENCY_WEIGHT`` clock steps per doubling of ``1 + its request count``, each request's weight halving
-  every ``HALF_LIFE`` calls of its layer (counts are kept for every expert, in the bank or not, so a popular
-  expert evicted once comes back with its history). On new tokens at 512 experts per layer it read 0.94-0.99x
-  the records of LRU of the same size in trace replays, where decayed frequency alone (the previous default)
-  read up to 1.15x at k=10 (docs/PERFORMANCE.md, "Which expert leaves").
+- ``RouterLikelihood`` (the bank's default): an expert's priority is how likely its layer's router finds it
+  now: the router's full softmax over the layer's experts (not only the k it picked), averaged over the
+  layer's last calls with weight ``MEMORY`` on the past. Consecutive tokens' hidden states are alike, so an
+  expert the router rates highly, chosen or not, is likely to be chosen in the next tokens; one it rates low
+  is not, however recently it was used. Ties (layers whose router was never observed) go by recency.
+  In replays of fresh-token routing at 512 experts per layer it read 0.88-0.93x the records of LRU of the
+  same capacity, where recency and frequency of the choices alone (LRU-2, ARC, decayed frequency, their
+  blends) stayed within 0.96-1.12x (docs/PERFORMANCE.md, "Which expert leaves").
 - ``LeastRecentlyUsed``: the baseline (the benchmark replays it on the engine's own requests).
 
 An expert read ahead on a prediction is inserted at the eviction end: until a layer asks for it, it leaves
@@ -17,20 +18,21 @@ before any expert that was asked for, so a wrong guess costs its read and never 
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
-RECENCY_WEIGHT = 8.0  # clock steps (decoded tokens) that a doubling of an expert's request count is worth
-HALF_LIFE = 128.0  # calls of a layer over which a request's weight in the count halves
-# Both chosen by replaying fresh-token routing traces at 512 and 64 experts per layer, k=4 and 10, banks of
-# 0.14-0.5 of the experts (docs/PERFORMANCE.md); larger weights won at one setting and lost at others.
+MEMORY = 0.5  # weight of the past in an expert's likelihood at each call of its layer (replays: 0.3-0.5 best)
+RECENCY_TIE_BREAK = 1e-12  # per clock step: orders equal likelihoods by recency, far below any real difference
 
 
 class LeastRecentlyUsed:
     def __init__(self, slots: int, experts_per_layer: Dict[int, int]):
         self.priority = np.full(slots, -np.inf)
         self._clock = 0.0
+
+    def observe(self, layer: int, likelihood: np.ndarray) -> None:
+        pass  # recency alone
 
     def requested(self, slots: np.ndarray, layer: int, experts: np.ndarray, now: int) -> None:
         self._clock += 1
@@ -47,26 +49,32 @@ class LeastRecentlyUsed:
         return _lowest(self.priority, n, exclude)
 
 
-class RecencyFrequency:
-    def __init__(self, slots: int, experts_per_layer: Dict[int, int], weight: float = RECENCY_WEIGHT,
-                 half_life: float = HALF_LIFE):
-        self.weight, self.rate = weight, 1.0 / half_life
+class RouterLikelihood:
+    def __init__(self, slots: int, experts_per_layer: Dict[int, int], memory: float = MEMORY):
+        self.memory = memory
         self.priority = np.full(slots, -np.inf)  # -inf: free; kept current by ``victims``
-        self.last = np.zeros(slots)  # clock of the slot's expert's last request
-        self.count = np.zeros(slots)  # its decayed request count at that time
+        self.layer = np.zeros(slots, dtype=np.int64)  # the slot's expert
+        self.expert = np.zeros(slots, dtype=np.int64)
+        self.last = np.zeros(slots)  # clock of its last request
         self.ahead = np.zeros(slots, dtype=bool)  # read ahead, not asked for yet
-        self.score = {layer: np.zeros(n) for layer, n in experts_per_layer.items()}
-        self.seen = {layer: np.zeros(n) for layer, n in experts_per_layer.items()}
-        self.now = 0.0
+        layers = max(experts_per_layer, default=-1) + 1
+        self.likelihood = np.zeros((layers, max(experts_per_layer.values(), default=0)))
+        self.clock = 0
+
+    def observe(self, layer: int, likelihood: np.ndarray) -> None:
+        """The layer's router softmax over its experts for its latest call (the mean over a chunk's tokens)."""
+        row = self.likelihood[layer, :len(likelihood)]
+        row *= self.memory
+        row += (1.0 - self.memory) * likelihood
 
     def requested(self, slots: np.ndarray, layer: int, experts: np.ndarray, now: int) -> None:
-        count = self.score[layer][experts] * np.exp2(-self.rate * (now - self.seen[layer][experts])) + 1.0
-        self.score[layer][experts], self.seen[layer][experts] = count, now
-        self.last[slots], self.count[slots], self.ahead[slots] = now, count, False
+        self.clock += 1
+        self.layer[slots], self.expert[slots] = layer, experts
+        self.last[slots], self.ahead[slots] = self.clock, False
         self.priority[slots] = 0.0  # resident (``victims`` computes the value)
-        self.now = max(self.now, now)
 
     def prefetched(self, slots: np.ndarray, layer: int, experts: np.ndarray, now: int) -> None:
+        self.layer[slots], self.expert[slots] = layer, experts
         self.ahead[slots] = True
         self.priority[slots] = 0.0
 
@@ -76,8 +84,7 @@ class RecencyFrequency:
 
     def victims(self, n: int, exclude: np.ndarray) -> np.ndarray:
         resident = np.isfinite(self.priority)
-        decayed = self.count * np.exp2(-self.rate * (self.now - self.last))
-        value = self.last + self.weight * np.log2(1.0 + decayed)
+        value = self.likelihood[self.layer, self.expert] + RECENCY_TIE_BREAK * self.last
         value[self.ahead] = np.finfo(float).min / 2  # read ahead and not asked for: first to leave
         self.priority[resident] = value[resident]
         return _lowest(self.priority, n, exclude)
@@ -102,7 +109,7 @@ def _lowest(priority: np.ndarray, n: int, exclude: np.ndarray) -> np.ndarray:
         priority[exclude] = saved
 
 
-POLICIES = {"recency-frequency": RecencyFrequency, "lru": LeastRecentlyUsed}
+POLICIES = {"likelihood": RouterLikelihood, "lru": LeastRecentlyUsed}
 
 
 def make_policy(name: str, slots: int, experts_per_layer: Dict[int, int]):

@@ -31,15 +31,21 @@ PREFETCH_SHARE = 0.5
 PAIR_BUFFER_BYTES = 1 << 30
 
 
-def route(block, x: mx.array):
-    """mlx-lm's routing for ``block``: (chosen experts [..., k], their renormalized scores [..., k])."""
+def route(block, x: mx.array, with_gates: bool = False):
+    """mlx-lm's routing for ``block``: (chosen experts [..., k], their renormalized scores [..., k]), and with
+    ``with_gates`` the router's softmax over every expert [..., experts] (what the bank's policy ranks by)."""
     gates = mx.softmax(block.gate(x), axis=-1, precise=True)
     k = block.top_k
     inds = mx.argpartition(gates, kth=-k, axis=-1)[..., -k:]
     scores = mx.take_along_axis(gates, inds, axis=-1)
     if block.norm_topk_prob:
         scores = scores / scores.sum(axis=-1, keepdims=True)
-    return inds, scores
+    return (inds, scores, gates) if with_gates else (inds, scores)
+
+
+def _likelihood(gates: mx.array) -> mx.array:
+    """The router softmax of a call, per expert, averaged over its tokens (fp32: numpy has no bfloat16)."""
+    return gates.reshape(-1, gates.shape[-1]).astype(mx.float32).mean(axis=0)
 
 
 class StreamingMoE(nn.Module):
@@ -69,25 +75,27 @@ class StreamingMoE(nn.Module):
         self.kernel = kernels.backend() if supported else "twin"  # "cuda", "metal" or "twin", resolved once
 
     def __call__(self, x: mx.array) -> mx.array:
-        inds, scores = route(self, x)
+        inds, scores, gates = route(self, x, with_gates=True)
         if self.cluster is not None:  # this rank's experts, summed over the ranks (distributed.Cluster)
             y = self.cluster.experts(self, x, inds, scores)
         elif x.size == x.shape[-1]:
-            y = self._one_token(x, inds, scores)
+            y = self._one_token(x, inds, scores, gates)
         else:
-            y = self._chunk(x, inds, scores)
+            y = self._chunk(x, inds, scores, gates)
         if self.shared:
             return y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y
 
-    def _one_token(self, x, inds, scores):
+    def _one_token(self, x, inds, scores, gates):
         table = self.bank.device_table(self.layer)
         if table is not None:  # every expert of the layer is in the bank: pick the slots on the device
             y = self._experts(x, mx.take(table, inds.reshape(-1)), inds, scores)
             self.bank.served_on_device(self.layer, inds.size, y)
             return y
         predicted = self.predict(x)
-        self._synchronize(inds, predicted)
+        likelihood = _likelihood(gates)
+        self._synchronize(inds, predicted, likelihood)
+        self.bank.observe(self.layer, likelihood)
         slots = self.bank.lookup(self.layer, np.array(inds).reshape(-1), prefetch=self.read_ahead(predicted))
         y = self._experts(x, mx.array(slots.astype(np.uint32)), inds, scores)
         self.bank.retain(self.layer, slots, y)
@@ -126,8 +134,11 @@ class StreamingMoE(nn.Module):
         out = (y * scores[..., None]).sum(axis=-2)
         return out if self.shared else out.astype(y.dtype)
 
-    def _chunk(self, x, inds, scores):
+    def _chunk(self, x, inds, scores, gates):
         """Several tokens: each distinct expert read once (a group of them at a time if the bank is smaller)."""
+        likelihood = _likelihood(gates)
+        mx.eval(inds, likelihood)
+        self.bank.observe(self.layer, likelihood)
         chosen = np.array(inds)
         unique, inverse = np.unique(chosen, return_inverse=True)
         limit = self.bank.capacity(self.layer)
@@ -146,8 +157,11 @@ class StreamingMoE(nn.Module):
         ``_chunk`` computes it (the same arithmetic). A bank too small for them runs ``pairs`` (a group of
         experts at a time) over windows of chunks whose pair outputs fit ``PAIR_BUFFER_BYTES``: each expert is
         then read once per window (a window holds ~6,500 tokens of the 397B in bf16)."""
-        routed = [route(self, x) for x in xs]
-        mx.eval([r for pair in routed for r in pair])
+        routed = [route(self, x, with_gates=True) for x in xs]
+        likelihood = _likelihood(mx.concatenate([gates.reshape(-1, gates.shape[-1]) for _, _, gates in routed]))
+        routed = [(inds, scores) for inds, scores, _ in routed]
+        mx.eval(routed, likelihood)
+        self.bank.observe(self.layer, likelihood)
         chosen = [np.array(inds) for inds, _ in routed]
         unique = np.unique(np.concatenate([c.reshape(-1) for c in chosen]))
         if len(unique) > self.bank.capacity(self.layer):
@@ -209,10 +223,10 @@ class StreamingMoE(nn.Module):
         mx.eval(y)
         return y
 
-    def _synchronize(self, inds, predicted) -> None:
-        """The one host synchronization of a decoded token's layer (for the router's choice and the
-        prediction together), timed in two halves: launching the GPU work queued so far, then waiting."""
-        arrays = [inds] if predicted is None else [inds, *predicted]  # predicted: (experts, scores)
+    def _synchronize(self, inds, predicted, likelihood) -> None:
+        """The one host synchronization of a decoded token's layer (for the router's choice, its softmax and
+        the prediction together), timed in two halves: launching the GPU work queued so far, then waiting."""
+        arrays = [inds, likelihood] + ([] if predicted is None else list(predicted))  # predicted: (experts, scores)
         start = time.perf_counter()
         mx.async_eval(*arrays)
         launched = time.perf_counter()

@@ -4,7 +4,7 @@ on a fresh-token routing trace against LRU of the same capacity."""
 import numpy as np
 import pytest
 
-from llm_flash_moe.bank_policy import LeastRecentlyUsed, RecencyFrequency, make_policy
+from llm_flash_moe.bank_policy import LeastRecentlyUsed, RouterLikelihood, make_policy
 from llm_flash_moe.cache_replay import lru_misses
 
 
@@ -33,22 +33,26 @@ def test_lru_evicts_the_least_recently_used():
     assert run(policy, 2, [[0], [1], [0], [2], [1], [2]]) == 4
 
 
-def test_recency_frequency_keeps_a_popular_expert_that_lru_drops():
-    # expert 0 is asked for every third step; two new experts in between push it out of an LRU of 2
-    requests = [[0], [1], [2], [0], [3], [4], [0], [5], [6], [0], [7], [8], [0]]
-    lru = run(LeastRecentlyUsed(2, {0: 16}), 2, requests)
-    ours = run(RecencyFrequency(2, {0: 16}), 2, requests)
-    assert lru == len(requests)  # an LRU of 2 never keeps 0 across two new experts
-    assert ours == len(requests) - 3  # once asked for twice, 0 outranks one-off experts a few steps younger
+def test_router_likelihood_evicts_what_the_router_rates_lowest_not_the_least_recent():
+    policy = RouterLikelihood(3, {0: 8})
+    policy.observe(0, np.array([0.5, 0.05, 0.3, 0, 0, 0, 0, 0.15]))
+    policy.requested(np.array([0, 1, 2]), 0, np.array([0, 1, 2]), 1)  # 0 and 2 rated high, 1 low
+    policy.requested(np.array([0]), 0, np.array([0]), 2)
+    assert policy.victims(1, np.array([], dtype=np.int64)).tolist() == [1]  # LRU would give up 1 too...
+    policy.requested(np.array([1]), 0, np.array([1]), 3)  # ...but after 1 is asked for again, LRU gives up 2
+    assert policy.victims(1, np.array([], dtype=np.int64)).tolist() == [1]  # the router still rates 1 lowest
+    # the rating follows the router, with weight MEMORY on the past
+    policy.observe(0, np.array([0, 0.9, 0, 0, 0, 0, 0, 0.1]))
+    assert policy.victims(1, np.array([], dtype=np.int64)).tolist() == [2]
 
 
-def test_without_the_frequency_weight_it_is_lru():
+def test_without_router_observations_it_is_lru():
     rng = np.random.default_rng(0)
-    requests = [[int(e)] for e in rng.integers(0, 16, 300)]  # one per step: no ties within a step
-    assert run(RecencyFrequency(6, {0: 16}, weight=0.0), 6, requests) == run(LeastRecentlyUsed(6, {0: 16}), 6, requests)
+    requests = [[int(e)] for e in rng.integers(0, 16, 300)]
+    assert run(RouterLikelihood(6, {0: 16}), 6, requests) == run(LeastRecentlyUsed(6, {0: 16}), 6, requests)
 
 
-@pytest.mark.parametrize("name", ["lru", "recency-frequency"])
+@pytest.mark.parametrize("name", ["lru", "likelihood"])
 def test_victims_are_free_slots_first_and_never_excluded(name):
     policy = make_policy(name, 6, {0: 16})
     policy.requested(np.array([0, 1, 2]), 0, np.array([5, 6, 7]), 1)
@@ -61,7 +65,7 @@ def test_victims_are_free_slots_first_and_never_excluded(name):
 
 
 def test_a_prefetched_expert_nobody_asked_for_goes_first():
-    for policy in (LeastRecentlyUsed(3, {0: 8}), RecencyFrequency(3, {0: 8})):
+    for policy in (LeastRecentlyUsed(3, {0: 8}), RouterLikelihood(3, {0: 8})):
         policy.requested(np.array([0, 1]), 0, np.array([0, 1]), 1)
         policy.prefetched(np.array([2]), 0, np.array([5]), 1)
         assert policy.victims(1, np.array([], dtype=np.int64)).tolist() == [2]
@@ -73,7 +77,7 @@ def fresh_token_trace(tokens, layers, experts, k, seed=0):
     """Routing of ``tokens`` new tokens, built as the bench's synthetic model shapes it: each token's hidden
     state mixes a slow walk (consecutive tokens route alike) with fresh noise, each expert has a popularity
     (some are chosen far more often), each layer scales the state its own way; returns per token and layer
-    the chosen experts."""
+    the chosen experts and the router's softmax over all experts."""
     rng = np.random.default_rng(seed)
     hidden = 256
     shared = rng.standard_normal(hidden)
@@ -83,29 +87,32 @@ def fresh_token_trace(tokens, layers, experts, k, seed=0):
         walk[t] = 0.9 * walk[t - 1] + np.sqrt(1 - 0.81) * rng.standard_normal(hidden)
     x = np.sqrt(0.5) * walk + np.sqrt(0.5) * rng.standard_normal((tokens, hidden)) + 0.3 * shared
     chosen = np.empty((tokens, layers, k), dtype=np.int64)
+    softmax = np.empty((tokens, layers, experts))
     for layer in range(layers):
-        router = rng.standard_normal((experts, hidden)) + np.outer(1.5 * rng.standard_normal(experts), shared) / 16
+        router = (rng.standard_normal((experts, hidden)) + np.outer(1.5 * rng.standard_normal(experts), shared) / 16) / 16
         logits = (x * (1 + 0.25 * rng.standard_normal(hidden))) @ router.T
         chosen[:, layer] = np.argpartition(-logits, k, axis=1)[:, :k]
-    return chosen
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        softmax[:, layer] = z / z.sum(axis=1, keepdims=True)
+    return chosen, softmax
 
 
 @pytest.mark.parametrize("k,share", [(4, 0.14), (4, 0.25), (10, 0.14), (10, 0.25)])
 def test_the_bank_reads_no_more_than_lru_on_new_tokens(models, k, share):
     """The real ExpertBank (its table, victims and policy; records of a tiny model read for real) serving a
-    fresh-token routing trace of 4 layers x 64 experts, as the engine serves it by default (no read-ahead in
-    a partial bank), reads no more records after a warm-up than LRU of the same capacity on the same
-    requests; read-ahead on every call would read more (why it is off there)."""
+    fresh-token routing trace of 4 layers x 128 experts, as the engine serves it by default (its router's
+    softmax observed, no read-ahead in a partial bank), reads no more records after a warm-up than LRU of
+    the same capacity on the same requests; read-ahead on every call would read more (why it is off there)."""
     from llm_flash_moe.engine import load_flash_model
 
-    prepared = models.prepared(models.hf("float32", num_experts=64, num_experts_per_tok=4))
+    prepared = models.prepared(models.hf("float32", num_experts=128, num_experts_per_tok=4))
     tokens, warm = 240, 60
-    chosen = fresh_token_trace(tokens, 4, 64, k)
+    chosen, softmax = fresh_token_trace(tokens, 4, 128, k)
     reads = {}
     for read_ahead in (False, True):
         flash = load_flash_model(prepared)
         bank = flash.bank
-        bank.min_slots = int(share * 4 * 64)
+        bank.min_slots = int(share * 4 * 128)
         bank.resize(0)
         calls = []
         for t in range(tokens):
@@ -116,11 +123,12 @@ def test_the_bank_reads_no_more_than_lru_on_new_tokens(models, k, share):
                 calls.append((layer, tuple(experts.tolist())))
                 ahead = None
                 if read_ahead and layer < 3:  # the next layer's choice, half of it guessed right
-                    guess = np.concatenate([chosen[t, layer + 1][: k // 2], (chosen[t, layer + 1][k // 2:] + 7) % 64])
+                    guess = np.concatenate([chosen[t, layer + 1][: k // 2], (chosen[t, layer + 1][k // 2:] + 7) % 128])
                     ahead = (layer + 1, guess, len(guess))
+                bank.observe(layer, softmax[t, layer])  # as the MoE block does with its router's softmax
                 bank.lookup(layer, experts, prefetch=ahead)
         reads[read_ahead] = bank.stats.reads - before
         flash.close()
-    lru = lru_misses(calls, int(share * 4 * 64), count_from=warm * 4)
+    lru = lru_misses(calls, int(share * 4 * 128), count_from=warm * 4)
     assert reads[False] <= lru
     assert reads[True] > reads[False]

@@ -8,7 +8,7 @@ import pytest
 
 from llm_flash_moe.benchmark import (Tokens, bank_run, count_primitives, popularity, read_records, routing_stats,
                                      with_resident_experts)
-from llm_flash_moe.cache_replay import lru_misses, min_misses
+from llm_flash_moe.cache_replay import horizon_misses, lru_misses, min_misses
 from llm_flash_moe.engine import load_flash_model
 
 
@@ -139,6 +139,16 @@ def test_min_reads_no_more_than_any_cache_and_exactly_beladys_choice():
         for capacity in (1, 2, 3):
             assert min_misses(calls, capacity) == best_possible(tuple(keys), capacity)
             assert min_misses(calls, capacity) <= lru_misses(calls, capacity)
+
+
+def test_a_horizon_of_nothing_is_lru_and_any_horizon_lies_between_lru_and_min():
+    rng = np.random.default_rng(1)
+    calls = [(int(rng.integers(0, 3)), tuple(int(e) for e in rng.choice(12, 2, replace=False))) for _ in range(200)]
+    for capacity in (3, 5, 9):
+        lru, best = lru_misses(calls, capacity, count_from=20), min_misses(calls, capacity, count_from=20)
+        assert horizon_misses(calls, capacity, 0, count_from=20) == lru
+        for horizon in (1, 4, 8, len(calls)):  # knowing some of the future helps, never beyond MIN
+            assert best <= horizon_misses(calls, capacity, horizon, count_from=20) < lru
 
 
 def test_tokens_are_never_handed_out_twice():

@@ -390,10 +390,11 @@ def test_a_bank_holding_whole_layers_serves_them_without_host_synchronization(mo
 
 def test_layers_completing_and_losing_experts_keep_mlx_lm_results(models):
     """A bank of 20 of the 32 experts: layers become complete (device-side slots) and then lose experts to
-    other layers' misses, with prefetch on; tokens and logits stay mlx-lm's."""
+    other layers' misses, with prefetch on (and LRU, under which this tiny model's layers do complete);
+    tokens and logits stay mlx-lm's."""
     hf = models.hf("bfloat16")
     reference, tokenizer = mlx_lm.load(str(models.reference(hf)))
-    flash = small_bank(load_flash_model(models.prepared(hf), compute="model"), 20)
+    flash = small_bank(load_flash_model(models.prepared(hf), compute="model", prefetch=True, policy="lru"), 20)
     completed = []
     original = flash.bank.device_table
 
