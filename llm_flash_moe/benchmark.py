@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .bank_pool import DEFAULT_READ_THREADS, Pool, drop_from_page_cache, pieces
-from .cache_replay import lru_misses, min_misses
+from .cache_replay import horizon_misses, lru_misses, min_misses
 from .errors import FlashMoeError
 
 PUBLISHED_ROUTING = {"reuse_consecutive": [0.08, 0.34], "touched_over_30_tokens": [0.43, 0.57],
@@ -434,6 +434,10 @@ class BankRun:
     min_records_per_token: float = 0.0
     vs_lru: Optional[float] = None  # records read / LRU's
     min_vs_lru: Optional[float] = None
+    # a cache knowing the exact routing of the next 1 / 8 tokens (and nothing further), against LRU: what any
+    # predictor of the coming tokens could gain at most (cache_replay.horizon_misses)
+    next_token_oracle_vs_lru: Optional[float] = None
+    next_8_tokens_oracle_vs_lru: Optional[float] = None
     bytes_read_per_token: float = 0.0
     lru_bytes_per_token: float = 0.0
     bank_hit_rate: float = 0.0
@@ -482,6 +486,11 @@ def bank_run(model_dir: Path, k: int, fraction: float, warmup: List[int], timed:
         result.lru_records_per_token, result.min_records_per_token = _r(lru / n), _r(best / n)
         result.vs_lru = _r3(during.reads / lru) if lru else None
         result.min_vs_lru = _r3(best / lru) if lru else None
+        if lru and fraction < 1:
+            layers = len(manifest.expert_layers)
+            for tokens, field_name in ((1, "next_token_oracle_vs_lru"), (8, "next_8_tokens_oracle_vs_lru")):
+                seen = horizon_misses(requests.calls, flash.bank.slots, tokens * layers, count_from=marks["calls"])
+                setattr(result, field_name, _r3(seen / lru))
         result.bytes_read_per_token = during.bytes_read / n
         result.lru_bytes_per_token = lru * record / n
         result.bank_hit_rate = _r3(during.hit_rate)
@@ -653,7 +662,8 @@ def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
             runs.append(run)
             log(f"  {name}: bank {fraction:.2f}, read-ahead {'on' if prefetch else 'off'}: {run['ms_per_token']} "
                 f"ms/token, records/token {run['records_read_per_token']} = {run['vs_lru']} x LRU "
-                f"(MIN {run['min_vs_lru']} x LRU), hit rate {run['bank_hit_rate']}")
+                f"(MIN {run['min_vs_lru']}, next-token oracle {run['next_token_oracle_vs_lru']}, 8 tokens "
+                f"{run['next_8_tokens_oracle_vs_lru']} x LRU), hit rate {run['bank_hit_rate']}")
     result["banks"] = runs
     result["peak_rss_gb"] = peak_rss_gb()
     return result
