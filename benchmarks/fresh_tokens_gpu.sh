@@ -7,6 +7,7 @@
 set -euo pipefail
 export PYTHONPATH=/tmp/site MLX_PTX_CACHE_DIR=/tmp/ptx PYTHONUNBUFFERED=1 LLM_USER_PATH=/tmp/llmuser
 out=${OUT:-/tmp/out}; mkdir -p "$out" /tmp/llmuser
+cd /tmp  # the installed package, not the checkout's (conversion/ installs as llm_flash_moe.conversion)
 common=(--layers 8 --experts-per-layer 512 --bits 4 --dir /tmp/rb --calibration-layers 0)
 case "$1" in
   decode)
