@@ -45,10 +45,22 @@ class FlashMoeGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # `llm flash-moe models | head`: the reader has all it wanted
+            quiet_stdout()
+            ctx.exit(0)
         except FlashMoeError as e:
             raise click.ClickException(str(e)) from None
         except OSError as e:  # a file the command needed could not be read or written
             raise click.ClickException(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from None
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush into a closed pipe fails no more."""
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @click.group(name="flash-moe", cls=FlashMoeGroup)

@@ -1,0 +1,72 @@
+"""The rough edges a new user met (issue 25): each one says what is wrong and what to do, in one line.
+
+A closed pipe, an answer cut off inside its reasoning, a config.json without a shape field, `info` and
+`verify` on an unfinished prepare, the bank `info` shows, `-o bank_gb 0`, `eval --against` a model of another
+architecture or vocabulary, and `bench`'s figures and files.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from llm.cli import cli
+
+from llm_flash_moe import registry
+
+pytest.importorskip("mlx.core")
+
+LLM = str(Path(sys.executable).with_name("llm"))
+MODEL = "tiny-flash"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def one_error_line(result) -> str:
+    """The command failed with exit status 1 and one ``Error:`` line, no traceback; returns the line."""
+    out = result.output.strip()
+    assert result.exit_code == 1, out
+    assert "Traceback" not in out and isinstance(result.exception, SystemExit), (out, result.exception)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), out
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------ a closed pipe
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(user_path):
+    """`llm flash-moe models | head`: the reader is gone before anything is written (deterministically: its end
+    of the pipe is closed at once), and the command stops quietly with status 0."""
+    proc = subprocess.Popen([LLM, "flash-moe", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert err == ""
+
+
+# ------------------------------------------------------------------------------ cut off while reasoning
+
+
+def test_an_answer_cut_off_inside_the_reasoning_says_so(user_path):
+    result = run("-m", MODEL, "hi", "-o", "temperature", "0", "-o", "max_tokens", "3", "-o", "thinking", "1")
+    assert result.exit_code == 0, result.output
+    logged = json.loads(run("logs", "--json", "-n", "1").output)[0]
+    assert logged["response"] == "" and logged["reasoning"], logged  # the tiny model was still thinking
+    assert result.stdout.strip() == ""
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
+    assert warnings == ["Warning: the answer was cut off by max_tokens (3) while the model was still reasoning, "
+                        "so it has no answer; raise -o max_tokens or turn thinking off with -o thinking false"]
+
+
+def test_an_answer_cut_off_after_the_reasoning_says_nothing(user_path):
+    result = run("-m", MODEL, "hi", "-o", "temperature", "0", "-o", "max_tokens", "3", "-o", "thinking", "0")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() and "Warning" not in result.stderr
