@@ -15,9 +15,9 @@ from pathlib import Path
 import click
 
 from . import flash_layout, registry
-from .demo import DEMO_NAME, DEMO_SOURCE
 from .errors import FlashMoeError
-from .reports import INFO_FIELDS, directory_bytes, format_report, format_table, human_bytes, manifest_summary
+from .reports import (INFO_FIELDS, directory_bytes, format_report, format_table, human_bytes, manifest_summary,
+                      prepare_command, repair_command)
 
 # The format module imports no numpy or mlx, so its choices can be read on every llm command.
 EXPERT_BITS, GROUP_SIZES, RESIDENT_BITS = (tuple(map(str, choices)) for choices in (
@@ -206,7 +206,7 @@ def info(name, json_):
 
     from .engine import bank_summary
 
-    path = registry.model_dir(registry.name_of(name))
+    path = prepared_dir(registry.name_of(name))
     manifest = Manifest.load(path)
     summary = {**manifest_summary(manifest, path), **bank_summary(manifest)}
     if json_:
@@ -237,7 +237,7 @@ def verify(name):
     from .verify import verify_model
 
     name = registry.name_of(name)
-    path = registry.model_dir(name)
+    path = prepared_dir(name)
     manifest = Manifest.load(path)
     report = verify_model(path, manifest, progress=True)
     if report.ok:
@@ -250,25 +250,20 @@ def verify(name):
                         "(it rewrites only the damaged parts, reading the source again)")
 
 
-def repair_command(manifest, path: Path) -> str:
-    """The `prepare --repair` command line that matches the options ``manifest`` was prepared with."""
-    s = manifest.settings
-    if manifest.source == DEMO_SOURCE:
-        args = ["llm", "flash-moe", "prepare", "--demo"]
-    else:
-        args = ["llm", "flash-moe", "prepare", manifest.source]
-        if s.get("revision"):
-            args += ["--revision", s["revision"]]
-    if manifest.name != (DEMO_NAME if manifest.source == DEMO_SOURCE else registry.name_from_source(manifest.source)):
-        args += ["--name", manifest.name]
-    for option, key, default in (("--bits", "bits", 4), ("--group-size", "group_size", 64),
-                                 ("--resident-bits", "resident_bits", 4)):
-        if s.get(key, default) != default:
-            args += [option, str(s[key])]
-    args += ["--experts-per-token", str(manifest.experts_per_token)]
-    if Path(path).resolve() != registry.default_output(manifest.name).resolve():
-        args += ["--output", str(path)]
-    return " ".join(shlex.quote(a) for a in args + ["--repair"])
+def prepared_dir(name: str) -> Path:
+    """The directory of prepared model ``name``; an unfinished prepare of it is named as one, with the command
+    that finishes it."""
+    from .flash_layout import PARTIAL_DIR
+
+    partial = registry.unfinished().get(name)
+    if partial is not None and name not in registry.prepared():
+        try:
+            command = f"`{prepare_command(json.loads((partial / PARTIAL_DIR / 'plan.json').read_text()), partial)}`"
+        except (OSError, ValueError, KeyError, TypeError):
+            command = "its `llm flash-moe prepare` command"
+        raise FlashMoeError(f"{name} is an unfinished prepare ({partial}): run {command} again to finish it, or "
+                            f"`llm flash-moe remove {name}` to delete it")
+    return registry.model_dir(name)
 
 
 # ------------------------------------------------------------------------------ remove
@@ -309,12 +304,12 @@ def eval_command(name, text_file, experts, against, window, max_tokens, compute,
     except UnicodeDecodeError as e:
         raise FlashMoeError(f"{text_file} is not UTF-8 text ({e.reason} at byte {e.start})")
     name = registry.name_of(name)
-    flash = load_flash_model(registry.model_dir(name), compute=compute)
+    flash = load_flash_model(prepared_dir(name), compute=compute)
     other = None
     try:
         if against:
             against = registry.name_of(against)
-            other = flash if against == name else load_flash_model(registry.model_dir(against), compute=compute)
+            other = flash if against == name else load_flash_model(prepared_dir(against), compute=compute)
             reference = Configuration(against, other, native_experts_per_token(other.manifest))
         else:
             reference = Configuration(name, flash, native_experts_per_token(flash.manifest))

@@ -1,12 +1,15 @@
-"""How the CLI shows things: sizes, tables, a model's summary and the eval report. Only the CLI imports this."""
+"""How the CLI shows things: sizes, tables, a model's summary, prepare command lines and the eval report. Only the
+CLI imports this."""
 
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
 from . import registry
+from .demo import DEMO_NAME, DEMO_SOURCE
 
 
 INFO_FIELDS = [
@@ -47,6 +50,32 @@ def manifest_summary(m, path: Path) -> dict:
         "format_version": m.format_version,
         "settings": m.settings,
     }
+
+
+def repair_command(manifest, path: Path) -> str:
+    """The `prepare --repair` command line that matches the options ``manifest`` was prepared with."""
+    return prepare_command(manifest.settings, path, repair=True)
+
+
+def prepare_command(settings: dict, path: Path, repair: bool = False) -> str:
+    """The `prepare` command line of these settings (a manifest's, or an unfinished prepare's plan)."""
+    s, name, source = settings, settings["name"], settings["source"]
+    if source == DEMO_SOURCE:
+        args = ["llm", "flash-moe", "prepare", "--demo"]
+    else:
+        args = ["llm", "flash-moe", "prepare", source]
+        if s.get("revision"):
+            args += ["--revision", s["revision"]]
+    if name != (DEMO_NAME if source == DEMO_SOURCE else registry.name_from_source(source)):
+        args += ["--name", name]
+    for option, key, default in (("--bits", "bits", 4), ("--group-size", "group_size", 64),
+                                 ("--resident-bits", "resident_bits", 4)):
+        if s.get(key, default) != default:
+            args += [option, str(s[key])]
+    args += ["--experts-per-token", str(s["experts_per_token"])]
+    if Path(path).resolve() != registry.default_output(name).resolve():
+        args += ["--output", str(path)]
+    return " ".join(shlex.quote(a) for a in args + ["--repair"] * repair)
 
 
 def directory_bytes(path: Path) -> int:

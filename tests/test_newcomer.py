@@ -70,3 +70,50 @@ def test_an_answer_cut_off_after_the_reasoning_says_nothing(user_path):
     result = run("-m", MODEL, "hi", "-o", "temperature", "0", "-o", "max_tokens", "3", "-o", "thinking", "0")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() and "Warning" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ an unfinished prepare
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A tiny qwen3_5_moe checkpoint (tiny tokenizer)."""
+    from llm_flash_moe.synthetic.checkpoint import TinySpec, write_hf_checkpoint
+
+    return write_hf_checkpoint(tmp_path_factory.mktemp("newcomer") / "tiny", TinySpec(), tokenizer="tiny")
+
+
+def test_info_verify_and_eval_name_an_unfinished_prepare_and_the_command_that_finishes_it(
+        source, llm_user, monkeypatch, tmp_path):
+    import shlex
+
+    from llm_flash_moe.conversion import experts
+
+    real_write, calls = experts.ExpertRecordWriter._write, {"n": 0}
+
+    def write(self, *args):  # Ctrl-C after a few expert units
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real_write(self, *args)
+
+    monkeypatch.setattr(experts.ExpertRecordWriter, "_write", write)
+    monkeypatch.setattr(experts, "COMMIT_EVERY_BYTES", 1)
+    stopped = run("flash-moe", "prepare", str(source), "--name", "half", "--bits", "3")
+    assert stopped.exit_code == 1 and "Error: interrupted" in stopped.output, stopped.output
+    monkeypatch.undo()
+    monkeypatch.setenv("LLM_USER_PATH", str(llm_user))
+    out = registry.default_output("half")
+    assert "unfinished prepare" in run("flash-moe", "models").output
+    text = tmp_path / "text.txt"
+    text.write_text("some text to score " * 20)
+    command = f"llm flash-moe prepare {shlex.quote(str(source))} --name half --bits 3 --experts-per-token 2"
+    for args in (["info", "half"], ["info", "half-flash", "--json"], ["verify", "half"],
+                 ["eval", "half", "--text", str(text)]):
+        line = one_error_line(run("flash-moe", *args))
+        assert line == (f"Error: half is an unfinished prepare ({out}): run `{command}` again to finish it, or "
+                        "`llm flash-moe remove half` to delete it"), (args, line)
+    finished = run(*shlex.split(command)[1:])  # the command it names finishes it
+    assert finished.exit_code == 0, finished.output
+    assert run("flash-moe", "info", "half").exit_code == 0
+    assert "no prepared model named 'nothing'" in one_error_line(run("flash-moe", "info", "nothing"))
