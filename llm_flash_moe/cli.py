@@ -16,7 +16,7 @@ import click
 
 from . import flash_layout, registry
 from .errors import FlashMoeError
-from .reports import (INFO_FIELDS, directory_bytes, format_report, format_table, human_bytes, manifest_summary,
+from .reports import (INFO_FIELDS, bank_share, directory_bytes, format_report, format_table, human_bytes, manifest_summary,
                       prepare_command, repair_command)
 
 # The format module imports no numpy or mlx, so its choices can be read on every llm command.
@@ -209,6 +209,7 @@ def info(name, json_):
     path = prepared_dir(registry.name_of(name))
     manifest = Manifest.load(path)
     summary = {**manifest_summary(manifest, path), **bank_summary(manifest)}
+    summary["bank_share"] = bank_share(manifest, summary["bank_experts"])
     if json_:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -78,6 +78,18 @@ def prepare_command(settings: dict, path: Path, repair: bool = False) -> str:
     return " ".join(shlex.quote(a) for a in args + ["--repair"] * repair)
 
 
+def bank_share(manifest, bank_experts: int) -> str:
+    """What a bank of ``bank_experts`` slots holds of ``manifest``'s experts, and what one takes there and on disk."""
+    everything = sum(layer.num_experts for layer in manifest.expert_layers)
+    share = (f"all {everything:,} experts" if bank_experts >= everything
+             else f"{bank_experts:,} of {everything:,} experts ({bank_experts / everything:.0%})")
+    layout = manifest.expert_layers[0].layout
+    if layout.parts_bytes < layout.record_size:
+        share += (f"; an expert takes {human_bytes(layout.parts_bytes)} there, {human_bytes(layout.record_size)} "
+                  "on disk with its record's padding")
+    return share
+
+
 def directory_bytes(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):

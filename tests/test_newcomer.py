@@ -25,6 +25,17 @@ LLM = str(Path(sys.executable).with_name("llm"))
 MODEL = "tiny-flash"
 
 
+@pytest.fixture(autouse=True)
+def no_model_loaded():
+    """Each test starts and ends with no model loaded in this process (a bank it filled would serve the next
+    test's reads)."""
+    from llm_flash_moe import session
+
+    session.unload()
+    yield
+    session.unload()
+
+
 def run(*args):
     return CliRunner().invoke(cli, list(args))
 
@@ -117,3 +128,46 @@ def test_info_verify_and_eval_name_an_unfinished_prepare_and_the_command_that_fi
     assert finished.exit_code == 0, finished.output
     assert run("flash-moe", "info", "half").exit_code == 0
     assert "no prepared model named 'nothing'" in one_error_line(run("flash-moe", "info", "nothing"))
+
+
+# ------------------------------------------------------------------------------ the bank info shows, bank_gb 0
+
+
+def test_info_shows_the_bank_as_the_experts_it_holds(user_path, tiny_model, monkeypatch):
+    from llm_flash_moe import memory
+    from llm_flash_moe.flash_layout import Manifest
+
+    manifest = Manifest.load(tiny_model)
+    layout = manifest.expert_layers[0].layout
+    assert layout.parts_bytes < layout.record_size  # tiny experts: most of a 16 KiB record is padding
+    data = json.loads(run("flash-moe", "info", "tiny", "--json").output)  # this machine holds every expert
+    assert data["bank_experts"] == 32 and data["bank_bytes"] == 32 * layout.parts_bytes
+    shown = run("flash-moe", "info", "tiny").output
+    assert "100%" not in shown
+    assert (f"Bank holds:             all 32 experts; an expert takes {layout.parts_bytes / 1e3:.1f} kB there, "
+            f"{layout.record_size / 1e3:.1f} kB on disk with its record's padding") in shown
+    # A machine with room for 10 experts once the weights are in (free = reserve + weights + 10 experts):
+    total = 8_000_000_000
+    free = memory.reserve_bytes(total) + manifest.resident_bytes + 10 * layout.parts_bytes
+    monkeypatch.setattr(memory, "bank_memory", lambda: (free, total))
+    data = json.loads(run("flash-moe", "info", "tiny", "--json").output)
+    assert data["bank_experts"] == 10 and data["bank_bytes"] == 10 * layout.parts_bytes
+    assert data["bank_share"].startswith("10 of 32 experts (31%); ")
+
+
+@pytest.mark.parametrize("value", ["0", "0.00001"])
+def test_a_bank_smaller_than_the_smallest_is_refused_in_one_line(user_path, value):
+    line = one_error_line(run("-m", MODEL, "hi", "-o", "max_tokens", "2", "-o", "bank_gb", value))
+    assert line.startswith(f"Error: -o bank_gb {float(value):g} is less than the smallest expert bank tiny runs "
+                           "with (0.03 MB: twice the experts of one token); give -o bank_gb 0.001 or more"), line
+    assert not (user_path / "logs.db").exists() or not json.loads(run("logs", "--json").output)
+
+
+def test_the_smallest_bank_named_runs_and_is_logged_as_it_is(user_path):
+    from llm_flash_moe import session
+
+    result = run("-m", MODEL, "hi", "-o", "max_tokens", "2", "-o", "bank_gb", "0.001")
+    assert result.exit_code == 0, result.output
+    (flash,) = session._LOADED.values()
+    logged = json.loads(run("logs", "--json", "-n", "1").output)[0]["response_json"]
+    assert 0 < logged["bank_gb"] == round(flash.bank.nbytes / 1e9, 6) <= 0.001
