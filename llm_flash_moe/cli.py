@@ -298,18 +298,22 @@ def eval_command(name, text_file, experts, against, window, max_tokens, compute,
         llm flash-moe eval qwen397-2bit --against qwen397 --experts 10 --text wiki.test.raw
     """
     from .engine import load_flash_model
-    from .evaluate import Configuration, evaluate, native_experts_per_token, tokenize, windows_of
+    from .evaluate import Configuration, check_comparable, evaluate, native_experts_per_token, tokenize, windows_of
+    from .flash_layout import Manifest
 
     try:
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise FlashMoeError(f"{text_file} is not UTF-8 text ({e.reason} at byte {e.start})")
     name = registry.name_of(name)
+    if against:
+        against = registry.name_of(against)
+        mine, theirs = prepared_dir(name), prepared_dir(against)
+        check_comparable(name, Manifest.load(mine), mine, against, Manifest.load(theirs), theirs)
     flash = load_flash_model(prepared_dir(name), compute=compute)
     other = None
     try:
         if against:
-            against = registry.name_of(against)
             other = flash if against == name else load_flash_model(prepared_dir(against), compute=compute)
             reference = Configuration(against, other, native_experts_per_token(other.manifest))
         else:

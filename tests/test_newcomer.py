@@ -171,3 +171,39 @@ def test_the_smallest_bank_named_runs_and_is_logged_as_it_is(user_path):
     (flash,) = session._LOADED.values()
     logged = json.loads(run("logs", "--json", "-n", "1").output)[0]["response_json"]
     assert 0 < logged["bank_gb"] == round(flash.bank.nbytes / 1e9, 6) <= 0.001
+
+
+# ------------------------------------------------------------------------------ eval --against another model
+
+
+def test_eval_against_another_architecture_or_vocabulary_is_refused(models, tmp_path, monkeypatch):
+    import shutil
+
+    from llm_flash_moe.flash_layout import Manifest
+
+    # Built (once per session) in the session's llm user directory, as the other tests build them.
+    mine = models.prepared(models.hf("bfloat16"), bits=4)
+    same = models.prepared(models.hf("bfloat16"), bits=2)  # another copy of it, at other bits
+    wider = models.prepared(models.hf("bfloat16", hidden_size=128), bits=2)  # same tokenizer, another shape
+    other = tmp_path / "other-vocab"  # the same shapes, another vocabulary of the same size: two ids swapped
+    shutil.copytree(mine, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = sorted(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path / "user"))
+    for name, path in (("mine", mine), ("same", same), ("wider", wider), ("other-vocab", other)):
+        registry.register(name, path)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+
+    line = one_error_line(run("flash-moe", "eval", "mine", "--against", "wider", "--text", str(text)))
+    assert line == ("Error: mine and wider are not copies of the same model (hidden_size 64 and 128): --against "
+                    "compares a model with another copy of it prepared at other bits")
+    line = one_error_line(run("flash-moe", "eval", "mine", "--against", "other-vocab", "--text", str(text)))
+    assert line == ("Error: mine and other-vocab are not copies of the same model (their tokenizer.json differ): "
+                    "--against compares a model with another copy of it prepared at other bits")
+    result = run("flash-moe", "eval", "same", "--against", "mine", "--text", str(text), "--window", "16", "--json")
+    assert result.exit_code == 0, result.output
+    assert Manifest.load(same).bits != Manifest.load(mine).bits
