@@ -110,6 +110,17 @@ def human_bytes(n: Optional[int]) -> str:
     return f"{n} B"
 
 
+def rounded(value, digits: int = 3):
+    """A result with every float rounded to ``digits`` decimals (a time of 1687.7774457500009 ms: 1687.777)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
 def format_table(header: List[str], rows: List[List[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]

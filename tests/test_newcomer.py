@@ -207,3 +207,36 @@ def test_eval_against_another_architecture_or_vocabulary_is_refused(models, tmp_
     result = run("flash-moe", "eval", "same", "--against", "mine", "--text", str(text), "--window", "16", "--json")
     assert result.exit_code == 0, result.output
     assert Manifest.load(same).bits != Manifest.load(mine).bits
+
+
+# ------------------------------------------------------------------------------ bench: figures and files
+
+
+def test_bench_rounds_says_where_its_models_are_and_cleans_them(llm_user, monkeypatch):
+    """The measurement itself is far too heavy for a unit test (the 397B's layer shapes): it is replaced by one
+    that builds a bench model's file and returns the issue's unrounded figure; what the command does with
+    them is real."""
+    from llm_flash_moe import benchmark
+
+    directory = registry.root() / "bench"
+    mine = registry.root() / "bench" / "notes.txt"  # a file of the user's: --clean leaves it
+
+    def measured(opts, log):
+        model = Path(opts.directory) / "qwen397-shape-4l-16e-4bit" / "experts"
+        model.mkdir(parents=True)
+        (model / "layer-000.bin").write_bytes(b"\0" * 1_500_000)
+        return {"results": [{"ms_per_token": 1687.7774457500009, "bytes_read_per_token": 3456.5 / 7}]}
+
+    monkeypatch.setattr(benchmark, "run", measured)
+    result = run("flash-moe", "bench", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"results": [{"ms_per_token": 1687.777, "bytes_read_per_token": 493.786}]}
+    assert result.stderr.strip() == (f"The bench models (1.5 MB) are kept in {directory} for the next run; "
+                                     "`llm flash-moe bench --clean` deletes them")
+    mine.write_text("mine")
+    cleaned = run("flash-moe", "bench", "--clean")
+    assert cleaned.exit_code == 0 and cleaned.output.strip() == f"Deleted 1.5 MB of bench models from {directory}"
+    assert sorted(p.name for p in directory.iterdir()) == ["notes.txt"]
+    mine.unlink()
+    assert run("flash-moe", "bench", "--clean").output.strip() == f"No bench models in {directory}"
+    assert not directory.exists()
