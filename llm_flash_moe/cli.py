@@ -73,7 +73,7 @@ def flash_moe():
         llm flash-moe prepare          # Qwen3.5-397B-A17B, about 223 GB on disk
         llm -m qwen397-flash "Hello"
 
-    Try the whole path in a minute, offline, with a small random-weight model:
+    Try the whole path offline with a small random-weight model:
 
     \b
         llm flash-moe prepare --demo
@@ -188,7 +188,7 @@ def models_command():
         header = ["name", "model id", "bits", "experts/token", "experts", "resident", "source"]
         click.echo(format_table(header, rows))
     else:
-        click.echo("No prepared models. Try `llm flash-moe prepare --demo` (one minute, random weights).")
+        click.echo("No prepared models. Try `llm flash-moe prepare --demo` (offline, random weights).")
     if unfinished:
         click.echo("An unfinished prepare continues where it stopped when its command is run again; "
                    "`llm flash-moe remove NAME` deletes it.")
