@@ -60,7 +60,8 @@ class _FlashMoe:
         bank_gb: Optional[float] = Field(
             None, description="Expert bank budget in GB: the experts kept in memory where the kernels read them "
                               "(GPU memory on CUDA, unified memory/RAM elsewhere), read from disk only when "
-                              "missing (default: the free memory less a reserve, chosen when the model loads)",
+                              "missing (default: the free memory less a reserve, chosen when the model loads; at "
+                              "least the smallest bank, twice the experts of one token: 0 is refused)",
             ge=0, allow_inf_nan=False)
         prompt_cache: Optional[bool] = Field(
             None, description="Reuse the model state of the conversation so far (kept in memory and on disk) "
