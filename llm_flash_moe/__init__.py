@@ -7,6 +7,8 @@ llm itself either (``llm.hookimpl`` is this pluggy marker), so the engine runs w
 
 import pluggy
 
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it; CHANGELOG.md: the scheme)
+
 hookimpl = pluggy.HookimplMarker("llm")
 
 

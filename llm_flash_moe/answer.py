@@ -56,6 +56,7 @@ class ReplySplitter:
         self.started = False  # ... its leading whitespace is dropped,
         self.held = ""  # ... trailing whitespace waits (dropped when a tag follows),
         self.call = ""  # ... a tool call is sent whole.
+        self.ended_in: Optional[str] = None  # the state the output ended in (set by ``finish``)
 
     def feed(self, text: str) -> List[Tuple[str, str]]:
         from mlx_lm.generate import TextStateMachine
@@ -75,6 +76,7 @@ class ReplySplitter:
             rest, self.opening = self.opening.lstrip(), ""
             return [("text", rest)] if rest else []
         self.state, rest, kind = TextStateMachine.flush(self.state)
+        self.ended_in = kind
         events = self._spans([(kind, rest)])
         if self.kind == TOOL:
             events.append(("open_call", self.call))
@@ -197,6 +199,11 @@ class Answer:
             yield StreamEvent(type="tool_call_name", chunk=name, tool_call_id=call.tool_call_id)
             yield StreamEvent(type="tool_call_args", chunk=json.dumps(arguments), tool_call_id=call.tool_call_id)
             self.response.add_tool_call(call)
+
+    @property
+    def ended_in_reasoning(self) -> bool:
+        """The output stopped before the model closed its reasoning (after ``finish()``)."""
+        return self.splitter.ended_in == REASONING
 
     def message(self):
         from llm.parts import Message, ReasoningPart, TextPart, ToolCallPart

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from .reports import directory_bytes, human_bytes, rounded
+
 
 @click.command(name="bench")
 @click.option("--layers", type=click.IntRange(min=4), default=4, show_default=True,
@@ -51,31 +53,72 @@ import click
                    "per token and time in the all_sums. Uses --layers, --experts-per-layer, the first --bits and "
                    "--bank-fraction, --experts, --tokens, --repeats, --dir.")
 @click.option("--json", "json_", is_flag=True, help="Print only the JSON result.")
+@click.option("--clean", is_flag=True,
+              help="Delete the synthetic models earlier runs built in --dir (and its logs), measure nothing.")
 def bench(layers, experts_per_layer, bits, experts, bank_fractions, read_ahead, memory_limit_gb, tokens,
-          warmup_tokens, repeats, prompt_tokens, prefill_only, calibration_layers, directory, ranks, json_):
+          warmup_tokens, repeats, prompt_tokens, prefill_only, calibration_layers, directory, ranks, json_, clean):
     """Measure decode speed against its floors, mlx-lm and LRU, at any depth and bank size.
 
     Builds once (then reuses) a synthetic model with Qwen3.5-397B-A17B's per-layer shapes and calibrated
-    routing; see docs/PERFORMANCE.md for what each figure is and the results.
+    routing, in --dir; `--clean` deletes them. See docs/PERFORMANCE.md for what each figure is and the results.
     """
-    from .benchmark import BenchOptions, run
+    from .registry import root
 
-    log = (lambda line: None) if json_ else (lambda line: click.echo(line, err=True))
-    if ranks > 1:
-        from .distributed_bench import ClusterBenchOptions, run as run_ranks
-
-        opts = ClusterBenchOptions(ranks=ranks, layers=layers, experts_per_layer=experts_per_layer,
-                                   bits=int(bits[0]) if bits else 4, experts=tuple(experts) or (4,), tokens=tokens,
-                                   repeats=repeats, bank_fraction=bank_fractions[0] if bank_fractions else 1.0,
-                                   directory=directory)
-        click.echo(json.dumps(run_ranks(opts, log=log), indent=None if json_ else 1))
+    directory = Path(directory or root() / "bench")
+    if clean:
+        freed = remove_bench_files(directory)
+        click.echo(f"Deleted {human_bytes(freed)} of bench models from {directory}" if freed
+                   else f"No bench models in {directory}")
         return
-    defaults = BenchOptions()
-    opts = BenchOptions(layers=layers, experts_per_layer=experts_per_layer,
-                        bits=tuple(int(b) for b in bits) or defaults.bits, experts=tuple(experts) or defaults.experts,
-                        bank_fractions=tuple(bank_fractions) or defaults.bank_fractions,
-                        prefetch={"both": (True, False), "on": (True,), "off": (False,)}[read_ahead],
-                        memory_limit_gb=memory_limit_gb, tokens=tokens, warmup_tokens=warmup_tokens, repeats=repeats,
-                        prompt_tokens=tuple(prompt_tokens) or defaults.prompt_tokens, decode=not prefill_only,
-                        calibration_layers=calibration_layers, directory=directory)
-    click.echo(json.dumps(run(opts, log=log), indent=None if json_ else 1))
+    log = (lambda line: None) if json_ else (lambda line: click.echo(line, err=True))
+    try:
+        if ranks > 1:
+            from .distributed_bench import ClusterBenchOptions, run as run_ranks
+
+            opts = ClusterBenchOptions(ranks=ranks, layers=layers, experts_per_layer=experts_per_layer,
+                                       bits=int(bits[0]) if bits else 4, experts=tuple(experts) or (4,),
+                                       tokens=tokens, repeats=repeats,
+                                       bank_fraction=bank_fractions[0] if bank_fractions else 1.0,
+                                       directory=directory)
+            result = run_ranks(opts, log=log)
+        else:
+            from .benchmark import BenchOptions, run
+
+            defaults = BenchOptions()
+            opts = BenchOptions(layers=layers, experts_per_layer=experts_per_layer,
+                                bits=tuple(int(b) for b in bits) or defaults.bits,
+                                experts=tuple(experts) or defaults.experts,
+                                bank_fractions=tuple(bank_fractions) or defaults.bank_fractions,
+                                prefetch={"both": (True, False), "on": (True,), "off": (False,)}[read_ahead],
+                                memory_limit_gb=memory_limit_gb, tokens=tokens, warmup_tokens=warmup_tokens,
+                                repeats=repeats, prompt_tokens=tuple(prompt_tokens) or defaults.prompt_tokens,
+                                decode=not prefill_only, calibration_layers=calibration_layers, directory=directory)
+            result = run(opts, log=log)
+        click.echo(json.dumps(rounded(result), indent=None if json_ else 1))
+    finally:
+        kept = sum(directory_bytes(p) for p in bench_files(directory))
+        if kept:
+            click.echo(f"The bench models ({human_bytes(kept)}) are kept in {directory} for the next run; "
+                       "`llm flash-moe bench --clean` deletes them", err=True)
+
+
+BENCH_FILES = ("qwen397-shape-*", "qwen397-routing-*", "cluster-bench-logs")  # what the bench writes in --dir
+
+
+def bench_files(directory: Path) -> list:
+    return sorted(p for pattern in BENCH_FILES for p in Path(directory).glob(pattern))
+
+
+def remove_bench_files(directory: Path) -> int:
+    """Delete what the bench built in ``directory`` (nothing else); the directory too once empty. Returns bytes."""
+    import shutil
+
+    freed = 0
+    for path in bench_files(directory):
+        freed += directory_bytes(path)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    try:
+        directory.rmdir()
+    except OSError:  # not empty (other files of yours), or not there
+        pass
+    return freed

@@ -15,9 +15,9 @@ from pathlib import Path
 import click
 
 from . import flash_layout, registry
-from .demo import DEMO_NAME, DEMO_SOURCE
 from .errors import FlashMoeError
-from .reports import INFO_FIELDS, directory_bytes, format_report, format_table, human_bytes, manifest_summary
+from .reports import (INFO_FIELDS, bank_share, directory_bytes, format_report, format_table, human_bytes, manifest_summary,
+                      prepare_command, repair_command)
 
 # The format module imports no numpy or mlx, so its choices can be read on every llm command.
 EXPERT_BITS, GROUP_SIZES, RESIDENT_BITS = (tuple(map(str, choices)) for choices in (
@@ -45,10 +45,22 @@ class FlashMoeGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # `llm flash-moe models | head`: the reader has all it wanted
+            quiet_stdout()
+            ctx.exit(0)
         except FlashMoeError as e:
             raise click.ClickException(str(e)) from None
         except OSError as e:  # a file the command needed could not be read or written
             raise click.ClickException(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from None
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush into a closed pipe fails no more."""
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @click.group(name="flash-moe", cls=FlashMoeGroup)
@@ -61,7 +73,7 @@ def flash_moe():
         llm flash-moe prepare          # Qwen3.5-397B-A17B, about 223 GB on disk
         llm -m qwen397-flash "Hello"
 
-    Try the whole path in a minute, offline, with a small random-weight model:
+    Try the whole path offline with a small random-weight model:
 
     \b
         llm flash-moe prepare --demo
@@ -176,7 +188,7 @@ def models_command():
         header = ["name", "model id", "bits", "experts/token", "experts", "resident", "source"]
         click.echo(format_table(header, rows))
     else:
-        click.echo("No prepared models. Try `llm flash-moe prepare --demo` (one minute, random weights).")
+        click.echo("No prepared models. Try `llm flash-moe prepare --demo` (offline, random weights).")
     if unfinished:
         click.echo("An unfinished prepare continues where it stopped when its command is run again; "
                    "`llm flash-moe remove NAME` deletes it.")
@@ -194,9 +206,10 @@ def info(name, json_):
 
     from .engine import bank_summary
 
-    path = registry.model_dir(registry.name_of(name))
+    path = prepared_dir(registry.name_of(name))
     manifest = Manifest.load(path)
     summary = {**manifest_summary(manifest, path), **bank_summary(manifest)}
+    summary["bank_share"] = bank_share(manifest, summary["bank_experts"])
     if json_:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -225,7 +238,7 @@ def verify(name):
     from .verify import verify_model
 
     name = registry.name_of(name)
-    path = registry.model_dir(name)
+    path = prepared_dir(name)
     manifest = Manifest.load(path)
     report = verify_model(path, manifest, progress=True)
     if report.ok:
@@ -238,25 +251,20 @@ def verify(name):
                         "(it rewrites only the damaged parts, reading the source again)")
 
 
-def repair_command(manifest, path: Path) -> str:
-    """The `prepare --repair` command line that matches the options ``manifest`` was prepared with."""
-    s = manifest.settings
-    if manifest.source == DEMO_SOURCE:
-        args = ["llm", "flash-moe", "prepare", "--demo"]
-    else:
-        args = ["llm", "flash-moe", "prepare", manifest.source]
-        if s.get("revision"):
-            args += ["--revision", s["revision"]]
-    if manifest.name != (DEMO_NAME if manifest.source == DEMO_SOURCE else registry.name_from_source(manifest.source)):
-        args += ["--name", manifest.name]
-    for option, key, default in (("--bits", "bits", 4), ("--group-size", "group_size", 64),
-                                 ("--resident-bits", "resident_bits", 4)):
-        if s.get(key, default) != default:
-            args += [option, str(s[key])]
-    args += ["--experts-per-token", str(manifest.experts_per_token)]
-    if Path(path).resolve() != registry.default_output(manifest.name).resolve():
-        args += ["--output", str(path)]
-    return " ".join(shlex.quote(a) for a in args + ["--repair"])
+def prepared_dir(name: str) -> Path:
+    """The directory of prepared model ``name``; an unfinished prepare of it is named as one, with the command
+    that finishes it."""
+    from .flash_layout import PARTIAL_DIR
+
+    partial = registry.unfinished().get(name)
+    if partial is not None and name not in registry.prepared():
+        try:
+            command = f"`{prepare_command(json.loads((partial / PARTIAL_DIR / 'plan.json').read_text()), partial)}`"
+        except (OSError, ValueError, KeyError, TypeError):
+            command = "its `llm flash-moe prepare` command"
+        raise FlashMoeError(f"{name} is an unfinished prepare ({partial}): run {command} again to finish it, or "
+                            f"`llm flash-moe remove {name}` to delete it")
+    return registry.model_dir(name)
 
 
 # ------------------------------------------------------------------------------ remove
@@ -290,19 +298,23 @@ def eval_command(name, text_file, experts, against, window, max_tokens, compute,
         llm flash-moe eval qwen397-2bit --against qwen397 --experts 10 --text wiki.test.raw
     """
     from .engine import load_flash_model
-    from .evaluate import Configuration, evaluate, native_experts_per_token, tokenize, windows_of
+    from .evaluate import Configuration, check_comparable, evaluate, native_experts_per_token, tokenize, windows_of
+    from .flash_layout import Manifest
 
     try:
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise FlashMoeError(f"{text_file} is not UTF-8 text ({e.reason} at byte {e.start})")
     name = registry.name_of(name)
-    flash = load_flash_model(registry.model_dir(name), compute=compute)
+    if against:
+        against = registry.name_of(against)
+        mine, theirs = prepared_dir(name), prepared_dir(against)
+        check_comparable(name, Manifest.load(mine), mine, against, Manifest.load(theirs), theirs)
+    flash = load_flash_model(prepared_dir(name), compute=compute)
     other = None
     try:
         if against:
-            against = registry.name_of(against)
-            other = flash if against == name else load_flash_model(registry.model_dir(against), compute=compute)
+            other = flash if against == name else load_flash_model(prepared_dir(against), compute=compute)
             reference = Configuration(against, other, native_experts_per_token(other.manifest))
         else:
             reference = Configuration(name, flash, native_experts_per_token(flash.manifest))

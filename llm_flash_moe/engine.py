@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import FlashMoeError
-from .expert_bank import MIN_SLOTS_PER_TOKEN, ExpertBank
+from .expert_bank import MIN_SLOTS_PER_TOKEN, ExpertBank, slots_for
 from .flash_layout import TOKENIZER_VOCAB_FILES, Manifest, check_experts_per_token, has_tokenizer
 from .mlx_model import cast_floats, moe_blocks, no_experts, streaming_model_classes
 
@@ -98,9 +98,17 @@ def auto_bank_budget(manifest: Manifest, loaded: bool = True) -> int:
 
 
 def bank_summary(manifest: Manifest) -> dict:
-    """The expert bank a model gets on this machine by default (for ``info``)."""
-    budget = auto_bank_budget(manifest, loaded=False)
-    return {"bank_bytes": budget, "bank_share": f"{budget / max(1, all_experts_bytes(manifest)):.0%} of the experts"}
+    """The expert bank a model gets on this machine by default (for ``info``): its bytes and the experts it
+    holds (a bank keeps an expert's arrays without its record's padding on disk)."""
+    slots = slots_for(auto_bank_budget(manifest, loaded=False), manifest.expert_layers, min_bank_slots(manifest))
+    return {"bank_bytes": sum(n * layout.parts_bytes for layout, n in slots.items()),
+            "bank_experts": sum(slots.values())}
+
+
+def smallest_bank_bytes(manifest: Manifest) -> int:
+    """The bank of the fewest slots a model runs with (``min_bank_slots`` per record layout)."""
+    slots = slots_for(0, manifest.expert_layers, min_bank_slots(manifest))
+    return sum(n * layout.parts_bytes for layout, n in slots.items())
 
 
 def all_experts_bytes(manifest: Manifest) -> int:

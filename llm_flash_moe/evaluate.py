@@ -206,6 +206,35 @@ def _compare(log_probs, ref, targets):
     return nll, int(agree), kl
 
 
+ARCHITECTURE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_experts", "moe_intermediate_size",
+                       "vocab_size")
+
+
+def check_comparable(name: str, manifest, model_dir, against: str, other, other_dir) -> None:
+    """``eval NAME --against OTHER`` compares copies of one model (other bits, other experts per token): refuse,
+    before either is loaded, a model of another architecture (config.json's shape fields) or vocabulary (its
+    tokenizer's vocabulary files)."""
+    from pathlib import Path
+
+    from .flash_layout import TOKENIZER_VOCAB_FILES
+
+    def field(config: dict, key: str):
+        text = config.get("text_config")
+        return text[key] if isinstance(text, dict) and key in text else config.get(key)
+
+    differs = [f"{key} {field(manifest.config, key)} and {field(other.config, key)}" for key in ARCHITECTURE_FIELDS
+               if field(manifest.config, key) != field(other.config, key)]
+    if not differs:
+        for file in TOKENIZER_VOCAB_FILES:
+            mine, theirs = Path(model_dir) / file, Path(other_dir) / file
+            if mine.exists() != theirs.exists() or (mine.exists() and mine.read_bytes() != theirs.read_bytes()):
+                differs.append(f"their {file} differ")
+                break
+    if differs:
+        raise FlashMoeError(f"{name} and {against} are not copies of the same model ({'; '.join(differs)}): "
+                            "--against compares a model with another copy of it prepared at other bits")
+
+
 def tokenize(text: str, configurations: Sequence[Configuration]) -> List[int]:
     """The text's token ids; every model must tokenize it the same way (or they cannot be compared)."""
     ids, seen = None, set()

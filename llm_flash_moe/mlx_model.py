@@ -70,6 +70,17 @@ def _text_args_class(model_class, args_class):
     return None
 
 
+# Fields that set a weight's shape or the routing: required even where mlx-lm has a default for them (its
+# qwen3_5 TextModelArgs defaults every field, so a config.json without hidden_size would build a model of
+# another shape, and the weights would fail to fit it with a byte count instead of the field's name).
+SHAPE_FIELDS = frozenset({
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "linear_num_value_heads", "linear_num_key_heads", "linear_key_head_dim", "linear_value_head_dim",
+    "linear_conv_kernel_dim",
+})
+
+
 def _fields_problem(values, args_class, prefix: str, skip=frozenset()) -> Optional[str]:
     if not isinstance(values, dict):
         return f"{prefix.rstrip('.') or 'it'} is {json_kind(values)}, not a JSON object"
@@ -78,7 +89,8 @@ def _fields_problem(values, args_class, prefix: str, skip=frozenset()) -> Option
         if f.name in skip:
             continue
         if f.name not in values:
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            required = f.name in SHAPE_FIELDS or (f.default is dataclasses.MISSING
+                                                  and f.default_factory is dataclasses.MISSING)
             if required:
                 return f"{prefix}{f.name} is missing"
             continue

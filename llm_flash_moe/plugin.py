@@ -8,6 +8,7 @@ mlx / mlx_lm at module level: llm imports every plugin on every command.
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -59,7 +60,8 @@ class _FlashMoe:
         bank_gb: Optional[float] = Field(
             None, description="Expert bank budget in GB: the experts kept in memory where the kernels read them "
                               "(GPU memory on CUDA, unified memory/RAM elsewhere), read from disk only when "
-                              "missing (default: the free memory less a reserve, chosen when the model loads)",
+                              "missing (default: the free memory less a reserve, chosen when the model loads; at "
+                              "least the smallest bank, twice the experts of one token: 0 is refused)",
             ge=0, allow_inf_nan=False)
         prompt_cache: Optional[bool] = Field(
             None, description="Reuse the model state of the conversation so far (kept in memory and on disk) "
@@ -130,6 +132,10 @@ class _FlashMoe:
                 check_finite(last, self.model_id, self.name)
                 yield from answer.feed(last.text)
             yield from answer.finish()
+            if constraint is None and getattr(last, "finish_reason", None) == "length" and answer.ended_in_reasoning:
+                print(file=sys.stderr)  # end the reasoning's line (llm shows it on stderr, without a newline)
+                warn(f"the answer was cut off by max_tokens ({settings.max_tokens}) while the model was still "
+                     "reasoning, so it has no answer; raise -o max_tokens or turn thinking off with -o thinking false")
             turn.save(next_turns(tokenizer, prompt.messages, answer.message(), tools, settings.thinking))
             if constraint is not None:
                 constraint.finish(last, settings.max_tokens)  # a schema'd answer cut off by max_tokens: an error

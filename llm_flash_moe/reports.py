@@ -1,12 +1,15 @@
-"""How the CLI shows things: sizes, tables, a model's summary and the eval report. Only the CLI imports this."""
+"""How the CLI shows things: sizes, tables, a model's summary, prepare command lines and the eval report. Only the
+CLI imports this."""
 
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
 from . import registry
+from .demo import DEMO_NAME, DEMO_SOURCE
 
 
 INFO_FIELDS = [
@@ -49,6 +52,44 @@ def manifest_summary(m, path: Path) -> dict:
     }
 
 
+def repair_command(manifest, path: Path) -> str:
+    """The `prepare --repair` command line that matches the options ``manifest`` was prepared with."""
+    return prepare_command(manifest.settings, path, repair=True)
+
+
+def prepare_command(settings: dict, path: Path, repair: bool = False) -> str:
+    """The `prepare` command line of these settings (a manifest's, or an unfinished prepare's plan)."""
+    s, name, source = settings, settings["name"], settings["source"]
+    if source == DEMO_SOURCE:
+        args = ["llm", "flash-moe", "prepare", "--demo"]
+    else:
+        args = ["llm", "flash-moe", "prepare", source]
+        if s.get("revision"):
+            args += ["--revision", s["revision"]]
+    if name != (DEMO_NAME if source == DEMO_SOURCE else registry.name_from_source(source)):
+        args += ["--name", name]
+    for option, key, default in (("--bits", "bits", 4), ("--group-size", "group_size", 64),
+                                 ("--resident-bits", "resident_bits", 4)):
+        if s.get(key, default) != default:
+            args += [option, str(s[key])]
+    args += ["--experts-per-token", str(s["experts_per_token"])]
+    if Path(path).resolve() != registry.default_output(name).resolve():
+        args += ["--output", str(path)]
+    return " ".join(shlex.quote(a) for a in args + ["--repair"] * repair)
+
+
+def bank_share(manifest, bank_experts: int) -> str:
+    """What a bank of ``bank_experts`` slots holds of ``manifest``'s experts, and what one takes there and on disk."""
+    everything = sum(layer.num_experts for layer in manifest.expert_layers)
+    share = (f"all {everything:,} experts" if bank_experts >= everything
+             else f"{bank_experts:,} of {everything:,} experts ({bank_experts / everything:.0%})")
+    layout = manifest.expert_layers[0].layout
+    if layout.parts_bytes < layout.record_size:
+        share += (f"; an expert takes {human_bytes(layout.parts_bytes)} there, {human_bytes(layout.record_size)} "
+                  "on disk with its record's padding")
+    return share
+
+
 def directory_bytes(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -67,6 +108,17 @@ def human_bytes(n: Optional[int]) -> str:
         if n >= size:
             return f"{n / size:,.1f} {unit}"
     return f"{n} B"
+
+
+def rounded(value, digits: int = 3):
+    """A result with every float rounded to ``digits`` decimals (a time of 1687.7774457500009 ms: 1687.777)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
 
 
 def format_table(header: List[str], rows: List[List[str]]) -> str:

@@ -6,12 +6,14 @@ Nothing here imports mlx: llm imports the plugin (and its option defaults) on ev
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
 from .demo import is_demo
+from .errors import FlashMoeError
 from .flash_layout import check_experts_per_token
 
 DEFAULT_MAX_TOKENS = 4096
@@ -67,12 +69,20 @@ def pick(value, default):
 def bank_budget(bank_gb: Optional[float], manifest, held: int = 0, loaded: bool = True):
     """(bytes or None, warning): ``-o bank_gb`` as a budget, clamped to what the memory the bank lives
     in can hold (its free memory, plus the bank it would replace, less the reserve; less the resident
-    weights when the model is not loaded yet). None: the automatic budget, chosen when the model loads."""
+    weights when the model is not loaded yet). None: the automatic budget, chosen when the model loads.
+    Less than the smallest bank the model runs with (0 included) is refused: there is no "no bank"."""
+    from .engine import smallest_bank_bytes
     from .memory import bank_memory, bank_room, reserve_bytes
 
     if bank_gb is None:
         return None, None
-    want = int(bank_gb * 1e9)
+    want = int(round(bank_gb * 1e9))
+    smallest = smallest_bank_bytes(manifest)
+    if want < smallest:
+        raise FlashMoeError(
+            f"-o bank_gb {bank_gb:g} is less than the smallest expert bank {manifest.name} runs with "
+            f"({smallest / 1e6:.2f} MB: twice the experts of one token); give -o bank_gb "
+            f"{math.ceil(smallest / 1e6) / 1e3:g} or more, or leave it out for the automatic size")
     free, total = bank_memory()
     if free is None:
         return want, None

@@ -82,6 +82,7 @@ def _set_text(field, value):
     ("qwen3_5_moe", _set_text("num_experts", "x"), 'text_config.num_experts must be an integer, not "x"'),
     ("qwen3_moe", lambda c: c.update(num_experts="x"), 'num_experts must be an integer, not "x"'),
     ("qwen3_moe", lambda c: c.pop("head_dim"), "head_dim is missing"),
+    ("qwen3_5_moe", lambda c: c["text_config"].pop("hidden_size"), "text_config.hidden_size is missing"),
     ("qwen3_5_moe", lambda c: c.update(quantization="x"), "quantization must be an object"),
     ("qwen3_5_moe", _set_text("eos_token_id", "x"), "eos_token_id must be an integer or a list of integers"),
 ])
@@ -131,3 +132,16 @@ def test_every_type_swap_in_the_qwen35_config_is_one_line(checkpoints, tmp_path,
             target[path[-1]] = value
         line = assert_refused(with_config(source, tmp_path, edit), llm_user)
         assert ".".join(path) in line or "model type" in line, (path, value, line)
+
+
+def test_every_missing_shape_field_is_named(checkpoints, tmp_path, llm_user):
+    """mlx-lm's Qwen3.5 arguments default every field (hidden_size 4096...): a config.json without one of the
+    fields that set a weight's shape is refused naming it, not with a tensor's byte count."""
+    from llm_flash_moe.mlx_model import SHAPE_FIELDS
+
+    source = checkpoints["qwen3_5_moe"]
+    present = sorted(SHAPE_FIELDS & set(json.loads((source / "config.json").read_text())["text_config"]))
+    assert len(present) == len(SHAPE_FIELDS)  # the tiny checkpoint has the real config's fields
+    for field in present:
+        line = assert_refused(with_config(source, tmp_path, lambda c, f=field: c["text_config"].pop(f)), llm_user)
+        assert f"text_config.{field} is missing" in line, (field, line)

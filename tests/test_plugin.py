@@ -442,7 +442,7 @@ def test_flash_moe_info(user_path, tiny_model):
     from llm_flash_moe.flash_layout import Manifest
 
     everything = sum(l.num_experts * l.layout.parts_bytes for l in Manifest.load(tiny_model).expert_layers)
-    assert data["bank_bytes"] == everything and data["bank_share"] == "100% of the experts"  # this machine holds it
+    assert data["bank_bytes"] == everything and data["bank_share"].startswith("all 32 experts")  # this machine holds it
     assert "Expert bank here:" in out and "Bank holds:" in out
 
 
