@@ -28,6 +28,7 @@ class FlashModel:
     tokenizer: object
     bank: ExpertBank
     cluster: Optional[object] = None  # a distributed.Cluster while this process computes as one rank of several
+    vision: Optional[object] = None  # vision.VisionLanguageModel, built on the first image
 
     @property
     def experts_per_token(self) -> int:

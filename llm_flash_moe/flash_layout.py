@@ -7,6 +7,7 @@ A prepared model is a directory:
     config.json, tokenizer...  copied from the source; config.json carries the resident quantization
                                (at least one of TOKENIZER_VOCAB_FILES)
     model.safetensors          resident (non-expert) weights, loadable by mlx-lm's model class
+    vision.safetensors         the vision encoder, if the source has one (loaded by mlx-vlm for images)
     experts/layer-NNN.bin      one file per MoE layer: num_experts fixed-size records
 
 A record holds one expert: gate_proj, up_proj and down_proj, each as MLX-quantized weight, scales and
@@ -30,6 +31,7 @@ MANIFEST_NAME = "manifest.json"
 PARTIAL_DIR = ".partial"
 EXPERTS_DIR = "experts"
 RESIDENT_WEIGHTS_NAME = "model.safetensors"
+VISION_WEIGHTS_NAME = "vision.safetensors"  # not model*.safetensors: mlx-lm's loader never sees it
 RECORD_ALIGNMENT = 16 * 1024
 PART_ALIGNMENT = 64
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -312,6 +314,9 @@ class Manifest:
     resident_files: List[dict]
     format_version: int = FORMAT_VERSION
     settings: dict = field(default_factory=dict)
+    # The vision encoder, when the source has one: {"file": VISION_WEIGHTS_NAME, "tensors": N}; the file is
+    # also one of resident_files (checksummed, verified). Its tensors keep the source's names and dtypes.
+    vision: Optional[dict] = None
 
     @property
     def num_experts(self) -> int:
