@@ -56,8 +56,6 @@ def for_prompt(flash, model_id: str, prompt_text: str, attachments) -> Images:
 
 def read_images(attachments) -> List[tuple]:
     """(digest, PIL image) of each attachment, read as mlx-vlm reads images; one line for one that is not."""
-    from PIL import Image
-
     from mlx_vlm.utils import load_image
 
     out = []
@@ -66,7 +64,7 @@ def read_images(attachments) -> List[tuple]:
         try:
             content = att.content_bytes()
             image = load_image(io.BytesIO(content))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except Exception as e:  # a missing file, a failed download, not a picture, a decompression bomb
             raise FlashMoeError(f"cannot read the image {label}: {one_line(e)}; attach a PNG, JPEG, WebP or GIF file")
         out.append((hashlib.sha256(content).hexdigest(), image))
     return out
@@ -164,8 +162,10 @@ def process(flash, prompt_text: str, images: List[tuple]) -> Images:
 def check_memory(flash, images: Images) -> None:
     """Refuse images whose encoding would not fit in the free memory (one line, before any work).
 
-    The encoder attends over each image's patches at once: its largest working set is the attention
-    scores of the largest image (patches^2 x heads, fp32) plus the activations of every patch."""
+    The encoder attends over each image's patches at once: its working set is the activations of every patch
+    and, on the CPU (where attention is not fused), the largest image's scores (patches^2 x heads, fp32)."""
+    import mlx.core as mx
+
     from .memory import bank_memory
 
     free, _ = bank_memory()
@@ -174,7 +174,8 @@ def check_memory(flash, images: Images) -> None:
     v = flash.manifest.config.get("vision_config", {})
     heads, hidden = int(v.get("num_heads", 16)), int(v.get("intermediate_size", 4304))
     largest = max(images.patches)
-    need = largest * largest * heads * 4 + sum(images.patches) * hidden * 4 * 4
+    scores = largest * largest * heads * 4 if mx.default_device() == mx.cpu else 0
+    need = scores + sum(images.patches) * hidden * 4 * 4
     if need > free:
         raise FlashMoeError(f"an image of {largest:,} patches needs about {need / 1e9:.1f} GB to encode and "
                             f"{free / 1e9:.1f} GB are free; attach a smaller image (fewer pixels)")
