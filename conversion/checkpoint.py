@@ -16,7 +16,8 @@ SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_next", "qwen3_moe")
 METADATA_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
 TOKENIZER_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "qwen.tiktoken")
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "qwen.tiktoken",
+                   "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
 _EXPERT_KEY = re.compile(
     r"(?:^|\.)layers\.(\d+)\.mlp\."
@@ -50,6 +51,14 @@ def classify(key: str) -> Optional[ExpertKey]:
     if stacked_proj:
         return ExpertKey(int(layer), None, stacked_proj, stacked_part)
     return ExpertKey(int(layer), None if expert is None else int(expert), fused_proj, "weight")
+
+
+VISION_PREFIXES = ("model.visual.", "model.language_model.visual.", "visual.", "vision_tower.")
+
+
+def is_vision(key: str) -> bool:
+    """Whether a source tensor belongs to the vision encoder (HF ``model.visual.*``, MLX ``vision_tower.*``)."""
+    return key.startswith(VISION_PREFIXES)
 
 
 def load_config(directory: Path) -> dict:

@@ -17,7 +17,7 @@ from ..flash_layout import (
     canonical_bits, check_experts_per_token, expert_file_name,
 )
 from ..mlx_model import build_model
-from .checkpoint import classify, conversion_dtype, quantization_of
+from .checkpoint import classify, conversion_dtype, is_vision, quantization_of
 from .experts import SourceQuantization
 from .journal import Journal
 from .resident import estimate_resident_bytes
@@ -70,7 +70,12 @@ class Plan:
     def resident_estimate(self) -> int:
         """Bytes of the resident weights, from shapes (built on first use: an already prepared model
         never needs it)."""
-        return estimate_resident_bytes(self.source.config, self.settings["resident_bits"])
+        import numpy as np
+
+        item = {name: np.dtype(np_type).itemsize for np_type, name in DTYPES.values()}
+        vision = sum(int(np.prod(shape)) * item.get(dtype, 4) for k, (dtype, shape) in self.tensor_meta.items()
+                     if is_vision(k))  # the vision encoder, kept as the source has it
+        return estimate_resident_bytes(self.source.config, self.settings["resident_bits"]) + vision
 
 
 def name_and_output(opts: PrepareOptions) -> Tuple[str, Path]:

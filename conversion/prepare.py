@@ -13,9 +13,10 @@ from typing import Callable, Dict, Optional
 
 from .. import registry
 from ..errors import FlashMoeError, one_line
-from ..flash_layout import FORMAT_VERSION, MANIFEST_NAME, PARTIAL_DIR, RESIDENT_WEIGHTS_NAME, Manifest
+from ..flash_layout import (FORMAT_VERSION, MANIFEST_NAME, PARTIAL_DIR, RESIDENT_WEIGHTS_NAME, VISION_WEIGHTS_NAME,
+                            Manifest)
 from . import faults
-from .checkpoint import TOKENIZER_FILES, classify
+from .checkpoint import TOKENIZER_FILES, classify, is_vision
 from .experts import DiskFullError, ExpertRecordWriter
 from .journal import Journal
 from .plan import (PrepareOptions, Plan, check_disk_space, check_options, make_plan, name_and_output,
@@ -200,14 +201,18 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
             writer.checksum_complete_records()
         finally:
             writer.close()
-        non_expert = {k: i for k, i in available.items() if classify(k) is None}
+        non_expert = {k: i for k, i in available.items() if classify(k) is None and not is_vision(k)}
+        vision = {k: i for k, i in available.items() if is_vision(k)}
         expert_meta = {k: m for k, m in plan.tensor_meta.items() if classify(k) is not None}
         params, out_config, note = resident_parameters(source.config, non_expert, expert_meta, resident_bits)
         progress.total = progress.n + sum(v.nbytes for v in params.values())
         size, checksum = write_resident(params, output / RESIDENT_WEIGHTS_NAME, progress)
+        resident_files = [{"file": RESIDENT_WEIGHTS_NAME, "bytes": size, "checksum": checksum}]
+        if vision:
+            resident_files.append(_write_vision(vision, output, progress))
     if note:
         echo(note)
-    _write_metadata(source, out_config, output)
+    _write_metadata(source, out_config, output, keep_vision=bool(vision))
     _check_loads(output)
     for layer in plan.layers:
         layer.checksums = [journal.checksums[f"{layer.layer}/{e}"] if writer.wanted(layer.layer, e) else ""
@@ -216,14 +221,31 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
         name=plan.name, source=plan.source_label, revision=source.revision, model_type=source.config["model_type"],
         config=out_config, experts_per_token=plan.experts_per_token, expert_layers=plan.layers,
         resident_quantization=out_config.get("quantization"),
-        resident_files=[{"file": RESIDENT_WEIGHTS_NAME, "bytes": size, "checksum": checksum}],
-        settings=plan.settings,
+        resident_files=resident_files, settings=plan.settings,
+        vision={"file": VISION_WEIGHTS_NAME, "tensors": len(vision)} if vision else None,
     )
     faults.point("manifest")
     manifest.write(output)
     faults.point("finish")
     shutil.rmtree(output / PARTIAL_DIR, ignore_errors=True)
     return manifest
+
+
+def _write_vision(tensors: Dict[str, TensorInfo], output: Path, progress) -> dict:
+    """The vision encoder's tensors as the source has them (names, dtype, quantization): mlx-vlm sanitizes
+    them when it loads them. Returns its resident_files entry."""
+    import mlx.core as mx
+
+    params = {}
+    by_file: Dict[Path, list] = {}
+    for key, info in tensors.items():
+        by_file.setdefault(info.file, []).append(key)
+    for file, keys in by_file.items():
+        loaded = mx.load(str(file))
+        params.update({k: loaded[k] for k in keys})
+    progress.total += sum(v.nbytes for v in params.values())
+    size, checksum = write_resident(params, output / VISION_WEIGHTS_NAME, progress)
+    return {"file": VISION_WEIGHTS_NAME, "bytes": size, "checksum": checksum}
 
 
 def _convert_shards(plan: Plan, journal: Journal, writer: ExpertRecordWriter) -> Dict[str, TensorInfo]:
@@ -266,10 +288,10 @@ def _convert_shards(plan: Plan, journal: Journal, writer: ExpertRecordWriter) ->
     return available
 
 
-def _write_metadata(source: Source, config: dict, output: Path) -> None:
+def _write_metadata(source: Source, config: dict, output: Path, keep_vision: bool = False) -> None:
     from mlx_lm.utils import save_config
 
-    save_config(dict(config), output / "config.json")
+    save_config(dict(config), output / "config.json", keep_vision_config=keep_vision)
     for name in TOKENIZER_FILES:
         src = source.directory / name
         if src.exists():

@@ -29,7 +29,8 @@ def template_tools(tools) -> Optional[List[dict]]:
 def chat_messages(messages) -> List[dict]:
     """llm Messages (``prompt.messages``: system, history, new turn) -> chat-template messages.
 
-    Text, reasoning (as ``reasoning_content``), tool calls and tool results reach the template.
+    Text, images (``{"type": "image"}`` items before the text, one per attachment: ``attachments``), reasoning
+    (as ``reasoning_content``), tool calls and tool results reach the template.
     Qwen's template shows an assistant turn's reasoning only while it is part of the current tool-calling
     exchange (after the last user message) and drops it from older history. All system text is merged
     into one leading system message.
@@ -53,6 +54,9 @@ def chat_messages(messages) -> List[dict]:
                 system.append(text)
             continue
         entry = {"role": message.role, "content": text}
+        images = attachments([message])
+        if images:
+            entry["content"] = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         if message.role == "assistant":
             reasoning = "".join(p.text for p in message.parts if isinstance(p, ReasoningPart) and not p.redacted)
             if reasoning:
@@ -66,6 +70,13 @@ def chat_messages(messages) -> List[dict]:
     if system:
         out.insert(0, {"role": "system", "content": "\n\n".join(system)})
     return out
+
+
+def attachments(messages) -> list:
+    """The llm Attachments of ``messages`` (llm Messages), in order."""
+    from llm.parts import AttachmentPart
+
+    return [p.attachment for m in messages for p in m.parts if isinstance(p, AttachmentPart) and p.attachment]
 
 
 def render_prompt(tokenizer, messages: List[dict], thinking: bool, tools: Optional[List[dict]] = None,
@@ -82,16 +93,19 @@ def render_prompt(tokenizer, messages: List[dict], thinking: bool, tools: Option
         raise FlashMoeError(f"the chat template rejected this conversation: {one_line(e)}")
 
 
-def history_ids(tokenizer, messages: List[dict], tools, thinking: bool) -> Optional[List[int]]:
-    """Token ids of ``messages`` rendered as history (no generation prompt); None if the template refuses."""
+def history_ids(tokenizer, messages: List[dict], tools, thinking: bool, expand=None) -> Optional[List[int]]:
+    """Token ids of ``messages`` rendered as history (no generation prompt); None if the template refuses.
+    ``expand``: turns rendered ids into the model's (each image's pad token into its tokens)."""
     try:
         text = render_prompt(tokenizer, messages, thinking, tools, generation_prompt=False)
     except FlashMoeError:
         return None
-    return tokenizer.encode(text, add_special_tokens=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return expand(ids) if expand else ids
 
 
-def reuse_point(tokenizer, messages: List[dict], tools, thinking: bool, prompt_ids: List[int]) -> Optional[int]:
+def reuse_point(tokenizer, messages: List[dict], tools, thinking: bool, prompt_ids: List[int],
+                expand=None) -> Optional[int]:
     """How much of this prompt the *next* turn will start with: where this prompt and the rendering of
     this conversation plus one more exchange part ways, if inside the prompt.
 
@@ -102,14 +116,14 @@ def reuse_point(tokenizer, messages: List[dict], tools, thinking: bool, prompt_i
     from mlx_lm.utils import common_prefix_len
 
     probe = history_ids(tokenizer, messages + [{"role": "assistant", "content": PROBE},
-                                               {"role": "user", "content": PROBE}], tools, thinking)
+                                               {"role": "user", "content": PROBE}], tools, thinking, expand)
     if probe is None:
         return None
     n = common_prefix_len(prompt_ids, probe)
     return n if 0 < n < len(prompt_ids) else None
 
 
-def next_turns(tokenizer, history, answer, tools, thinking: bool) -> List[List[int]]:
+def next_turns(tokenizer, history, answer, tools, thinking: bool, expand=None) -> List[List[int]]:
     """Token ids of the conversation as the next turn will render it: after a user message, and (when
     the answer called tools) after the tool results. What the prompt cache may keep is judged by them.
 
@@ -124,7 +138,7 @@ def next_turns(tokenizer, history, answer, tools, thinking: bool) -> List[List[i
             ToolResultPart(name=c.name, output=PROBE, tool_call_id=c.tool_call_id) for c in calls])])
     out = []
     for probe in probes:
-        ids = history_ids(tokenizer, chat_messages(probe), tools, thinking)
+        ids = history_ids(tokenizer, chat_messages(probe), tools, thinking, expand)
         if ids is not None:
             out.append(ids)
     return out

@@ -161,7 +161,9 @@ def prepare(source, bits, group_size, resident_bits, experts_per_token, name, ou
     except Interrupted as e:  # Ctrl-C: say what is kept and that the same command continues
         raise FlashMoeError(str(e)) from None
     click.echo(f"Prepared {manifest.name}: {human_bytes(manifest.expert_bytes)} of experts, "
-               f"{human_bytes(manifest.resident_bytes)} resident, in {registry.model_dir(manifest.name)}")
+               f"{human_bytes(manifest.resident_bytes)} resident"
+               f"{' (its vision encoder included)' if manifest.vision else ', text only'}, in "
+               f"{registry.model_dir(manifest.name)}")
     click.echo(f"Run it with: llm -m {registry.model_id(manifest.name)} \"your prompt\"")
 
 

@@ -87,7 +87,7 @@ def write_demo_checkpoint(directory: Path) -> Path:
     try:
         from .synthetic.checkpoint import write_hf_checkpoint
 
-        return write_hf_checkpoint(directory, demo_spec(), tokenizer="qwen")
+        return write_hf_checkpoint(directory, demo_spec(), tokenizer="qwen", vision=True)
     except ImportError as e:
         package = TOKENIZER_PACKAGES.get((e.name or "").split(".")[0], e.name)
         raise FlashMoeError(f"--demo needs the real Qwen3.5 tokenizer, but {package} is not installed: "

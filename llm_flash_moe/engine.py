@@ -29,6 +29,7 @@ class FlashModel:
     bank: ExpertBank
     cluster: Optional[object] = None  # a distributed.Cluster while this process computes as one rank of several
     prefetch: Optional[bool] = None  # read ahead: on, off, or None: while the bank holds every expert
+    vision: Optional[object] = None  # vision.VisionLanguageModel, built on the first image
 
     @property
     def experts_per_token(self) -> int:

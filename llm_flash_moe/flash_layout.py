@@ -7,6 +7,7 @@ A prepared model is a directory:
     config.json, tokenizer...  copied from the source; config.json carries the resident quantization
                                (at least one of TOKENIZER_VOCAB_FILES)
     model.safetensors          resident (non-expert) weights, loadable by mlx-lm's model class
+    vision.safetensors         the vision encoder's tensors as the source has them, if it has one (mlx-vlm loads it)
     experts/layer-NNN.bin      one file per MoE layer: num_experts fixed-size records
 
 A record holds one expert: gate_proj, up_proj and down_proj, each as MLX-quantized weight, scales and
@@ -29,7 +30,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PARTIAL_DIR = ".partial"
 EXPERTS_DIR = "experts"
-RESIDENT_WEIGHTS_NAME = "model.safetensors"
+RESIDENT_WEIGHTS_NAME, VISION_WEIGHTS_NAME = "model.safetensors", "vision.safetensors"  # mlx-lm loads model*
 RECORD_ALIGNMENT = 16 * 1024
 PART_ALIGNMENT = 64
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -312,6 +313,7 @@ class Manifest:
     resident_files: List[dict]
     format_version: int = FORMAT_VERSION
     settings: dict = field(default_factory=dict)
+    vision: Optional[dict] = None  # {"file": VISION_WEIGHTS_NAME, "tensors": N}, the file also in resident_files
 
     @property
     def num_experts(self) -> int:

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 
 from . import constrained, registry
 from .answer import Answer, opens_reasoning
-from .chat import chat_messages, next_turns, render_prompt, reuse_point, template_tools
+from .chat import attachments, chat_messages, next_turns, render_prompt, reuse_point, template_tools
 from .errors import FlashMoeError
 from .session import GENERATION_LOCK, Turn, check_finite, load, loaded, make_sampler
 from .settings import (DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
@@ -32,6 +32,7 @@ class _FlashMoe:
     can_stream = True
     supports_tools = True
     supports_schema = True  # constrained decoding: see constrained.py
+    attachment_types = {"image/png", "image/jpeg", "image/webp", "image/gif"}  # vision.IMAGE_TYPES (no import)
 
     class Options(llm.Options):
         max_tokens: Optional[int] = Field(
@@ -110,17 +111,27 @@ class _FlashMoe:
         if tools and not getattr(tokenizer, "has_tool_calling", False):
             raise FlashMoeError(f"{self.model_id} cannot call tools: its chat template has no tool-call format")
         messages = chat_messages(prompt.messages)
-        prompt_ids = tokenizer.encode(render_prompt(tokenizer, messages, settings.thinking, tools),
-                                      add_special_tokens=False)
+        text = render_prompt(tokenizer, messages, settings.thinking, tools)
+        images = None
+        if attachments(prompt.messages):  # this turn's or an earlier one's: mlx-vlm's model (vision.py)
+            from . import vision
+
+            images = vision.for_prompt(flash, self.model_id, text, attachments(prompt.messages))
+        prompt_ids = images.input_ids if images else tokenizer.encode(text, add_special_tokens=False)
+        expand = images.expand if images else None
         if not prompt_ids:
             raise FlashMoeError(f"the tokenizer of {self.model_id} turned the prompt into no tokens; "
                                 f"run `llm flash-moe verify {self.name}`")
         answer = Answer(tokenizer, tools, response, prompt_ids)
         store = self._prompt_cache(flash) if settings.prompt_cache else None
-        checkpoint = reuse_point(tokenizer, messages, tools, settings.thinking, prompt_ids) if store else None
+        if store is not None and images:
+            store = vision.image_store(self.name, flash, images, prompt_ids)
+        checkpoint = reuse_point(tokenizer, messages, tools, settings.thinking, prompt_ids, expand) if store else None
         constraint = constrained.for_response(tokenizer, flash.directory, vocab_size(flash.manifest.config),
                                               prompt.schema, tools, opens_reasoning(tokenizer, prompt_ids))
-        turn = Turn(flash, prompt_ids, store, checkpoint, logits_processors=[constraint] if constraint else None)
+        processors = [constraint] if constraint else None
+        turn = (vision.ImageTurn(flash, prompt_ids, images, store, checkpoint, processors) if images
+                else Turn(flash, prompt_ids, store, checkpoint, logits_processors=processors))
         if settings.seed is not None:
             mx.random.seed(settings.seed)
         sampler = make_sampler(settings)
@@ -136,7 +147,7 @@ class _FlashMoe:
                 print(file=sys.stderr)  # end the reasoning's line (llm shows it on stderr, without a newline)
                 warn(f"the answer was cut off by max_tokens ({settings.max_tokens}) while the model was still "
                      "reasoning, so it has no answer; raise -o max_tokens or turn thinking off with -o thinking false")
-            turn.save(next_turns(tokenizer, prompt.messages, answer.message(), tools, settings.thinking))
+            turn.save(next_turns(tokenizer, prompt.messages, answer.message(), tools, settings.thinking, expand))
             if constraint is not None:
                 constraint.finish(last, settings.max_tokens)  # a schema'd answer cut off by max_tokens: an error
         finally:

@@ -14,7 +14,7 @@ from .demo import DEMO_NAME, DEMO_SOURCE
 
 INFO_FIELDS = [
     ("Name", "name"), ("Model id", "model_id"), ("Directory", "directory"), ("Source", "source"),
-    ("Revision", "revision"), ("Model type", "model_type"), ("Expert layers", "expert_layers"),
+    ("Revision", "revision"), ("Model type", "model_type"), ("Inputs", "inputs"), ("Expert layers", "expert_layers"),
     ("Experts per layer", "experts_per_layer"), ("Experts per token", "experts_per_token"),
     ("Expert bits", "expert_bits"), ("Expert group size", "expert_group_size"),
     ("Resident quantization", "resident_quantization"), ("Expert record", "expert_record_bytes"),
@@ -36,6 +36,7 @@ def manifest_summary(m, path: Path) -> dict:
         "source": m.source,
         "revision": m.revision,
         "model_type": m.model_type,
+        "inputs": "text and images (vision encoder kept)" if m.vision else "text only (no vision encoder)",
         "expert_layers": len(layers),
         "experts_per_layer": m.num_experts,
         "experts_per_token": m.experts_per_token,

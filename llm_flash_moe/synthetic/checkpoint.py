@@ -232,7 +232,7 @@ def _mrope_section(half: int) -> list[int]:
 
 
 def _vision_config(spec: TinySpec) -> dict:
-    """A tiny vision tower config of the Qwen3.5 shape (its weights are dropped by mlx-lm)."""
+    """A tiny vision encoder config of the Qwen3.5 shape (16-pixel patches become 4)."""
     return {
         "deepstack_visual_indexes": [],
         "depth": 1,
@@ -249,6 +249,40 @@ def _vision_config(spec: TinySpec) -> dict:
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
+
+
+def preprocessor_config() -> dict:
+    """preprocessor_config.json in the shape of the Qwen3.5 release, for the tiny encoder: 4-pixel patches,
+    images resized to between 8x8 and 64x64 pixels (1 to 64 image tokens)."""
+    return {"image_mean": [0.5, 0.5, 0.5], "image_processor_type": "Qwen2VLImageProcessorFast",
+            "image_std": [0.5, 0.5, 0.5], "merge_size": 2, "patch_size": 4, "processor_class": "Qwen3VLProcessor",
+            "size": {"longest_edge": 64 * 64, "shortest_edge": 8 * 8}, "temporal_patch_size": 2}
+
+
+def _vision_tower(g: "_Gen", v: dict) -> None:
+    """The vision encoder's tensors under the HF release's names (patch embedding as a Conv3d
+    [out, in, t, p, p], LayerNorms with biases, the 2x2 patch merger)."""
+    vh, ps, inner = v["hidden_size"], v["patch_size"], v["intermediate_size"]
+    merged = vh * v["spatial_merge_size"] ** 2
+    p = "model.visual."
+    g.normal(p + "patch_embed.proj.weight", (vh, v["in_channels"], v["temporal_patch_size"], ps, ps), 0.1)
+    g.normal(p + "patch_embed.proj.bias", (vh,), 0.02)
+    g.normal(p + "pos_embed.weight", (v["num_position_embeddings"], vh), 0.5)
+    for i in range(v["depth"]):
+        b = f"{p}blocks.{i}."
+        for norm in ("norm1", "norm2"):
+            g.normal(b + norm + ".weight", (vh,), 0.1, 1.0)
+            g.normal(b + norm + ".bias", (vh,), 0.02)
+        for name, out_dim, in_dim in (("attn.qkv", 3 * vh, vh), ("attn.proj", vh, vh),
+                                      ("mlp.linear_fc1", inner, vh), ("mlp.linear_fc2", vh, inner)):
+            g.linear(b + name + ".weight", out_dim, in_dim)
+            g.normal(b + name + ".bias", (out_dim,), 0.02)
+    g.normal(p + "merger.norm.weight", (vh,), 0.1, 1.0)
+    g.normal(p + "merger.norm.bias", (vh,), 0.02)
+    g.linear(p + "merger.linear_fc1.weight", merged, merged)
+    g.normal(p + "merger.linear_fc1.bias", (merged,), 0.02)
+    g.linear(p + "merger.linear_fc2.weight", v["out_hidden_size"], merged, 4.0)
+    g.normal(p + "merger.linear_fc2.bias", (v["out_hidden_size"],), 0.02)
 
 
 def generation_config(special_ids: dict) -> dict:
@@ -358,9 +392,11 @@ def _decoder_layer(g: _Gen, p: str, full_attention: bool):
 
 
 def canonical_tensors(
-    spec: TinySpec, vocab_size: int, include_extras: bool = True, num_tokens: int | None = None
+    spec: TinySpec, vocab_size: int, include_extras: bool = True, num_tokens: int | None = None,
+    vision: bool = False,
 ) -> dict:
-    """All float32 tensors of the checkpoint under their HF names, experts in the fused layout.
+    """All float32 tensors of the checkpoint under their HF names, experts in the fused layout
+    (``vision``: with the vision encoder, ``model.visual.*``, qwen3_5_moe only).
 
     ``lm_head`` rows of ids >= ``num_tokens`` (vocabulary padding that no tokenizer id maps to)
     are zero, so their logit is 0 and greedy decoding practically never picks them.
@@ -381,14 +417,8 @@ def canonical_tensors(
         g.norm("mtp.pre_fc_norm_hidden.weight", H)
         g.norm("mtp.norm.weight", H)
         _decoder_layer(g, "mtp.layers.0.", full_attention=True)
-    if include_extras and spec.model_type == "qwen3_5_moe":  # a few vision tower tensors
-        v = _vision_config(spec)
-        vh, ps = v["hidden_size"], v["patch_size"]
-        g.normal("model.visual.patch_embed.proj.weight", (vh, 3, 2, ps, ps), 0.02)
-        g.normal("model.visual.patch_embed.proj.bias", (vh,), 0.02)
-        g.normal("model.visual.pos_embed.weight", (v["num_position_embeddings"], vh), 0.02)
-        g.normal("model.visual.blocks.0.norm1.weight", (vh,), 0.1, 1.0)
-        g.normal("model.visual.merger.linear_fc2.weight", (H, 4 * vh), 0.02)
+    if vision:
+        _vision_tower(g, _vision_config(spec))
     return g.out
 
 
@@ -444,6 +474,7 @@ def write_hf_checkpoint(
     num_shards: int = 1,
     tokenizer: str = "tiny",
     include_extras: bool = True,
+    vision: bool = False,
 ) -> Path:
     """Write a tiny HF-style checkpoint of ``spec`` into ``out_dir`` and return it as a Path.
 
@@ -453,8 +484,11 @@ def write_hf_checkpoint(
     ``num_shards`` > 1 writes ``model-0000K-of-0000N.safetensors`` + an index, dealing the
     sorted keys round-robin so that one layer's tensors are spread over several shards.
     ``tokenizer``: "tiny" or "qwen" (real Qwen3.5 vocabulary; vocab raised to 248320).
-    ``include_extras`` adds the MTP head (hybrid types) and vision tensors (qwen3_5_moe).
+    ``include_extras`` adds the MTP head (hybrid types); ``vision`` the vision encoder and
+    preprocessor_config.json (qwen3_5_moe only).
     """
+    if vision and spec.model_type != "qwen3_5_moe":
+        raise ValueError(f"{spec.model_type} has no vision encoder")
     if expert_layout not in ("fused", "per_expert"):
         raise ValueError(f"expert_layout must be 'fused' or 'per_expert', got {expert_layout!r}")
     if expert_layout == "fused" and spec.model_type != "qwen3_5_moe":
@@ -473,7 +507,7 @@ def write_hf_checkpoint(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = canonical_tensors(spec, vocab, include_extras, tokenizer_size(tokenizer))
+    tensors = canonical_tensors(spec, vocab, include_extras, tokenizer_size(tokenizer), vision)
     if expert_layout == "per_expert":
         tensors = _split_experts(tensors, spec.num_experts)
     cast = {}
@@ -495,6 +529,8 @@ def write_hf_checkpoint(
         )
     _write_json(out / "config.json", hf_config(spec, vocab, ids))
     _write_json(out / "generation_config.json", generation_config(ids))
+    if vision:
+        _write_json(out / "preprocessor_config.json", preprocessor_config())
     write_tokenizer(out, tokenizer)
     return out
 

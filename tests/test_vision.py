@@ -1,0 +1,274 @@
+"""Images (`llm -a`): prepare keeps the vision encoder, image prompts run through the streaming engine and
+give mlx-vlm's own tokens, the prompt cache tells images apart, bad images fail in one line.
+
+The model is a tiny random Qwen3.5-MoE (float32: mlx-vlm's DeltaNet prefill needs fp32 on the CPU) with a
+tiny vision encoder under the HF release's key names. The reference is mlx-vlm itself, loading mlx-lm's own
+conversion of the same checkpoint plus the same vision tensors: the same weights as the prepared model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import llm
+from llm.cli import cli
+
+from conftest import logged_turns
+from llm_flash_moe import prompt_cache, registry, vision
+from llm_flash_moe.synthetic.checkpoint import TinySpec, write_hf_checkpoint
+
+mx = pytest.importorskip("mlx.core")
+mlx_vlm = pytest.importorskip("mlx_vlm")
+Image = pytest.importorskip("PIL.Image")
+
+NAME, MODEL = "vis", "vis-flash"
+GREEDY = ["-o", "temperature", "0", "-o", "thinking", "0", "-o", "max_tokens", "10"]
+
+
+@pytest.fixture(scope="session")
+def vision_source(tmp_path_factory) -> Path:
+    return write_hf_checkpoint(tmp_path_factory.mktemp("vision-hf"), TinySpec(dtype="float32"), vision=True)
+
+
+@pytest.fixture(scope="session")
+def vision_model(models, vision_source) -> Path:
+    return models.prepared(vision_source)
+
+
+@pytest.fixture(scope="session")
+def reference(models, vision_source, vision_model, tmp_path_factory):
+    """mlx-vlm's own model and processor on the prepared model's weights: mlx-lm's conversion of the same
+    checkpoint (the recipe prepare follows) with the prepared vision tensors, loaded by ``mlx_vlm.load``."""
+    out = tmp_path_factory.mktemp("vision-ref") / "ref"
+    shutil.copytree(models.reference(vision_source), out)
+    shutil.copy(vision_model / "vision.safetensors", out)
+    shutil.copy(vision_source / "preprocessor_config.json", out)
+    config = json.loads((out / "config.json").read_text())
+    config["vision_config"] = json.loads((vision_source / "config.json").read_text())["vision_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({k: "vision.safetensors" for k in mx.load(str(out / "vision.safetensors"))})
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    return mlx_vlm.load(str(out))
+
+
+@pytest.fixture(scope="session")
+def pictures(tmp_path_factory) -> dict:
+    """Random pictures: two of the same size (the same image tokens), one of another size, a GIF."""
+    root = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(7)
+    out = {}
+    for name, (h, w) in {"a.png": (24, 32), "b.jpg": (24, 32), "c.webp": (40, 16), "d.gif": (16, 16)}.items():
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(root / name)
+        out[name.split(".")[0]] = root / name
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
+    (root / "notes.txt").write_text("not a picture")
+    out["broken"], out["text"] = root / "broken.png", root / "notes.txt"
+    return out
+
+
+@pytest.fixture
+def user(llm_user, monkeypatch, vision_model, tiny_model) -> Path:
+    monkeypatch.delenv(prompt_cache.DISK_ENV, raising=False)
+    registry.register(NAME, vision_model)
+    registry.register("tiny", tiny_model)  # text only
+    prompt_cache.MEMORY.clear()
+    yield llm_user
+    prompt_cache.MEMORY.clear()
+
+
+@pytest.fixture
+def turns(monkeypatch) -> list:
+    """Every image turn the plugin runs, with the tokens it generated."""
+    calls = []
+    real = vision.ImageTurn.steps
+
+    def steps(turn, max_tokens, sampler):
+        calls.append(turn)
+        yield from real(turn, max_tokens, sampler)
+
+    monkeypatch.setattr(vision.ImageTurn, "steps", steps)
+    return calls
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def logged(user_dir: Path) -> list:
+    rows = logged_turns(user_dir)
+    for row in rows:
+        row["response_json"] = json.loads(row["response_json"])
+    return rows
+
+
+def reference_tokens(reference, images, text, n=10) -> list:
+    model, processor = reference
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}],
+        add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    tokens = [r.token for r in mlx_vlm.stream_generate(model, processor, prompt, image=[str(i) for i in images],
+                                                      max_tokens=n, temperature=0.0)]
+    return tokens[:n]  # mlx-vlm repeats the last token in its closing result
+
+
+# ------------------------------------------------------------------------------ prepare
+
+
+def test_prepare_keeps_the_vision_encoder_verified_and_info_says_so(user, vision_source, vision_model, tiny_model):
+    from llm_flash_moe.flash_layout import Manifest
+    from llm_flash_moe.verify import verify_model
+
+    manifest = Manifest.load(vision_model)
+    assert manifest.vision == {"file": "vision.safetensors", "tensors": 21}
+    entry = next(f for f in manifest.resident_files if f["file"] == "vision.safetensors")
+    assert entry["bytes"] == (vision_model / "vision.safetensors").stat().st_size and entry["checksum"]
+    source = mx.load(str(vision_source / "model.safetensors"))
+    kept = mx.load(str(vision_model / "vision.safetensors"))
+    assert set(kept) == {k for k in source if k.startswith("model.visual.")}
+    assert all(mx.array_equal(kept[k], source[k]).item() and kept[k].dtype == source[k].dtype for k in kept)
+    assert "vision_config" in json.loads((vision_model / "config.json").read_text())
+    assert (vision_model / "preprocessor_config.json").exists()
+    assert verify_model(vision_model, manifest).ok
+    path = vision_model / "vision.safetensors"
+    original = path.read_bytes()
+    path.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))  # damage the encoder: verify names it
+    try:
+        report = verify_model(vision_model, manifest)
+        assert not report.ok and any("vision.safetensors" in p for p in report.problems)
+    finally:
+        path.write_bytes(original)
+    assert "text and images" in run("flash-moe", "info", NAME)
+    assert Manifest.load(tiny_model).vision is None
+    assert "text only" in run("flash-moe", "info", "tiny")
+
+
+# ------------------------------------------------------------------------------ faithful to mlx-vlm
+
+
+@pytest.mark.parametrize("names", [("a",), ("a", "c")], ids=["one image", "two images"])
+def test_greedy_tokens_identical_to_mlx_vlm(user, turns, reference, pictures, names):
+    images = [pictures[n] for n in names]
+    args = sum((["-a", str(i)] for i in images), [])
+    run("-m", MODEL, *args, *GREEDY, "What is in the picture?")
+    expected = reference_tokens(reference, images, "What is in the picture?")
+    assert len(set(expected)) > 3  # a real test: not one token repeated
+    (turn,) = turns
+    assert turn.generated == expected
+    assert len(turn.images.spans) == len(images)
+    row = logged(user)[-1]
+    assert row["input_tokens"] == len(turn.prompt_ids) and row["response_json"]["prompt_tokens_processed"] > 0
+
+
+def test_model_compute_logits_bit_identical_to_mlx_vlm(vision_model, reference, pictures):
+    """With compute="model" the image prompt's logits equal mlx-vlm's to the bit (its model, our MoE blocks)."""
+    from llm_flash_moe.chat import render_prompt
+    from llm_flash_moe.engine import load_flash_model
+
+    flash = load_flash_model(vision_model, compute="model")
+    try:
+        text = render_prompt(flash.tokenizer, [{"role": "user", "content": [
+            {"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare them."}]}], False)
+        images = vision.for_prompt(flash, MODEL, text, [llm.Attachment(path=str(pictures["a"])),
+                                                        llm.Attachment(path=str(pictures["d"]))])
+        ids = mx.array(images.input_ids)[None]
+
+        def logits(model):
+            model.language_model._position_ids = model.language_model._rope_deltas = None
+            emb = model.get_input_embeddings(ids, images.pixel_values, image_grid_thw=images.grid_thw)
+            return model.language_model(ids, inputs_embeds=emb.inputs_embeds, cache=model.language_model.make_cache(),
+                                        position_ids=emb.position_ids, rope_deltas=emb.rope_deltas).logits
+
+        ours, theirs = logits(vision.vision_model(flash).model), logits(reference[0])
+        assert ours.shape == theirs.shape and mx.array_equal(ours, theirs).item()
+        assert flash.bank.stats.reads > 0  # the experts came through the bank, not from mlx-vlm's model
+    finally:
+        flash.close()
+
+
+# ------------------------------------------------------------------------------ the prompt cache
+
+
+def test_follow_ups_reuse_the_image_state_and_another_image_never_does(user, turns, reference, pictures):
+    run("-m", MODEL, "-a", str(pictures["a"]), *GREEDY, "What is in the picture?")
+    first = turns[-1]
+    run("-c", *GREEDY, "And the colours?")  # llm -c: the earlier image comes back from logs.db
+    follow = turns[-1]
+    assert follow.images.digests == first.images.digests
+    assert follow.cached >= first.images.spans[0][1]  # the state holding the image was reused
+    run("-c", "-a", str(pictures["c"]), *GREEDY, "And this one?")  # a new image in a follow-up
+    third = turns[-1]
+    assert len(third.images.spans) == 2 and third.cached >= follow.cached
+    assert third.images.spans[1][0] >= third.cached  # only the new image was encoded and processed
+    rows = logged(user)
+    assert [r["response_json"]["prompt_tokens_cached"] for r in rows] == [0, follow.cached, third.cached]
+
+    # Another picture of the same size gives the same token ids: it must not continue picture a's state.
+    run("-m", MODEL, "-a", str(pictures["b"]), *GREEDY, "What is in the picture?")
+    other = turns[-1]
+    assert other.prompt_ids == first.prompt_ids and other.images.digests != first.images.digests
+    assert other.cached <= other.images.spans[0][0]
+    assert other.generated == reference_tokens(reference, [pictures["b"]], "What is in the picture?")
+
+
+def test_async_and_python_api(user, turns, pictures):
+    import asyncio
+
+    model = llm.get_model(MODEL)
+    text = model.prompt("Describe it.", attachments=[llm.Attachment(path=str(pictures["d"]))],
+                        temperature=0, thinking=False, max_tokens=6).text()
+    sync_tokens = turns[-1].generated
+
+    async def go():
+        response = llm.get_async_model(MODEL).prompt("Describe it.", attachments=[llm.Attachment(
+            path=str(pictures["d"]))], temperature=0, thinking=False, max_tokens=6, prompt_cache=False)
+        return await response.text()
+
+    assert asyncio.run(go()) == text and turns[-1].generated == sync_tokens
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def fails(user_dir, *args) -> str:
+    before = len(logged_turns(user_dir))
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert len(logged_turns(user_dir)) == before  # nothing logged as a success
+    return lines[0]
+
+
+def test_bad_images_fail_in_one_line_and_log_nothing(user, pictures, monkeypatch):
+    assert "cannot read the image" in fails(user, "-m", MODEL, "-a", str(pictures["broken"]), "hi")
+    assert "text/plain" in fails(user, "-m", MODEL, "-a", str(pictures["text"]), "hi")
+    assert "without a vision encoder" in fails(user, "-m", "tiny-flash", "-a", str(pictures["a"]), "hi")
+    from llm_flash_moe import memory
+
+    monkeypatch.setattr(memory, "bank_memory", lambda: (10_000, 10**9))
+    assert "attach a smaller image" in fails(user, "-m", MODEL, "-a", str(pictures["a"]), "hi")
+
+
+def test_without_mlx_vlm_the_error_names_the_extra(user, pictures, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlx_vlm", None)  # import mlx_vlm raises ImportError
+    assert "[vision]" in fails(user, "-m", MODEL, "-a", str(pictures["a"]), "hi")
+
+
+def test_expand_and_key_ids():
+    assert vision.expand([1, 9, 2, 9, 3], 9, [3, 1]) == [1, 9, 9, 9, 2, 9, 3]
+    a = vision.Images([5, 9, 9, 9, 6], None, None, ["ab" * 32], [(1, 4)], [12], 9)
+    b = vision.Images([5, 9, 9, 9, 6], None, None, ["cd" * 32], [(1, 4)], [12], 9)
+    assert a.key_ids()[0] == 5 and a.key_ids()[4] == 6 and all(t < 0 for t in a.key_ids()[1:4])
+    assert a.key_ids() != b.key_ids()
+    assert a.splits(2) and not a.splits(1) and not a.splits(4)
