@@ -31,16 +31,20 @@ PREFETCH_SHARE = 0.5
 PAIR_BUFFER_BYTES = 1 << 30
 
 
-def route(block, x: mx.array, with_gates: bool = False):
-    """mlx-lm's routing for ``block``: (chosen experts [..., k], their renormalized scores [..., k]), and with
-    ``with_gates`` the router's softmax over every expert [..., experts] (what the bank's policy ranks by)."""
+def route(block, x: mx.array):
+    """mlx-lm's routing for ``block``: (chosen experts [..., k], their renormalized scores [..., k])."""
+    return route_and_gates(block, x)[:2]
+
+
+def route_and_gates(block, x: mx.array):
+    """``route`` and the router's softmax over every expert [..., experts] (what the bank's policy ranks by)."""
     gates = mx.softmax(block.gate(x), axis=-1, precise=True)
     k = block.top_k
     inds = mx.argpartition(gates, kth=-k, axis=-1)[..., -k:]
     scores = mx.take_along_axis(gates, inds, axis=-1)
     if block.norm_topk_prob:
         scores = scores / scores.sum(axis=-1, keepdims=True)
-    return (inds, scores, gates) if with_gates else (inds, scores)
+    return inds, scores, gates
 
 
 def _likelihood(gates: mx.array) -> mx.array:
@@ -75,13 +79,12 @@ class StreamingMoE(nn.Module):
         self.kernel = kernels.backend() if supported else "twin"  # "cuda", "metal" or "twin", resolved once
 
     def __call__(self, x: mx.array) -> mx.array:
-        inds, scores, gates = route(self, x, with_gates=True)
         if self.cluster is not None:  # this rank's experts, summed over the ranks (distributed.Cluster)
-            y = self.cluster.experts(self, x, inds, scores)
+            y = self.cluster.experts(self, x, *route(self, x))
         elif x.size == x.shape[-1]:
-            y = self._one_token(x, inds, scores, gates)
+            y = self._one_token(x, *route_and_gates(self, x))
         else:
-            y = self._chunk(x, inds, scores, gates)
+            y = self._chunk(x, *route_and_gates(self, x))
         if self.shared:
             return y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y
@@ -157,7 +160,7 @@ class StreamingMoE(nn.Module):
         ``_chunk`` computes it (the same arithmetic). A bank too small for them runs ``pairs`` (a group of
         experts at a time) over windows of chunks whose pair outputs fit ``PAIR_BUFFER_BYTES``: each expert is
         then read once per window (a window holds ~6,500 tokens of the 397B in bf16)."""
-        routed = [route(self, x, with_gates=True) for x in xs]
+        routed = [route_and_gates(self, x) for x in xs]
         likelihood = _likelihood(mx.concatenate([gates.reshape(-1, gates.shape[-1]) for _, _, gates in routed]))
         routed = [(inds, scores) for inds, scores, _ in routed]
         mx.eval(routed, likelihood)
@@ -223,10 +226,10 @@ class StreamingMoE(nn.Module):
         mx.eval(y)
         return y
 
-    def _synchronize(self, inds, predicted, likelihood) -> None:
+    def _synchronize(self, inds, predicted, likelihood=None) -> None:
         """The one host synchronization of a decoded token's layer (for the router's choice, its softmax and
         the prediction together), timed in two halves: launching the GPU work queued so far, then waiting."""
-        arrays = [inds, likelihood] + ([] if predicted is None else list(predicted))  # predicted: (experts, scores)
+        arrays = [inds] + ([] if likelihood is None else [likelihood]) + ([] if predicted is None else list(predicted))
         start = time.perf_counter()
         mx.async_eval(*arrays)
         launched = time.perf_counter()
