@@ -1,7 +1,7 @@
 """`llm flash-moe bench --ranks N`: the same decode on one rank and on N local ranks, side by side.
 
 The synthetic model of ``benchmark`` (the 397B's per-layer shapes, ``--layers`` deep, ``--experts-per-layer``
-experts) decodes the same teacher-forced tokens
+experts) decodes the same teacher-forced token streams (each of new tokens)
 
 - on one rank: this process alone, with an expert bank of ``bank_fraction`` of all the experts;
 - on N ranks: this process as rank 0 and N-1 worker sessions (``python -m llm_flash_moe.worker``) on this
@@ -9,9 +9,9 @@ experts) decodes the same teacher-forced tokens
   hold N times what one holds), experts owned by the map balanced on the popularity measured on one rank
   over a calibration pass of other tokens (``ownership``; ``ownership="round-robin"`` to compare).
 
-For each experts-per-token setting and each mode: the first pass from empty banks with the expert files
-dropped from the page cache (cold), then ``repeats - 1`` warm passes (the banks carry over), and on N ranks
-one more warm pass with every MoE ``all_sum`` timed on its own (one more host synchronization per layer,
+For each experts-per-token setting and each mode: the first stream from empty banks with the expert files
+dropped from the page cache (cold), then ``repeats - 1`` warm streams (the banks carry over; new tokens each),
+and on N ranks one more warm stream with every MoE ``all_sum`` timed on its own (one more host synchronization per layer,
 so its token time is reported apart). Per rank: bytes read per token (cold and warm), MoE ``all_sum``s and
 protocol collectives per token, ms per token inside the ``all_sum``s (waiting for the slowest rank
 included), and that no rank read an expert it does not own.
@@ -64,20 +64,30 @@ def free_ports(n: int) -> List[int]:
             s.close()
 
 
-def _passes(model, flash, tokens, repeats: int, before_cold, before_warm=None):
-    """(first pass ms/token, [warm pass ms/token]) of ``benchmark.decode_ms``."""
+def streams(opts: "ClusterBenchOptions") -> List[List[int]]:
+    """The token streams of one measurement: the first from an empty bank, then ``repeats - 1`` with what the
+    bank kept, each of new tokens (never a pass repeated: a loop over the same tokens flatters any cache).
+    One rank and N ranks decode the same streams."""
+    from .benchmark import Tokens
+
+    supply = Tokens()
+    return [supply.take(opts.tokens + 1) for _ in range(max(2, opts.repeats) + 1)]
+
+
+def _passes(model, flash, tokens: List[List[int]], repeats: int, before_cold, before_warm=None):
+    """(first stream's ms/token, [later streams' ms/token]) of ``benchmark.decode_ms``."""
     from .benchmark import decode_ms
 
-    first = decode_ms(model, tokens, before_cold)
-    warm = [decode_ms(model, tokens, before_warm) for _ in range(max(1, repeats - 1))]
+    first = decode_ms(model, tokens[0], before_cold)
+    warm = [decode_ms(model, stream, before_warm) for stream in tokens[1:max(2, repeats)]]
     return first, warm
 
 
-def one_rank(flash, k: int, tokens: List[int], opts: ClusterBenchOptions, files) -> dict:
+def one_rank(flash, k: int, tokens: List[List[int]], opts: ClusterBenchOptions, files) -> dict:
     from dataclasses import replace
 
     flash.set_experts_per_token(k)
-    timed = len(tokens)  # decode_ms runs every token through the model (the first one untimed)
+    timed = len(tokens[0])  # decode_ms runs every token through the model (the first one untimed)
     before = replace(flash.bank.stats)
 
     def cold():
@@ -101,14 +111,14 @@ def one_rank(flash, k: int, tokens: List[int], opts: ClusterBenchOptions, files)
                                       / (timed * (len(passes) + 1)))}
 
 
-def n_ranks(leader, k: int, tokens: List[int], opts: ClusterBenchOptions, files) -> dict:
+def n_ranks(leader, k: int, tokens: List[List[int]], opts: ClusterBenchOptions, files) -> dict:
     from .distributed import FLAG_CLEAR_BANK, FLAG_DROP_PAGE_CACHE
     from .leader import LeaderModel
 
     flash, cluster = leader.flash, leader.cluster
     flash.set_experts_per_token(k)
     model = LeaderModel(flash.model, leader)
-    timed = len(tokens)
+    timed = len(tokens[0])
     snapshots = []
 
     def cold():
@@ -128,7 +138,7 @@ def n_ranks(leader, k: int, tokens: List[int], opts: ClusterBenchOptions, files)
         cluster.timed = True
         from .benchmark import decode_ms
 
-        timed_ms = decode_ms(model, tokens)
+        timed_ms = decode_ms(model, tokens[-1])
         cluster.timed = False
         after_timed = leader.stats()
     finally:
@@ -157,7 +167,7 @@ def n_ranks(leader, k: int, tokens: List[int], opts: ClusterBenchOptions, files)
 
 def run(opts: ClusterBenchOptions, log=print) -> dict:
     from . import ring
-    from .benchmark import DECODE_START, machine, synthetic_model_dir
+    from .benchmark import machine, synthetic_model_dir
     from .distributed import Cluster, attach
     from .engine import all_experts_bytes, load_flash_model
     from .flash_layout import Manifest
@@ -175,7 +185,7 @@ def run(opts: ClusterBenchOptions, log=print) -> dict:
     everything = all_experts_bytes(manifest)
     bank = int(round(opts.bank_fraction * everything))
     files = [model_dir / l.file for l in manifest.expert_layers]
-    tokens = list(range(DECODE_START, DECODE_START + opts.tokens + 1))  # as benchmark.decode_tokens
+    tokens = streams(opts)
     out = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
            "model": {"layers": opts.layers, "experts_per_layer": opts.experts_per_layer, "bits": opts.bits,
@@ -246,7 +256,7 @@ def run(opts: ClusterBenchOptions, log=print) -> dict:
 def calibrate(flash, opts: ClusterBenchOptions) -> dict:
     """Per MoE layer, how often each expert was chosen over a pass of other tokens than the measured ones
     (at the first experts-per-token setting): the popularity the balanced map evens out."""
-    from .benchmark import DECODE_START, decode_ms
+    from .benchmark import decode_ms
 
     counts = {l.layer: np.zeros(l.num_experts) for l in flash.manifest.expert_layers}
 
@@ -254,7 +264,7 @@ def calibrate(flash, opts: ClusterBenchOptions) -> dict:
         counts[layer][np.asarray(experts)] += 1
 
     flash.set_experts_per_token(opts.experts[0])
-    start = DECODE_START + 2 * (opts.tokens + 1)
+    start = streams(opts)[-1][-1] + 1  # after every measured stream
     flash.bank.trace = count
     try:
         decode_ms(flash.model, list(range(start, start + opts.tokens + 1)))
