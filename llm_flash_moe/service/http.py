@@ -129,8 +129,6 @@ def make_app(engine):
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    from .server import Job
-
     def error(status: int, message: str, kind: str = "invalid_request_error"):
         return JSONResponse({"error": {"message": message, "type": kind, "code": None}}, status_code=status)
 
@@ -150,8 +148,7 @@ def make_app(engine):
             return error(400, "the body is not JSON")
         loop = asyncio.get_running_loop()
         messages: asyncio.Queue = asyncio.Queue()
-        job = Job(generate, send=lambda m: loop.call_soon_threadsafe(messages.put_nowait, m))
-        engine.submit(job)
+        job = engine.submit(generate, lambda m: loop.call_soon_threadsafe(messages.put_nowait, m))
         reply = Reply(engine.model.model_id)
         if body.get("stream"):
             usage_chunk = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -101,13 +101,15 @@ class Engine:
 
     # -------------------------------------------------------------- generation
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; the client hears how many requests are ahead of it when it must wait."""
+    def submit(self, request: dict, send: Callable[[dict], None], stop: Optional[threading.Event] = None) -> Job:
+        """Queue a generate request; the client hears how many requests are ahead of it when it must wait."""
+        job = Job(request, send, stop or threading.Event())
         with self.lock:
             ahead = self.jobs.qsize() + (1 if self.current is not None else 0)
             self.jobs.put(job)
         if ahead:
             job.send({"type": "waiting", "ahead": ahead})
+        return job
 
     def generation_loop(self) -> None:
         tee = sys.stderr if isinstance(sys.stderr, StderrTee) else None
@@ -282,18 +284,17 @@ class Engine:
             channel.close()
 
     def generate(self, request: dict, channel: protocol.Channel) -> None:
-        job = Job(request, send=lambda m: None)
+        stop = threading.Event()
 
         def send(message: dict) -> None:
-            if job.stop.is_set():
+            if stop.is_set():
                 return
             try:
                 channel.send(message)
             except ConnectionError:
-                job.stop.set()
+                stop.set()
 
-        job.send = send
-        self.submit(job)
+        job = self.submit(request, send, stop)
         for message in channel:  # until the client closes (after "done", or Ctrl-C) or cancels
             if message.get("type") == "cancel":
                 break
