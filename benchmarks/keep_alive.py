@@ -150,6 +150,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--experts", type=int, help="-o experts (default: the model's)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--build-only", action="store_true", help="build the synthetic model, measure nothing")
     args = parser.parse_args()
 
     options = ["-o", "max_tokens", str(args.max_tokens), "-o", "thinking", "false", "-o", "seed", "1"]
@@ -177,6 +178,8 @@ def main() -> int:
         print(f"synthetic model {model_dir} (built once, reused)", flush=True)
         write_synthetic_model(model_dir, layers=args.synthetic_layers, bits=4, experts_per_layer=args.synthetic_experts)
         name = "synthetic"
+        if args.build_only:
+            return 0
     if model_dir is not None:
         registry.register(name, model_dir)
     import llm_flash_moe
