@@ -432,3 +432,43 @@ def test_endpoint_client_disconnects_mid_stream(endpoint):
     finally:
         steer()
     assert ask(api).choices[0].message.content  # the engine is fine
+
+
+def test_an_engine_that_cannot_start_is_one_line_not_a_hang(engine_user, tmp_path):
+    stop_engines()
+    broken = tmp_path / "broken" / "llm_flash_moe"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise RuntimeError("a broken install")\n')
+    saved = os.environ["PYTHONPATH"]
+    os.environ["PYTHONPATH"] = str(broken.parent)  # what the engine process imports (this one has its modules)
+    try:
+        result = run("-m", MODEL, "hi", ok=False)
+    finally:
+        os.environ["PYTHONPATH"] = saved
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: the tiny-flash engine could not start: RuntimeError: a broken install")
+    assert result.stderr.count("\n") == 1 and str(protocol.log_path("tiny")) in result.stderr
+
+
+def test_ps_stop_and_the_files_are_private(engine_user):
+    run("-m", MODEL, "hi", "-o", "max_tokens", "2", *QUIET)
+    pid = engine_pid()
+    listing = run("flash-moe", "ps").output
+    assert f"tiny   {pid}" in listing and str(protocol.socket_path("tiny")) in listing
+    assert os.stat(protocol.engines_dir()).st_mode & 0o777 == 0o700
+    assert os.stat(protocol.socket_path("tiny")).st_mode & 0o777 == 0o600
+    assert run("flash-moe", "stop").output.strip() == f"Stopped the engine of tiny (pid {pid})"
+    assert run("flash-moe", "ps").output.strip() == "No flash-moe engine is running."
+
+
+def test_a_socket_path_too_long_for_af_unix_goes_to_a_short_private_directory(monkeypatch, tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    monkeypatch.setenv("LLM_USER_PATH", str(deep))
+    path = protocol.socket_path("tiny")
+    assert len(os.fsencode(protocol.engines_dir() / "tiny.sock")) > protocol.SOCKET_PATH_MAX
+    assert len(os.fsencode(path)) <= protocol.SOCKET_PATH_MAX and path.parent.name == f"llm-flash-moe-{os.getuid()}"
+    assert os.stat(path.parent).st_mode & 0o777 == 0o700
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))  # it binds
+    listener.close()
+    path.unlink()
