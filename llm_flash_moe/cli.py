@@ -66,6 +66,10 @@ def flash_moe():
     \b
         llm flash-moe prepare --demo
         llm -m demo-flash "hi"
+
+    The model stays loaded between commands in a background engine (`-o keep_alive`, default 300 s):
+    `llm flash-moe ps` lists the engines, `stop` ends them, `serve NAME --http PORT` adds an
+    OpenAI-compatible API.
     """
 
 

@@ -95,6 +95,7 @@ class Engine:
         self.last_active = time.monotonic()
         self.started = time.time()
         self.served = 0
+        self.connections = 0  # open connections: an engine never exits idle under a client that just connected
         self.stopping = threading.Event()
         self.listener: Optional[socket.socket] = None
         self._inode = None
@@ -211,6 +212,8 @@ class Engine:
                     conn = None
                 if conn is not None:
                     conn.settimeout(None)
+                    with self.lock:
+                        self.connections += 1
                     threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
                 if time.monotonic() - checked > 2:
                     checked = time.monotonic()
@@ -223,9 +226,11 @@ class Engine:
         finally:
             self.shutdown(generator)
 
-    def idle_for(self) -> float:
+    def idle_for(self, asking: int = 0) -> float:
+        """Seconds since the last request ended; 0 while one runs or waits, or a client is connected
+        (``asking``: connections not to count, e.g. the status request's own)."""
         with self.lock:
-            if self.current is not None or self.jobs.qsize():
+            if self.current is not None or self.jobs.qsize() or self.connections > asking:
                 return 0.0
             return time.monotonic() - self.last_active
 
@@ -276,12 +281,15 @@ class Engine:
             elif kind == "status":
                 channel.send(self.status())
             elif kind == "stop":
+                print("ending: `llm flash-moe stop`", file=sys.stderr, flush=True)
                 channel.send({"type": "done"})
                 self.stopping.set()
         except ConnectionError:
             pass
         finally:
             channel.close()
+            with self.lock:
+                self.connections -= 1
 
     def generate(self, request: dict, channel: protocol.Channel) -> None:
         stop = threading.Event()
@@ -309,7 +317,7 @@ class Engine:
             busy, waiting = self.current is not None, self.jobs.qsize()
         return {"type": "status", "pid": os.getpid(), "model": self.name, "build": protocol.build_id(),
                 "socket": str(self.socket_path), "log": str(protocol.log_path(self.name)),
-                "keep_alive": self.keep_alive, "idle_seconds": round(self.idle_for(), 1), "busy": busy,
+                "keep_alive": self.keep_alive, "idle_seconds": round(self.idle_for(asking=1), 1), "busy": busy,
                 "waiting": waiting, "served": self.served, "started": self.started,
                 "rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes(),
                 "loaded": flash is not None, "bank_bytes": flash.bank.nbytes if flash else 0,
@@ -338,6 +346,7 @@ def run_engine(name: str, keep_alive: Optional[float], http: Optional[str] = Non
     engine.bind()
 
     def stop(signum, frame):
+        print(f"ending: {signal.Signals(signum).name}", file=sys.stderr, flush=True)
         engine.stopping.set()
 
     signal.signal(signal.SIGTERM, stop)
