@@ -151,6 +151,9 @@ def main() -> int:
     parser.add_argument("--experts", type=int, help="-o experts (default: the model's)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--build-only", action="store_true", help="build the synthetic model, measure nothing")
+    parser.add_argument("--way", choices=["both", "process", "engine"], default="both",
+                        help="measure keep_alive 0 (process), the engine, or both (to split a long run)")
+    parser.add_argument("--user-dir", type=Path, help="the llm user directory to run in (default: a new one)")
     args = parser.parse_args()
 
     options = ["-o", "max_tokens", str(args.max_tokens), "-o", "thinking", "false", "-o", "seed", "1"]
@@ -161,7 +164,8 @@ def main() -> int:
         from llm_flash_moe import registry
 
         model_dir, name = registry.model_dir(args.model), args.model
-    user_dir = Path(tempfile.mkdtemp(prefix="keep-alive-bench-"))
+    user_dir = args.user_dir or Path(tempfile.mkdtemp(prefix="keep-alive-bench-"))
+    user_dir.mkdir(parents=True, exist_ok=True)
     os.environ["LLM_USER_PATH"] = str(user_dir)
     env = dict(os.environ, LLM_USER_PATH=str(user_dir))
     from llm_flash_moe import registry
@@ -188,7 +192,7 @@ def main() -> int:
                             capture_output=True, text=True).stdout.strip()
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
                "cpus": os.cpu_count(), "commit": commit, "model": name, "options": options, "ways": []}
-    for keep_alive in (0, 600):
+    for keep_alive in {"both": (0, 600), "process": (0,), "engine": (600,)}[args.way]:
         print(f"keep_alive {keep_alive}:", flush=True)
         results["ways"].append(one_way(name, keep_alive, options, user_dir, env))
     print(table(results))
