@@ -39,6 +39,7 @@ TOOL_CALL = ("I will check.\n</think>\n\n<tool_call>\n<function=get_weather>\n"
              "<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>")
 TOOL_ANSWER = "It is sunny.\n</think>\n\nThe weather in Paris is sunny."
 LLM = str(Path(sys.executable).with_name("llm"))
+LONG = " ".join(["fox"] * 400)  # a scripted answer longer than any max_tokens here: the model never ends it early
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,7 @@ def test_concurrent_commands_share_one_engine_in_turn(engine_user):
     run("-m", MODEL, "warm", "-o", "max_tokens", "1", *QUIET)  # the engine is up
     pid = engine_pid()
     served = client.request("tiny", {"type": "status"})["served"]
-    steer(delay=0.05)
+    steer([LONG, LONG], delay=0.1)
     try:
         first = spawn("-m", MODEL, "one", "-o", "max_tokens", "40", *QUIET)
         second = spawn("-m", MODEL, "two", "-o", "max_tokens", "40", *QUIET)
@@ -213,7 +214,7 @@ def test_concurrent_commands_share_one_engine_in_turn(engine_user):
 def test_engine_killed_mid_answer(engine_user):
     run("-m", MODEL, "warm", "-o", "max_tokens", "1", *QUIET)
     pid = engine_pid()
-    steer(delay=0.1)
+    steer([LONG], delay=0.1)
     try:
         command = spawn("-m", MODEL, "a long answer", "-o", "max_tokens", "200", *QUIET)
         assert wait_for(lambda: client.request("tiny", {"type": "status"})["busy"])
@@ -233,7 +234,7 @@ def test_engine_killed_mid_answer(engine_user):
 def test_client_gone_stops_the_generation(engine_user, how):
     run("-m", MODEL, "warm", "-o", "max_tokens", "1", *QUIET)
     pid, before = engine_pid(), log_text().count("stopped a generation")
-    steer(delay=0.1)
+    steer([LONG], delay=0.1)
     try:
         command = spawn("-m", MODEL, "a long answer", "-o", "max_tokens", "300", *QUIET)
         assert wait_for(lambda: client.request("tiny", {"type": "status"})["busy"])
@@ -421,7 +422,7 @@ def test_endpoint_two_clients_at_once(endpoint):
 def test_endpoint_client_disconnects_mid_stream(endpoint):
     api, log = endpoint
     before = log.read_text().count("stopped a generation")
-    steer(delay=0.1)
+    steer([LONG], delay=0.1)
     try:
         stream = ask(api, "A long one", max_tokens=300, stream=True)
         for i, _ in enumerate(stream):
