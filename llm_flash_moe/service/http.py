@@ -95,6 +95,10 @@ def generate_request(engine, body: dict) -> dict:
     if body.get("model") not in (engine.name, engine.model.model_id):
         raise RequestError(404, f"model {body.get('model')!r} is not served here; this endpoint serves "
                                 f"{engine.model.model_id}", "model_not_found")
+    if body.get("n") not in (None, 1):
+        raise RequestError(400, "n: one choice per request only")
+    if body.get("stop"):
+        raise RequestError(400, "stop sequences are not supported")
     options = {key: body[key] for key in OPTION_KEYS if body.get(key) is not None}
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     if max_tokens is not None:
