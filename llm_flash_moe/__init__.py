@@ -26,7 +26,7 @@ def register_models(register):
 
 @hookimpl
 def register_commands(cli):
-    """``llm flash-moe ...``: prepare, models, info, verify, remove."""
+    """``llm flash-moe ...``: prepare, models, info, verify, remove, ps, stop, serve, ..."""
     from .cli import flash_moe
 
     cli.add_command(flash_moe)

@@ -78,13 +78,18 @@ def flash_moe():
     \b
         llm flash-moe prepare --demo
         llm -m demo-flash "hi"
+
+    The model stays loaded between commands in a background engine (`-o keep_alive`, default 300 s):
+    `llm flash-moe ps` lists the engines, `stop` ends them, `serve NAME --http PORT` adds an
+    OpenAI-compatible API.
     """
 
 
 from .bench_cli import bench as _bench  # noqa: E402 - commands with modules of their own
 from .cluster_cli import popularity as _popularity, worker as _worker  # noqa: E402
+from .service.commands import ps as _ps, serve as _serve, stop as _stop  # noqa: E402
 
-for _command in (_bench, _worker, _popularity):
+for _command in (_bench, _worker, _popularity, _ps, _stop, _serve):
     flash_moe.add_command(_command)
 
 

@@ -67,6 +67,10 @@ class _FlashMoe:
         prompt_cache: Optional[bool] = Field(
             None, description="Reuse the model state of the conversation so far (kept in memory and on disk) "
                               "so a follow-up only processes its new tokens (default on)")
+        keep_alive: Optional[int] = Field(
+            None, description="Seconds the model stays loaded in a background engine that every llm command "
+                              "shares after its last use (default: $LLM_FLASH_MOE_KEEP_ALIVE, else 300); 0 runs "
+                              "it in this llm process, loaded for this command only", ge=0)
 
         @field_validator("max_tokens")
         @classmethod
@@ -88,16 +92,20 @@ class _FlashMoe:
             raise llm.ModelError(registry.not_prepared_message(self.name))
         return path
 
-    def _events(self, prompt, response, conversation) -> Iterator:
+    def _events(self, prompt, response, conversation, stop: Optional[threading.Event] = None) -> Iterator:
         from . import leader
+        from .service import client
 
         try:
+            if client.use_engine(self, prompt.options):  # the shared engine process (service/), or here:
+                yield from client.events(self, prompt, response, conversation)
+                return
             with GENERATION_LOCK:
-                yield from leader.guard(self._generate(prompt, response, conversation))  # rank 0 of a cluster
+                yield from leader.guard(self._generate(prompt, response, conversation, stop))  # rank 0 of a cluster
         except FlashMoeError as e:
             raise llm.ModelError(str(e)) from None
 
-    def _generate(self, prompt, response, conversation) -> Iterator:
+    def _generate(self, prompt, response, conversation, stop: Optional[threading.Event] = None) -> Iterator:
         import mlx.core as mx
 
         from . import prompt_cache
@@ -140,6 +148,8 @@ class _FlashMoe:
         last = None
         try:
             for last in turn.steps(settings.max_tokens, sampler):
+                if stop is not None and stop.is_set():  # the engine's client went away: a token at most
+                    raise FlashMoeError("stopped: the client went away")
                 check_finite(last, self.model_id, self.name)
                 yield from answer.feed(last.text)
             yield from answer.finish()

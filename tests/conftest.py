@@ -28,6 +28,47 @@ def llm_user_dir(tmp_path_factory):
         os.environ["LLM_USER_PATH"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_engine_by_default():
+    """Tests run the model in the test process (keep_alive 0) unless they ask for the shared engine
+    (tests/test_service.py sets LLM_FLASH_MOE_KEEP_ALIVE itself, and stops every engine it started)."""
+    old = os.environ.get("LLM_FLASH_MOE_KEEP_ALIVE")
+    os.environ["LLM_FLASH_MOE_KEEP_ALIVE"] = "0"
+    yield
+    if old is None:
+        os.environ.pop("LLM_FLASH_MOE_KEEP_ALIVE", None)
+    else:
+        os.environ["LLM_FLASH_MOE_KEEP_ALIVE"] = old
+
+
+def stop_engines() -> list:
+    """Stop every engine of the current llm user directory (what a test started); their pids."""
+    import signal
+    import time
+
+    from llm_flash_moe.service import protocol
+
+    pids = []
+    directory = protocol.engines_dir()
+    for path in directory.glob("*.json"):
+        try:
+            import json
+
+            pid = json.loads(path.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            continue
+        pids.append(pid)
+        if protocol.alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for pid in pids:
+        while protocol.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if protocol.alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
 class ModelFactory:
     """Builds (once per session) HF checkpoints, mlx-lm-quantized references and prepared models."""
 
