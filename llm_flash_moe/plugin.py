@@ -97,7 +97,8 @@ class _FlashMoe:
         from .service import client
 
         try:
-            if client.use_engine(self, prompt.options):  # the shared engine process (service/), or here:
+            # the shared engine process (service/), or here; images stay here until the engine carries them
+            if not attachments(prompt.messages) and client.use_engine(self, prompt.options):
                 yield from client.events(self, prompt, response, conversation)
                 return
             with GENERATION_LOCK:
