@@ -89,16 +89,17 @@ class StreamingMoE(nn.Module):
             return y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y
 
-    def _one_token(self, x, inds, scores, gates):
+    def _one_token(self, x, inds, scores, gates=None):
         table = self.bank.device_table(self.layer)
         if table is not None:  # every expert of the layer is in the bank: pick the slots on the device
             y = self._experts(x, mx.take(table, inds.reshape(-1)), inds, scores)
             self.bank.served_on_device(self.layer, inds.size, y)
             return y
         predicted = self.predict(x)
-        likelihood = _likelihood(gates)
+        likelihood = None if gates is None else _likelihood(gates)
         self._synchronize(inds, predicted, likelihood)
-        self.bank.observe(self.layer, likelihood)
+        if likelihood is not None:
+            self.bank.observe(self.layer, likelihood)
         slots = self.bank.lookup(self.layer, np.array(inds).reshape(-1), prefetch=self.read_ahead(predicted))
         y = self._experts(x, mx.array(slots.astype(np.uint32)), inds, scores)
         self.bank.retain(self.layer, slots, y)
@@ -137,11 +138,12 @@ class StreamingMoE(nn.Module):
         out = (y * scores[..., None]).sum(axis=-2)
         return out if self.shared else out.astype(y.dtype)
 
-    def _chunk(self, x, inds, scores, gates):
+    def _chunk(self, x, inds, scores, gates=None):
         """Several tokens: each distinct expert read once (a group of them at a time if the bank is smaller)."""
-        likelihood = _likelihood(gates)
-        mx.eval(inds, likelihood)
-        self.bank.observe(self.layer, likelihood)
+        if gates is not None:
+            likelihood = _likelihood(gates)
+            mx.eval(inds, likelihood)
+            self.bank.observe(self.layer, likelihood)
         chosen = np.array(inds)
         unique, inverse = np.unique(chosen, return_inverse=True)
         limit = self.bank.capacity(self.layer)
