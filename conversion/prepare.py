@@ -13,13 +13,14 @@ from typing import Callable, Dict, Optional
 
 from .. import registry
 from ..errors import FlashMoeError, one_line
-from ..flash_layout import FORMAT_VERSION, MANIFEST_NAME, PARTIAL_DIR, RESIDENT_WEIGHTS_NAME, Manifest
+from ..flash_layout import FORMAT_VERSION, MANIFEST_NAME, PARTIAL_DIR, RESIDENT_WEIGHTS_NAME, Manifest, file_checksum
+from ..integrity import mark_ours, refuse_foreign
 from . import faults
-from .checkpoint import TOKENIZER_FILES, classify
+from .checkpoint import TOKENIZER_FILES, checked_file, classify
 from .experts import DiskFullError, ExpertRecordWriter
 from .journal import Journal
 from .plan import (PrepareOptions, Plan, check_disk_space, check_options, make_plan, name_and_output,
-                   other_model_message, space_needed_message)
+                   other_model_message, same_model, space_needed_message)
 from .resident import resident_parameters, write_resident
 from .safetensors_io import TensorInfo, copy_tensors, read_header
 from .source import Source, resolve_source
@@ -57,13 +58,15 @@ def _prepare(opts: PrepareOptions, plan: Plan, existing, echo) -> Manifest:
     if damaged_manifest:
         existing = None
     if existing is not None:
-        if existing.settings != plan.settings:
+        if not same_model(existing.settings, plan.settings):
             raise FlashMoeError(other_model_message(existing, plan.settings, output))
         if not opts.repair:
             _remove_leftovers(output)
             echo(f"{name} is already prepared in {output} (`llm flash-moe verify {name}` checks it)")
             return existing
     new_output = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    mark_ours(output)  # before anything else: what `remove` may delete is decided by this file, never by names
     journal = Journal(output)
     journal.lock()
     try:
@@ -157,6 +160,7 @@ DAMAGED = "damaged"  # _existing_output: a manifest that cannot be read (and is 
 def _existing_output(output: Path):
     """The complete model in ``output`` (a Manifest), None, or DAMAGED (its manifest cannot be read)."""
     path = output / MANIFEST_NAME
+    refuse_foreign(output)
     if path.exists():
         try:
             return Manifest.load(output)
@@ -168,8 +172,6 @@ def _existing_output(output: Path):
             if isinstance(version, int) and version > FORMAT_VERSION:
                 raise
             return DAMAGED
-    if output.exists() and any(output.iterdir()) and not (output / PARTIAL_DIR).exists():
-        raise FlashMoeError(f"{output} is not empty and is not a flash-moe model; choose another --output")
     return None
 
 
@@ -207,7 +209,7 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
         size, checksum = write_resident(params, output / RESIDENT_WEIGHTS_NAME, progress)
     if note:
         echo(note)
-    _write_metadata(source, out_config, output)
+    files = _write_metadata(source, out_config, output)
     _check_loads(output)
     for layer in plan.layers:
         layer.checksums = [journal.checksums[f"{layer.layer}/{e}"] if writer.wanted(layer.layer, e) else ""
@@ -217,7 +219,7 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
         config=out_config, experts_per_token=plan.experts_per_token, expert_layers=plan.layers,
         resident_quantization=out_config.get("quantization"),
         resident_files=[{"file": RESIDENT_WEIGHTS_NAME, "bytes": size, "checksum": checksum}],
-        settings=plan.settings,
+        settings=plan.settings, files=files,
     )
     faults.point("manifest")
     manifest.write(output)
@@ -266,14 +268,18 @@ def _convert_shards(plan: Plan, journal: Journal, writer: ExpertRecordWriter) ->
     return available
 
 
-def _write_metadata(source: Source, config: dict, output: Path) -> None:
+def _write_metadata(source: Source, config: dict, output: Path) -> list:
+    """Copy config.json and the tokenizer files; returns their manifest entries (sizes and checksums)."""
     from mlx_lm.utils import save_config
 
     save_config(dict(config), output / "config.json")
+    root = source.directory.parent.parent if source.repo_id else source.directory
     for name in TOKENIZER_FILES:
         src = source.directory / name
-        if src.exists():
-            shutil.copyfile(src, output / name)
+        if src.exists() or src.is_symlink():
+            shutil.copyfile(checked_file(source.directory, name, root), output / name)
+    return [{"file": name, "bytes": (output / name).stat().st_size, "checksum": file_checksum(output / name)}
+            for name in ("config.json", *TOKENIZER_FILES) if (output / name).exists()]
 
 
 def _check_loads(output: Path) -> None:

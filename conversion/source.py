@@ -129,8 +129,9 @@ def _hub_source(repo_id: str, revision: Optional[str], delete_shards: bool) -> S
             revision = info.sha
             sizes = {s.rfilename: s.size or 0 for s in info.siblings if s.rfilename.endswith(".safetensors")}
         directory = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(METADATA_PATTERNS)))
-    config = load_config(directory)
+    cache = directory.parent.parent  # the repo's cache folder: snapshot files link into its blobs/
+    config = load_config(directory, cache)
     has_index = (directory / "model.safetensors.index.json").exists()
-    shards = sorted(sizes) if sizes and not has_index else shard_names(directory)
+    shards = sorted(sizes) if sizes and not has_index else shard_names(directory, cache)
     return Source(repo_id, directory, shards, config, revision=revision, repo_id=repo_id,
                   delete_shards=delete_shards, shard_sizes=sizes)

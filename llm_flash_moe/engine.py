@@ -9,6 +9,7 @@ from typing import Optional
 from .errors import FlashMoeError
 from .expert_bank import MIN_SLOTS_PER_TOKEN, ExpertBank
 from .flash_layout import TOKENIZER_VOCAB_FILES, Manifest, check_experts_per_token, has_tokenizer
+from .verify import metadata_problems
 from .mlx_model import cast_floats, moe_blocks, no_experts, streaming_model_classes
 
 
@@ -123,6 +124,10 @@ def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, b
     manifest = Manifest.load(model_dir)
     dtype = activation_dtype(compute)
     bank = ExpertBank(model_dir, manifest, min_slots=min_bank_slots(manifest), **bank_options)  # sized below
+    damaged = metadata_problems(model_dir, manifest)  # config, tokenizer, chat template: small, checked every load
+    if damaged:
+        bank.close()
+        raise FlashMoeError(f"{damaged[0]} in {model_dir}; {bank.remedy}")
     try:
         model, config = load_resident_model(model_dir, lazy=True)
         for index, block in moe_blocks(model):

@@ -1,0 +1,117 @@
+"""What is ours and what can be trusted: directories `prepare` made (by a marker file it wrote, never by a
+file name a user might also use), and user-visible JSON files read strictly (damage is one line naming the
+file and the fix; a command that must rewrite a damaged file first keeps the damaged copy aside).
+
+Imports no mlx or numpy: the registry reads through it on every llm command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from .errors import FlashMoeError, one_line
+from .flash_layout import (EXPERTS_DIR, MANIFEST_NAME, OWNER_MARKER, OWNER_MARKER_TEXT, PARTIAL_DIR,
+                           RESIDENT_WEIGHTS_NAME, Manifest)
+
+# JSON files users may edit or damage are small: anything larger is not one of ours.
+MAX_JSON_BYTES = 64 << 20
+
+
+def mark_ours(directory: Path) -> None:
+    """Record that `prepare` made (or took over, empty) ``directory``: written before anything else in it."""
+    marker = Path(directory) / OWNER_MARKER
+    if not marker.exists():
+        marker.write_text(OWNER_MARKER_TEXT)
+
+
+def is_ours(directory: Path) -> bool:
+    """``directory`` holds our marker, or (models prepared before the marker existed) a manifest that loads
+    as a complete, consistent flash manifest. A manifest.json alone, or a .partial/ folder, is not enough."""
+    directory = Path(directory)
+    marker = directory / OWNER_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        return True
+    if (directory / MANIFEST_NAME).is_file():
+        try:
+            Manifest.load(directory)
+            return True
+        except (FlashMoeError, OSError):
+            return False
+    try:  # an unfinished `prepare` of that time: its plan, as the journal writes it
+        plan = json.loads((directory / PARTIAL_DIR / "plan.json").read_text())
+        return isinstance(plan, dict) and {"format_version", "source", "name"} <= set(plan)
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def refuse_foreign(output: Path) -> None:
+    """Refuse (one line) an output `prepare` did not make that holds anything: never written into."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not is_ours(output):
+        raise FlashMoeError(f"{output} is not empty and is not a flash-moe model; choose another --output")
+
+
+def our_entries(directory: Path, metadata_files) -> List[str]:
+    """The names in ``directory`` the flash layout (or ``metadata_files``, copied from a source) accounts for."""
+    known = {MANIFEST_NAME, MANIFEST_NAME + ".tmp", PARTIAL_DIR, EXPERTS_DIR, RESIDENT_WEIGHTS_NAME,
+             RESIDENT_WEIGHTS_NAME + ".tmp", OWNER_MARKER, "config.json", *metadata_files}
+    return sorted(p.name for p in Path(directory).iterdir() if p.name in known)
+
+
+def remove_ours(directory: Path, metadata_files) -> List[str]:
+    """Delete what the layout names in one of our directories, then our marker, and the directory when
+    nothing else is in it; returns the names of what was kept (files a user put there)."""
+    import shutil
+
+    directory = Path(directory)
+    if not directory.exists():
+        return []
+    for name in our_entries(directory, metadata_files):
+        path = directory / name
+        if name != OWNER_MARKER and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif name != OWNER_MARKER:
+            path.unlink()
+    (directory / OWNER_MARKER).unlink(missing_ok=True)  # last: what is left is no longer ours
+    kept = sorted(p.name for p in directory.iterdir())
+    if not kept:
+        directory.rmdir()
+    return kept
+
+
+def read_json(path: Path, fix: str, default=None, check: Optional[Callable[[object], Optional[str]]] = None):
+    """The JSON in ``path`` (``default`` when there is none), strictly: a file that cannot be read, is not
+    JSON, is too large or too deeply nested, or that ``check`` finds wrong (it returns what is wrong) is a
+    FlashMoeError naming the file and ``fix``."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise FlashMoeError(f"{path} is damaged (larger than {MAX_JSON_BYTES >> 20} MB); {fix}")
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except RecursionError:
+        raise FlashMoeError(f"{path} is damaged (nested too deeply); {fix}") from None
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e, 80)
+        raise FlashMoeError(f"{path} is damaged ({why}); {fix}") from None
+    problem = check(data) if check is not None else None
+    if problem:
+        raise FlashMoeError(f"{path} is damaged ({problem}); {fix}")
+    return data
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file out of the way (``NAME.damaged-<time>``) before it is rewritten; returns where."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    os.replace(path, aside)
+    return aside
