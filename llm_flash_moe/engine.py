@@ -127,7 +127,8 @@ def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, b
     damaged = metadata_problems(model_dir, manifest)  # config, tokenizer, chat template: small, checked every load
     if damaged:
         bank.close()
-        raise FlashMoeError(f"{damaged[0]} in {model_dir}; {bank.remedy}")
+        what = "config" if damaged[0].startswith("config.json") else "tokenizer"
+        raise FlashMoeError(f"cannot load the {what} of {model_dir}: {damaged[0]}; {bank.remedy}")
     try:
         model, config = load_resident_model(model_dir, lazy=True)
         for index, block in moe_blocks(model):
