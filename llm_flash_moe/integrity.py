@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from .errors import FlashMoeError, one_line
 from .flash_layout import (EXPERTS_DIR, MANIFEST_NAME, OWNER_MARKER, OWNER_MARKER_TEXT, PARTIAL_DIR,
@@ -115,3 +117,35 @@ def set_aside(path: Path) -> Path:
         n += 1
     os.replace(path, aside)
     return aside
+
+
+# ------------------------------------------------------------------------------ record checksums from pieces
+
+
+@lru_cache(maxsize=None)
+def _shift_tables(length: int) -> tuple:
+    """Four 256-entry tables of the linear map that moves a CRC-32 past ``length`` more bytes:
+    crc32(A + B) == crc32(B) ^ shift(crc32(A), len(B)) (zlib's crc32_combine, which Python does not offer)."""
+    zeros = bytes(length)
+    base = zlib.crc32(zeros)
+    basis = [zlib.crc32(zeros, 1 << i) ^ base for i in range(32)]
+    tables = []
+    for k in range(4):
+        table = [0] * 256
+        for b in range(1, 256):
+            low = b & -b
+            table[b] = table[b ^ low] ^ basis[8 * k + low.bit_length() - 1]
+        tables.append(table)
+    return tuple(tables)
+
+
+def combine_crcs(crcs: Sequence[int], lengths: Sequence[int]) -> int:
+    """The CRC-32 of consecutive pieces from each piece's own CRC-32 and length (four lookups per piece)."""
+    crc = 0
+    for i, (piece, length) in enumerate(zip(crcs, lengths)):
+        if i == 0:
+            crc = piece
+            continue
+        t0, t1, t2, t3 = _shift_tables(length)
+        crc = (t0[crc & 255] ^ t1[(crc >> 8) & 255] ^ t2[(crc >> 16) & 255] ^ t3[crc >> 24]) ^ piece
+    return crc
