@@ -13,7 +13,8 @@ from typing import Callable, Dict, Optional
 
 from .. import registry
 from ..errors import FlashMoeError, one_line
-from ..flash_layout import FORMAT_VERSION, MANIFEST_NAME, PARTIAL_DIR, RESIDENT_WEIGHTS_NAME, Manifest, file_checksum
+from ..flash_layout import (FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, PARTIAL_DIR, RESIDENT_WEIGHTS_NAME,
+                            Manifest, file_checksum, read_small)
 from ..integrity import mark_ours, refuse_foreign
 from . import faults
 from .checkpoint import TOKENIZER_FILES, checked_file, classify
@@ -146,6 +147,11 @@ def _start_repair(existing: Manifest, plan: Plan, echo) -> Optional[Dict[str, st
     if report.ok:
         echo(f"{plan.name} is intact: nothing to repair")
         return None
+    for layer in existing.expert_layers:  # a damaged file that is a link is replaced, never written through
+        path = plan.output / layer.file
+        if path.is_symlink() and any(key[0] == layer.layer for key in report.bad_experts):
+            path.unlink()
+            report.bad_experts.update({(layer.layer, e): "a link" for e in range(layer.num_experts)})
     for line in report.lines():
         echo(line)
     n = len(report.bad_experts)
@@ -166,8 +172,8 @@ def _existing_output(output: Path):
             return Manifest.load(output)
         except FlashMoeError:
             try:
-                version = json.loads(path.read_text()).get("format_version")
-            except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+                version = json.loads(read_small(path, MAX_MANIFEST_BYTES)).get("format_version")
+            except (OSError, ValueError, AttributeError, UnicodeDecodeError, RecursionError):
                 version = None
             if isinstance(version, int) and version > FORMAT_VERSION:
                 raise
@@ -272,8 +278,11 @@ def _write_metadata(source: Source, config: dict, output: Path) -> list:
     """Copy config.json and the tokenizer files; returns their manifest entries (sizes and checksums)."""
     from mlx_lm.utils import save_config
 
-    save_config(dict(config), output / "config.json")
     root = source.directory.parent.parent if source.repo_id else source.directory
+    for name in ("config.json", *TOKENIZER_FILES):  # replaced, never written through (a link may point anywhere)
+        if (output / name).is_symlink():
+            (output / name).unlink()
+    save_config(dict(config), output / "config.json")
     for name in TOKENIZER_FILES:
         src = source.directory / name
         if src.exists() or src.is_symlink():

@@ -40,7 +40,7 @@ RESIDENT_WEIGHTS_NAME = "model.safetensors"
 MAX_LAYERS = 1024
 MAX_EXPERTS = 16384
 MAX_DIMENSION = 1 << 20
-MAX_RECORD_BYTES = 1 << 32
+MAX_MANIFEST_BYTES = 64 << 20
 RECORD_ALIGNMENT = 16 * 1024
 PART_ALIGNMENT = 64
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -415,14 +415,15 @@ class Manifest:
     def load(cls, model_dir: Path) -> "Manifest":
         path = Path(model_dir) / MANIFEST_NAME
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_small(path, MAX_MANIFEST_BYTES))
         except RecursionError:
             raise FlashMoeError(f"{path} is damaged (nested too deeply); {DAMAGED_REMEDY}") from None
         except FileNotFoundError:
             raise FlashMoeError(f"{model_dir} is not a prepared model: it has no {MANIFEST_NAME} (a `llm flash-moe "
                                 "prepare` into it never finished); see `llm flash-moe models`")
-        except (ValueError, UnicodeDecodeError):
-            raise FlashMoeError(f"{path} is damaged; {DAMAGED_REMEDY}")
+        except (ValueError, UnicodeDecodeError) as e:
+            why = f" ({e})" if isinstance(e, TooLarge) else ""
+            raise FlashMoeError(f"{path} is damaged{why}; {DAMAGED_REMEDY}")
         if not isinstance(data, dict):
             raise FlashMoeError(f"{path} is damaged (not a JSON object); {DAMAGED_REMEDY}")
         version = data.get("format_version")
@@ -480,6 +481,23 @@ class Manifest:
             if problem:
                 return problem
         return None
+
+
+class TooLarge(ValueError):
+    """A small file (a manifest, a JSON file of ours) that is not a regular file or is larger than it can be."""
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """A file that must be small, read whole: at most ``limit`` bytes, and a regular file (a link to a device
+    such as /dev/zero would never end). FileNotFoundError when it is missing."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise TooLarge("not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"larger than {limit >> 20} MB")
+    return data
 
 
 def write_json_atomic(path: Path, data) -> None:

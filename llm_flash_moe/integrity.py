@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence
 
 from .errors import FlashMoeError, one_line
 from .flash_layout import (EXPERTS_DIR, MANIFEST_NAME, OWNER_MARKER, OWNER_MARKER_TEXT, PARTIAL_DIR,
-                           RESIDENT_WEIGHTS_NAME, Manifest)
+                           RESIDENT_WEIGHTS_NAME, Manifest, read_small)
 
 # JSON files users may edit or damage are small: anything larger is not one of ours.
 MAX_JSON_BYTES = 64 << 20
@@ -44,7 +44,7 @@ def is_ours(directory: Path) -> bool:
         except (FlashMoeError, OSError):
             return False
     try:  # an unfinished `prepare` of that time: its plan, as the journal writes it
-        plan = json.loads((directory / PARTIAL_DIR / "plan.json").read_text())
+        plan = json.loads(read_small(directory / PARTIAL_DIR / "plan.json", MAX_JSON_BYTES))
         return isinstance(plan, dict) and {"format_version", "source", "name"} <= set(plan)
     except (OSError, ValueError, RecursionError):
         return False
@@ -91,9 +91,7 @@ def read_json(path: Path, fix: str, default=None, check: Optional[Callable[[obje
     FlashMoeError naming the file and ``fix``."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise FlashMoeError(f"{path} is damaged (larger than {MAX_JSON_BYTES >> 20} MB); {fix}")
-        data = json.loads(path.read_text())
+        data = json.loads(read_small(path, MAX_JSON_BYTES))
     except FileNotFoundError:
         return default
     except RecursionError:
@@ -149,3 +147,26 @@ def combine_crcs(crcs: Sequence[int], lengths: Sequence[int]) -> int:
         t0, t1, t2, t3 = _shift_tables(length)
         crc = (t0[crc & 255] ^ t1[(crc >> 8) & 255] ^ t2[(crc >> 16) & 255] ^ t3[crc >> 24]) ^ piece
     return crc
+
+
+def parallel_checksum(path: Path, threads: int = 8, chunk: int = 64 << 20) -> str:
+    """A whole file's CRC-32 (as flash_layout.file_checksum gives it), its chunks read and checksummed on
+    ``threads`` threads at once (zlib.crc32 releases the GIL) and combined."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = os.stat(path).st_size
+    starts = range(0, size, chunk)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def crc(start: int) -> int:
+            data = os.pread(fd, min(chunk, size - start), start)
+            if len(data) != min(chunk, size - start):
+                raise OSError(f"{path} changed while it was read")
+            return zlib.crc32(data)
+
+        with ThreadPoolExecutor(max(1, min(threads, len(starts)))) as pool:
+            crcs = list(pool.map(crc, starts))
+    finally:
+        os.close(fd)
+    lengths = [min(chunk, size - start) for start in starts]
+    return f"{combine_crcs(crcs, lengths) & 0xFFFFFFFF:08x}" if crcs else f"{zlib.crc32(b''):08x}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from .errors import FlashMoeError
-from .flash_layout import MANIFEST_NAME, PARTIAL_DIR, write_json_atomic
+from .flash_layout import DAMAGED_REMEDY, MANIFEST_NAME, PARTIAL_DIR, write_json_atomic
 from .integrity import is_ours, read_json, set_aside
 
 FLAGSHIP_NAME = "qwen397"
@@ -172,5 +172,9 @@ def unfinished() -> Dict[str, Path]:
 def model_dir(name: str) -> Path:
     path = prepared().get(name)
     if path is None:
+        known = registered().get(name)
+        if known is not None and known.exists():
+            raise FlashMoeError(f"{known} has no {MANIFEST_NAME} (it was deleted, or its `prepare` never finished); "
+                                f"{DAMAGED_REMEDY}")
         raise FlashMoeError(f"no prepared model named {name!r}; see `llm flash-moe models`")
     return path

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from .flash_layout import TOKENIZER_VOCAB_FILES, Manifest, file_checksum, has_tokenizer, record_checksum
+from .flash_layout import (TOKENIZER_VOCAB_FILES, Manifest, file_checksum, has_tokenizer, read_small,
+                           record_checksum)
 
 CHUNK_BYTES = 64 << 20
 CHECKSUM_THREADS = min(8, os.cpu_count() or 1)  # zlib.crc32 releases the GIL: records are checked in parallel
@@ -66,7 +67,7 @@ def verify_model(model_dir: Path, manifest: Manifest, progress: bool = False) ->
     report.problems += metadata_problems(model_dir, manifest)
     if not manifest.files:  # a model of format version 1: its metadata has no checksums
         try:
-            json.loads((model_dir / "config.json").read_text())
+            json.loads(read_small(model_dir / "config.json", 1 << 20))
         except (OSError, ValueError, RecursionError) as e:
             report.problems.append(f"config.json is missing or damaged ({type(e).__name__})")
     if not has_tokenizer(model_dir):

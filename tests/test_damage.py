@@ -93,16 +93,26 @@ def copy(prepared, tmp_path, user) -> Path:
     return path
 
 
-@pytest.fixture
-def answer(copy):
-    """The tiny model's greedy answer to "hello there" while undamaged: damaged weights must never give it
-    as if nothing were wrong, nor anything else."""
-    result = run("-m", MODEL, "hello there", *GREEDY, "-n")
+@pytest.fixture(scope="module")
+def intact_answer(prepared, tmp_path_factory):
+    """The tiny model's greedy answer to "hello there" while undamaged (computed once, in a user directory of
+    its own): damaged weights must never give it as if nothing were wrong, nor anything else."""
+    saved = os.environ.get("LLM_USER_PATH")
+    os.environ["LLM_USER_PATH"] = str(tmp_path_factory.mktemp("dmg-answer"))
+    try:
+        registry.register(NAME, prepared)
+        result = run("-m", MODEL, "hello there", *GREEDY, "-n")
+    finally:
+        os.environ["LLM_USER_PATH"] = saved
+        session.unload()
+        prompt_cache.MEMORY.clear()
     assert result.exit_code == 0, result.output
-    session.unload()
-    prompt_cache.MEMORY.clear()
-    shutil.rmtree(prompt_cache.root(), ignore_errors=True)
     return result.stdout
+
+
+@pytest.fixture
+def answer(copy, intact_answer):
+    return intact_answer
 
 
 # ------------------------------------------------------------------------------ 1. the four data-loss cases
@@ -229,3 +239,109 @@ def test_removing_a_model_never_touches_another_models_snapshots(copy, user):
     line = one_line_error(run("flash-moe", "remove", "prompt-cache", "--yes"))
     assert "no prepared model named 'prompt-cache'" in line
     assert tree(snapshots) == kept
+
+
+# ------------------------------------------------------------------------------ 2. the matrix: every file damaged
+
+
+def _outcome(result, answer) -> str:
+    """What a prompt on a damaged model did: "refused" (one line, nothing printed), "same" (the intact
+    model's answer: the damage did not reach the weights used), or a failure of the test."""
+    if result.exit_code == 0:
+        assert result.stdout == answer, f"an answer from damaged weights: {result.stdout!r} != {answer!r}"
+        return "same"
+    one_line_error(result)
+    assert result.stdout == "", result.stdout
+    return "refused"
+
+
+def _truncate(path: Path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _flip(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _empty(path: Path):
+    path.write_bytes(b"")
+
+
+def _link_to_dev_zero(path: Path):
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+def _link_elsewhere(path: Path):
+    """A link to a file of the user's (of the same size and other bytes): never read as ours, never written."""
+    model = path.parent.parent if path.parent.name == "experts" else path.parent
+    other = model.parent / f"users-{path.name}"
+    data = bytearray(path.read_bytes())
+    data[:1] = bytes([data[0] ^ 0xFF]) if data else b"x"
+    other.write_bytes(bytes(data))
+    path.unlink()
+    path.symlink_to(other)
+
+
+def _delete(path: Path):
+    path.unlink()
+
+
+DAMAGES = [_truncate, _flip, _empty, _link_to_dev_zero, _link_elsewhere, _delete]
+REPAIRED = (_flip, _link_elsewhere)  # every file, repaired and compared (a prepare each: slow)
+
+
+def verify_error(result) -> str:
+    """`verify`'s report: a line per damage, then one ``Error:`` line with the repair command; no traceback."""
+    out = result.output.strip()
+    assert result.exit_code == 1 and "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.strip() and not line.startswith(PROGRESS_BARS)]
+    assert lines[-1].startswith("Error: ") and not any(line.startswith("Error: ") for line in lines[:-1]), out
+    return lines[-1]
+MODEL_FILES = ["manifest.json", "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+               "generation_config.json", "model.safetensors", "experts/layer-000.bin", "experts/layer-003.bin"]
+TALLY = {"tried": 0, "refused": 0, "same": 0, "verify_named": 0, "repaired": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tally():
+    yield TALLY
+    print(f"\ndamage matrix: {TALLY}")
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("file", MODEL_FILES)
+def test_every_file_damaged_is_refused_named_by_verify_and_repaired(copy, prepared, source, answer, monkeypatch,
+                                                                   file, damage):
+    """Each damage: the prompt is refused in one line (or answers exactly as before: the damage did not
+    reach what it used), `verify` names it, and `prepare --repair` (or, for a damaged manifest, the same
+    prepare again) makes the model byte-identical to the intact one; nothing outside the model is written."""
+    from llm_flash_moe.bank_pool import CHECK_READS_ENV
+
+    monkeypatch.setenv(CHECK_READS_ENV, "1")  # a flipped expert byte is caught on read (docs/RELIABILITY.md)
+    damage(copy / file)
+    outside = {p: p.read_bytes() for p in copy.parent.iterdir() if p.is_file()}
+    TALLY["tried"] += 1
+    TALLY[_outcome(run("-m", MODEL, "hello there", *GREEDY, "-n"), answer)] += 1
+    session.unload()
+    verified = run("flash-moe", "verify", NAME)
+    if file == "manifest.json":  # no checksums left to trust: the message says to prepare it again
+        assert "manifest.json" in one_line_error(verified) and "prepare" in one_line_error(verified)
+    else:
+        line = verify_error(verified)
+        assert "is damaged" in line and "--repair" in line, verified.output
+        layer = f"layer {int(file[-7:-4])}" if file.startswith("experts/") else file
+        assert layer in verified.output, verified.output
+    TALLY["verify_named"] += 1
+    if damage not in REPAIRED:
+        return
+    repaired = run("flash-moe", "prepare", str(source), "--name", NAME, "--output", str(copy), "--repair")
+    assert repaired.exit_code == 0, repaired.output
+    assert "Traceback" not in repaired.output
+    assert tree(copy) == tree(prepared) and not any(p.is_symlink() for p in copy.rglob("*"))
+    assert run("flash-moe", "verify", NAME).exit_code == 0
+    assert {p: p.read_bytes() for p in copy.parent.iterdir() if p.is_file()} == outside
+    TALLY["repaired"] += 1
