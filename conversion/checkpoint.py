@@ -77,6 +77,14 @@ def checked_file(directory: Path, name: str, root: Optional[Path] = None) -> Pat
     return path
 
 
+def check_metadata_files(directory: Path, root: Optional[Path] = None) -> None:
+    """Refuse, before anything is written, tokenizer or template files that are links out of the checkpoint,
+    not regular files, or too large (they are copied into the prepared model at the end)."""
+    for name in TOKENIZER_FILES:
+        if (Path(directory) / name).exists() or (Path(directory) / name).is_symlink():
+            checked_file(directory, name, root)
+
+
 def load_config(directory: Path, root: Optional[Path] = None) -> dict:
     """The checkpoint's config.json, checked: a supported model type whose fields mlx-lm can build from."""
     from ..mlx_model import config_problem, json_kind

@@ -345,3 +345,311 @@ def test_every_file_damaged_is_refused_named_by_verify_and_repaired(copy, prepar
     assert run("flash-moe", "verify", NAME).exit_code == 0
     assert {p: p.read_bytes() for p in copy.parent.iterdir() if p.is_file()} == outside
     TALLY["repaired"] += 1
+
+
+# ------------------------------------------------------------------------------ 3. the matrix: every manifest field
+
+
+def _leaves(value, path=()):
+    """Paths of a manifest's fields: every one of the first layer (its record layout included), the number
+    and file of the others, the first of each list of checksums or files, every config field."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            yield from _leaves(sub, path + (key,))
+    elif isinstance(value, list) and value and isinstance(value[0], (dict, str)) and path[-1:] != ("shape",):
+        for i, sub in enumerate(value):
+            if path == ("expert_layers",) and i > 0:
+                yield path + (i, "layer")
+                yield path + (i, "file")
+            elif i == 0 or (path != ("files",) and path[-1:] != ("checksums",)):
+                yield from _leaves(sub, path + (i,))
+    else:
+        yield path
+
+
+def _mutations(value):
+    """What a damaged or hostile manifest may hold instead of ``value``."""
+    if isinstance(value, bool) or value is None:
+        return {"other type": "x", "deleted": KeyError}
+    if isinstance(value, int):
+        return {"deleted": KeyError, "other type": str(value), "huge": 10 ** 12, "negative": -1, "nudged": value + 64}
+    if isinstance(value, str):
+        return {"deleted": KeyError, "other type": 7, "nudged": value + "x"}
+    if isinstance(value, list):
+        return {"deleted": KeyError, "other type": {"a": 1}, "nudged": value + [1] if value else [1],
+                "huge": [10 ** 9] * len(value)}
+    return {"deleted": KeyError, "other type": 7}
+
+
+def _set(data, path, value):
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    if value is KeyError:
+        if isinstance(target, list):
+            target.pop(path[-1])
+        else:
+            del target[path[-1]]
+    else:
+        target[path[-1]] = value
+
+
+def _cases(manifest: dict, config: bool):
+    for path in _leaves(manifest):
+        if (path[0] == "config") != config:
+            continue
+        value = manifest
+        for key in path:
+            value = value[key]
+        if path[0] == "resident_quantization" and len(path) > 2 and ".layers.0." not in path[1]:
+            continue  # the other layers' entries are alike
+        for kind, new in _mutations(value).items():
+            if config and kind != "other type":
+                continue
+            yield path, kind, new
+        if path[-1] == "file":
+            yield path, "a path", "../../etc/passwd"
+    if not config:  # two layers on one file; two entries of one layer; a layer's records overlapping another's
+        layers = manifest["expert_layers"]
+        yield ("expert_layers", 1, "file"), "shared file", layers[0]["file"]
+        yield ("expert_layers", 1, "layer"), "listed twice", layers[0]["layer"]
+        yield ("expert_layers", 0, "layout", "parts", 1, "offset"), "overlapping parts", 0
+        yield ("expert_layers",), "a billion experts", [{**layers[0], "num_experts": 10 ** 9}]
+
+
+@pytest.mark.parametrize("config", [False, True], ids=["fields", "config"])
+def test_every_manifest_field_damaged_is_refused_or_harmless(copy, answer, config):
+    """Each field deleted, of another type, huge, negative or nudged (offsets by 64 bytes): `llm -m` refuses
+    in one line or answers exactly as the intact model does; `info`, `verify` and `models` never show a
+    traceback; none allocates what the manifest claims (a billion experts is refused before anything)."""
+    original = (copy / MANIFEST_NAME).read_text()
+    manifest = json.loads(original)
+    counts = {"tried": 0, "refused": 0, "same": 0}
+    for path, kind, new in _cases(manifest, config):
+        data = json.loads(original)
+        try:
+            _set(data, path, new)
+        except (KeyError, IndexError, TypeError):
+            continue
+        (copy / MANIFEST_NAME).write_text(json.dumps(data))
+        session.unload()
+        result = run("-m", MODEL, "hello there", *GREEDY, "-n")
+        try:
+            outcome = _outcome(result, answer)
+            commands = [["flash-moe", "info", NAME]] + ([["flash-moe", "verify", NAME], ["flash-moe", "models"]]
+                                                        if outcome == "refused" else [])
+            for command in commands:  # the commands that read a manifest (a damaged one showed tracebacks)
+                other = run(*command)
+                assert "Traceback" not in other.output and other.exit_code in (0, 1), other.output
+        except AssertionError as e:
+            raise AssertionError(f"manifest {'/'.join(map(str, path))} {kind}: {e}") from None
+        counts["tried"] += 1
+        counts[outcome] += 1
+    (copy / MANIFEST_NAME).write_text(original)
+    print(f"\nmanifest matrix ({'config' if config else 'fields'}): {counts}")
+    TALLY[f"manifest_{'config' if config else 'fields'}"] = counts
+    assert counts["tried"] > (60 if config else 120)
+
+
+# ------------------------------------------------------------------------------ 4. prompt-cache snapshots
+
+
+def _snapshot_flip(path: Path):
+    _flip(path)
+
+
+def _snapshot_truncate(path: Path):
+    _truncate(path)
+
+
+def _snapshot_kv_offset(path: Path):
+    """The KV caches' offset (a scalar in the file) one token short: the silent-garbage case of the attack run."""
+    import mlx.core as mx
+
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    count = int(path.name.split("-")[0])
+    changed = {k: (mx.array(count - 1) if v.ndim == 0 and v.item() == count else v) for k, v in arrays.items()}
+    assert any(changed[k] is not arrays[k] for k in arrays)
+    mx.save_safetensors(str(path), changed, metadata)
+
+
+@pytest.mark.parametrize("damage", [_snapshot_flip, _snapshot_truncate, _snapshot_kv_offset],
+                         ids=lambda f: f.__name__[len("_snapshot_"):])
+def test_a_damaged_prompt_cache_snapshot_is_dropped_with_a_warning(copy, user, damage):
+    assert run("-m", MODEL, "hello there", *GREEDY).exit_code == 0
+    snapshots = user / "flash-moe" / "prompt-cache" / NAME
+    saved = {p.name: p.read_bytes() for p in snapshots.glob("*.safetensors")}
+    assert saved
+
+    def follow_up():
+        session.unload()
+        prompt_cache.MEMORY.clear()
+        for p in snapshots.glob("*.safetensors"):
+            p.unlink()
+        for name, data in saved.items():
+            (snapshots / name).write_bytes(data)
+        return run("-c", "-n", "and more", *GREEDY)
+
+    intact = follow_up()
+    assert intact.exit_code == 0 and "Warning" not in intact.stderr, intact.output
+    session.unload()
+    prompt_cache.MEMORY.clear()
+    for p in snapshots.glob("*.safetensors"):
+        p.unlink()
+    for name, data in saved.items():
+        (snapshots / name).write_bytes(data)
+        damage(snapshots / name)
+    saved = {p.name: p.read_bytes() for p in snapshots.glob("*.safetensors")}  # the damaged ones, restored each run
+    result = follow_up()
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert result.stdout == intact.stdout
+    assert "Warning: dropped a damaged prompt-cache snapshot" in result.stderr
+    assert not any((snapshots / name).exists() and (snapshots / name).read_bytes() == data
+                   for name, data in saved.items())
+
+
+# ------------------------------------------------------------------------------ 5. hostile sources and schemas
+
+
+def _rewrite_header(path: Path, change):
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header = change(header)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + n:])
+
+
+def _first_tensor(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+def _header_a_list(d):
+    _rewrite_header(d / "model.safetensors", lambda h: [1, 2])
+    return "its header is not a JSON object"
+
+
+def _negative_offset(d):
+    def change(h):
+        h[_first_tensor(h)]["data_offsets"][0] = -8
+        return h
+    _rewrite_header(d / "model.safetensors", change)
+    return "no valid data_offsets"
+
+
+def _string_offsets(d):
+    def change(h):
+        h[_first_tensor(h)]["data_offsets"] = ["0", "8"]
+        return h
+    _rewrite_header(d / "model.safetensors", change)
+    return "no valid data_offsets"
+
+
+def _inflated_shape(d):
+    def change(h):
+        h[_first_tensor(h)]["shape"] = [10 ** 9, 10 ** 9]
+        return h
+    _rewrite_header(d / "model.safetensors", change)
+    return "not the 1,000,000,000,000,000,000 elements of its shape"
+
+
+def _missing_shape(d):
+    def change(h):
+        del h[_first_tensor(h)]["shape"]
+        return h
+    _rewrite_header(d / "model.safetensors", change)
+    return "no valid shape"
+
+
+def _overlapping_tensors(d):
+    def change(h):
+        keys = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+        a, b = keys[0], keys[1]
+        size = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]
+        h[b]["data_offsets"] = [h[a]["data_offsets"][0], h[a]["data_offsets"][0] + size]
+        return h
+    _rewrite_header(d / "model.safetensors", change)
+    return "overlap"
+
+
+def _config_nested_deep(d):
+    (d / "config.json").write_text('{"a":' + "[" * 200_000 + "]" * 200_000 + "}")
+    return "nested too deeply"
+
+
+def _a_million_layers(d):
+    config = json.loads((d / "config.json").read_text())
+    (config.get("text_config") or config)["num_hidden_layers"] = 1_000_000
+    (d / "config.json").write_text(json.dumps(config))
+    return "num_hidden_layers is 1,000,000, outside 0 to 1,024"
+
+
+def _config_is_dev_zero(d):
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to("/dev/zero")
+    return "config.json links outside the checkpoint (to /dev/zero)"
+
+
+def _template_is_dev_urandom(d):
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    (d / "chat_template.jinja").symlink_to("/dev/urandom")
+    return "chat_template.jinja links outside the checkpoint (to /dev/urandom)"
+
+
+def _tokenizer_links_outside(d):
+    outside = d.parent / "secret.txt"
+    outside.write_text("not for the model")
+    (d / "tokenizer.json").unlink()
+    (d / "tokenizer.json").symlink_to(outside)
+    return "tokenizer.json links outside the checkpoint"
+
+
+def _shard_is_a_fifo(d):
+    (d / "model.safetensors").unlink()
+    os.mkfifo(d / "model.safetensors")
+    return "is not a regular file"
+
+
+HOSTILE_SOURCES = [_header_a_list, _negative_offset, _string_offsets, _inflated_shape, _missing_shape,
+                   _overlapping_tensors, _config_nested_deep, _a_million_layers, _config_is_dev_zero,
+                   _template_is_dev_urandom, _tokenizer_links_outside, _shard_is_a_fifo]
+
+
+@pytest.mark.parametrize("case", HOSTILE_SOURCES, ids=lambda f: f.__name__.strip("_"))
+def test_hostile_sources_are_refused_in_one_line(source, user, tmp_path, case):
+    d = tmp_path / "source"
+    shutil.copytree(source, d)
+    expected = case(d)
+    before = {p.name: (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+              for p in d.iterdir()}
+    line = one_line_error(run("flash-moe", "prepare", str(d), "--name", "bad", "--output", str(tmp_path / "out")))
+    assert expected in line, line
+    assert not (tmp_path / "out").exists() and "bad" not in registry.registered()
+    assert {p.name: (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in d.iterdir()} == before
+
+
+def _ref_chain(n: int) -> dict:
+    defs = {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(n)}
+    defs[f"a{n}"] = {"type": "string"}
+    return {"$defs": defs, "type": "object", "properties": {"x": {"$ref": "#/$defs/a0"}}}
+
+
+def _nested(n: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(n):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize("schema,expected", [
+    (_ref_chain(5000), "has 5,001 $refs, more than 500"),
+    (_nested(100), "nested more than 64 levels deep"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(20_000)}}, "more than 20,000 parts"),
+], ids=["ref-chain", "deep", "wide"])
+def test_hostile_schemas_are_refused_before_llguidance_sees_them(copy, schema, expected):
+    result = run("-m", MODEL, "hi", *GREEDY, "--schema", json.dumps(schema))
+    line = one_line_error(result)
+    assert expected in line and "simplify it" in line, line
