@@ -7,20 +7,15 @@ and copied per case. The figures of the matrix (tried / refused / detected) are 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from llm.cli import cli
-
-from conftest import logged_turns
+import conftest
+from conftest import PROGRESS_BARS, logged_turns, run
 from llm_flash_moe import prompt_cache, registry, session
 from llm_flash_moe.flash_layout import MANIFEST_NAME, OWNER_MARKER
 
@@ -29,22 +24,11 @@ pytest.importorskip("mlx.core")
 NAME = "dmg"
 MODEL = "dmg-flash"
 GREEDY = ["-o", "temperature", "0", "-o", "thinking", "0", "-o", "max_tokens", "4"]
-PROGRESS_BARS = ("Preparing ", "Verifying ")
-
-
-def run(*args, input=None):
-    return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
 
 
 def one_line_error(result) -> str:
     """The single ``Error: ...`` line of a failed command (besides progress bars and warnings; no traceback)."""
-    out = result.output.strip()
-    assert result.exit_code != 0, out
-    assert "Traceback" not in out
-    lines = [line for line in out.splitlines()
-             if line.strip() and not line.startswith(PROGRESS_BARS) and not line.startswith("Warning: ")]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), out
-    return lines[0]
+    return conftest.one_line_error(result, warnings=True)
 
 
 def tree(directory: Path) -> dict:
@@ -151,10 +135,6 @@ def test_remove_refuses_a_registered_directory_that_is_not_ours(user, tmp_path):
     line = one_line_error(run("flash-moe", "remove", "victim", "--yes"))
     assert "was not made by `llm flash-moe prepare`" in line and "nothing deleted" in line
     assert tree(mine) == before
-
-
-class FullDisk(RuntimeError):
-    pass
 
 
 def _disk_full_on_save(monkeypatch):
@@ -481,31 +461,26 @@ def test_a_damaged_prompt_cache_snapshot_is_dropped_with_a_warning(copy, user, d
     saved = {p.name: p.read_bytes() for p in snapshots.glob("*.safetensors")}
     assert saved
 
-    def follow_up():
+    def follow_up(snapshot_damage=None):
+        """The next turn in a new process's state, from the snapshots of the first turn (damaged or not)."""
         session.unload()
         prompt_cache.MEMORY.clear()
         for p in snapshots.glob("*.safetensors"):
             p.unlink()
         for name, data in saved.items():
             (snapshots / name).write_bytes(data)
+            if snapshot_damage is not None:
+                snapshot_damage(snapshots / name)
         return run("-c", "-n", "and more", *GREEDY)
 
     intact = follow_up()
     assert intact.exit_code == 0 and "Warning" not in intact.stderr, intact.output
-    session.unload()
-    prompt_cache.MEMORY.clear()
-    for p in snapshots.glob("*.safetensors"):
-        p.unlink()
-    for name, data in saved.items():
-        (snapshots / name).write_bytes(data)
-        damage(snapshots / name)
-    saved = {p.name: p.read_bytes() for p in snapshots.glob("*.safetensors")}  # the damaged ones, restored each run
-    result = follow_up()
+    result = follow_up(damage)
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     assert result.stdout == intact.stdout
     assert "Warning: dropped a damaged prompt-cache snapshot" in result.stderr
     assert not any((snapshots / name).exists() and (snapshots / name).read_bytes() == data
-                   for name, data in saved.items())
+                   for name, data in saved.items())  # the intact bytes were never restored: all were dropped
 
 
 # ------------------------------------------------------------------------------ 5. hostile sources and schemas
@@ -531,35 +506,31 @@ def _header_a_list(d):
     return "its header is not a JSON object"
 
 
-def _negative_offset(d):
+def _first_tensor_field(d, field, value):
+    """The first tensor's ``field`` in the header set to ``value`` (deleted when KeyError)."""
     def change(h):
-        h[_first_tensor(h)]["data_offsets"][0] = -8
+        _set(h, (_first_tensor(h), field), value)
         return h
     _rewrite_header(d / "model.safetensors", change)
+
+
+def _negative_offset(d):
+    _first_tensor_field(d, "data_offsets", [-8, 8])
     return "no valid data_offsets"
 
 
 def _string_offsets(d):
-    def change(h):
-        h[_first_tensor(h)]["data_offsets"] = ["0", "8"]
-        return h
-    _rewrite_header(d / "model.safetensors", change)
+    _first_tensor_field(d, "data_offsets", ["0", "8"])
     return "no valid data_offsets"
 
 
 def _inflated_shape(d):
-    def change(h):
-        h[_first_tensor(h)]["shape"] = [10 ** 9, 10 ** 9]
-        return h
-    _rewrite_header(d / "model.safetensors", change)
+    _first_tensor_field(d, "shape", [10 ** 9, 10 ** 9])
     return "not the 1,000,000,000,000,000,000 elements of its shape"
 
 
 def _missing_shape(d):
-    def change(h):
-        del h[_first_tensor(h)]["shape"]
-        return h
-    _rewrite_header(d / "model.safetensors", change)
+    _first_tensor_field(d, "shape", KeyError)
     return "no valid shape"
 
 
