@@ -624,3 +624,14 @@ def test_hostile_schemas_are_refused_before_llguidance_sees_them(copy, schema, e
     result = run("-m", MODEL, "hi", *GREEDY, "--schema", json.dumps(schema))
     line = one_line_error(result)
     assert expected in line and "simplify it" in line, line
+
+
+def test_a_model_of_format_version_1_still_loads_and_verifies(copy, answer):
+    """Models prepared before the manifest carried its files' checksums keep working as they are."""
+    data = json.loads((copy / MANIFEST_NAME).read_text())
+    del data["files"]
+    data["format_version"] = data["settings"]["format_version"] = 1
+    (copy / MANIFEST_NAME).write_text(json.dumps(data))
+    result = run("-m", MODEL, "hello there", *GREEDY, "-n")
+    assert result.exit_code == 0 and result.stdout == answer, result.output
+    assert run("flash-moe", "verify", NAME).exit_code == 0
