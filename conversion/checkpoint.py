@@ -123,8 +123,9 @@ def _our_fields_problem(config: dict) -> Optional[str]:
     for prefix, values in (("", config), ("text_config.", text if isinstance(text, dict) else {})):
         for key, bound in CONFIG_BOUNDS.items():
             value = values.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= bound:
-                return f"{prefix}{key} is {value:,}, outside 0 to {bound:,}"
+            low = 0 if key == "shared_expert_intermediate_size" else 1
+            if isinstance(value, int) and not isinstance(value, bool) and not low <= value <= bound:
+                return f"{prefix}{key} is {value:,}, outside {low} to {bound:,}"
         q = values.get("quantization")
         if q is not None:
             if not isinstance(q, dict):

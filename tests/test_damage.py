@@ -554,7 +554,14 @@ def _a_million_layers(d):
     config = json.loads((d / "config.json").read_text())
     (config.get("text_config") or config)["num_hidden_layers"] = 1_000_000
     (d / "config.json").write_text(json.dumps(config))
-    return "num_hidden_layers is 1,000,000, outside 0 to 1,024"
+    return "num_hidden_layers is 1,000,000, outside 1 to 1,024"
+
+
+def _no_experts(d):
+    config = json.loads((d / "config.json").read_text())
+    (config.get("text_config") or config)["num_experts"] = 0
+    (d / "config.json").write_text(json.dumps(config))
+    return "num_experts is 0, outside 1 to 16,384"
 
 
 def _config_is_dev_zero(d):
@@ -584,7 +591,7 @@ def _shard_is_a_fifo(d):
 
 
 HOSTILE_SOURCES = [_header_a_list, _negative_offset, _string_offsets, _inflated_shape, _missing_shape,
-                   _overlapping_tensors, _config_nested_deep, _a_million_layers, _config_is_dev_zero,
+                   _overlapping_tensors, _config_nested_deep, _a_million_layers, _no_experts, _config_is_dev_zero,
                    _template_is_dev_urandom, _tokenizer_links_outside, _shard_is_a_fifo]
 
 
