@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import FlashMoeError
+from ..flash_layout import MAX_DIMENSION, MAX_EXPERTS, MAX_LAYERS
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_next", "qwen3_moe")
 
@@ -61,15 +62,50 @@ def is_vision(key: str) -> bool:
     return key.startswith(VISION_PREFIXES)
 
 
-def load_config(directory: Path) -> dict:
+# The metadata files of a checkpoint (config, tokenizer, chat template, index) are small: bigger is not one.
+MAX_METADATA_BYTES = 256 << 20
+# Bounds on what a config may claim, checked before a model is built from it (a million layers is no model).
+CONFIG_BOUNDS = {"num_hidden_layers": MAX_LAYERS, "num_experts": MAX_EXPERTS, "hidden_size": MAX_DIMENSION,
+                 "moe_intermediate_size": MAX_DIMENSION, "intermediate_size": MAX_DIMENSION,
+                 "shared_expert_intermediate_size": MAX_DIMENSION, "num_attention_heads": 4096,
+                 "num_key_value_heads": 4096, "head_dim": 65536, "vocab_size": 1 << 22,
+                 "num_experts_per_tok": MAX_EXPERTS}
+
+
+def checked_file(directory: Path, name: str, root: Optional[Path] = None) -> Path:
+    """``directory/name``, refused in one line unless it is a regular file of sane size inside ``root``
+    (the checkpoint's directory; a hub snapshot's links point into its cache folder, which is given instead)."""
+    path = Path(directory) / name
+    real = path.resolve()
+    if not real.is_relative_to(Path(root or directory).resolve()):
+        raise FlashMoeError(f"{path} links outside the checkpoint (to {real}); copy the file itself into {directory}")
+    if not real.is_file():
+        raise FlashMoeError(f"{path} is not a regular file; give the checkpoint's own {name}")
+    if real.stat().st_size > MAX_METADATA_BYTES:
+        raise FlashMoeError(f"{path} is larger than {MAX_METADATA_BYTES >> 20} MB: not a checkpoint's {name}")
+    return path
+
+
+def check_metadata_files(directory: Path, root: Optional[Path] = None) -> None:
+    """Refuse, before anything is written, tokenizer or template files that are links out of the checkpoint,
+    not regular files, or too large (they are copied into the prepared model at the end)."""
+    for name in TOKENIZER_FILES:
+        if (Path(directory) / name).exists() or (Path(directory) / name).is_symlink():
+            checked_file(directory, name, root)
+
+
+def load_config(directory: Path, root: Optional[Path] = None) -> dict:
     """The checkpoint's config.json, checked: a supported model type whose fields mlx-lm can build from."""
     from ..mlx_model import config_problem, json_kind
 
-    path = Path(directory) / "config.json"
+    if not (Path(directory) / "config.json").exists():
+        raise FlashMoeError(f"{directory} is not a checkpoint: it has no config.json")
+    path = checked_file(directory, "config.json", root)
     try:
         config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FlashMoeError(f"{directory} is not a checkpoint: it has no config.json")
+    except RecursionError:
+        raise FlashMoeError(f"{path} is not valid JSON (nested too deeply); download the checkpoint's config.json "
+                            "again") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise FlashMoeError(f"{path} is not valid JSON ({e}); download the checkpoint's config.json again")
     if not isinstance(config, dict):
@@ -94,6 +130,11 @@ def _our_fields_problem(config: dict) -> Optional[str]:
 
     text = config.get("text_config")
     for prefix, values in (("", config), ("text_config.", text if isinstance(text, dict) else {})):
+        for key, bound in CONFIG_BOUNDS.items():
+            value = values.get(key)
+            low = 0 if key == "shared_expert_intermediate_size" else 1
+            if isinstance(value, int) and not isinstance(value, bool) and not low <= value <= bound:
+                return f"{prefix}{key} is {value:,}, outside {low} to {bound:,}"
         q = values.get("quantization")
         if q is not None:
             if not isinstance(q, dict):
@@ -111,15 +152,16 @@ def _our_fields_problem(config: dict) -> Optional[str]:
     return None
 
 
-def shard_names(directory: Path) -> List[str]:
+def shard_names(directory: Path, root: Optional[Path] = None) -> List[str]:
     """The safetensors files of a checkpoint: from its index when it has one, else every model*.safetensors."""
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.exists():
+        checked_file(directory, index.name, root)
         try:
             weight_map: Dict[str, str] = json.loads(index.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise FlashMoeError(f"{index} is damaged ({type(e).__name__}: {e}); download it again")
         if not all(isinstance(n, str) for n in names):
             raise FlashMoeError(f"{index} is damaged (its weight_map names non-files); download it again")

@@ -73,7 +73,7 @@ class ExpertRecordWriter:
         for layer in layers:
             path = output / layer.file
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)  # never through a link
             if os.fstat(fd).st_size != layer.file_size:
                 os.ftruncate(fd, layer.file_size)
             self.fds[layer.layer] = fd

@@ -102,6 +102,13 @@ SETTING_OPTIONS = {"bits": "--bits", "group_size": "--group-size", "resident_bit
                    "experts_per_token": "--experts-per-token"}
 
 
+def same_model(old: dict, new: dict) -> bool:
+    """Whether a prepared model's settings are those asked for (a model of an older readable format version is
+    the same model: `--repair` rewrites its manifest in the current version)."""
+    drop = ("format_version",)
+    return {k: v for k, v in old.items() if k not in drop} == {k: v for k, v in new.items() if k not in drop}
+
+
 def other_model_message(existing: Manifest, settings: dict, output: Path) -> str:
     """Why the complete model in ``output`` is not the one asked for (``settings``), naming the options that
     differ."""

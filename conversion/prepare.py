@@ -13,14 +13,15 @@ from typing import Callable, Dict, Optional
 
 from .. import registry
 from ..errors import FlashMoeError, one_line
-from ..flash_layout import (FORMAT_VERSION, MANIFEST_NAME, PARTIAL_DIR, RESIDENT_WEIGHTS_NAME, VISION_WEIGHTS_NAME,
-                            Manifest)
+from ..flash_layout import (FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, PARTIAL_DIR, RESIDENT_WEIGHTS_NAME,
+                            VISION_WEIGHTS_NAME, Manifest, file_checksum, read_small)
+from ..integrity import mark_ours, refuse_foreign
 from . import faults
-from .checkpoint import TOKENIZER_FILES, classify, is_vision
+from .checkpoint import TOKENIZER_FILES, checked_file, classify, is_vision
 from .experts import DiskFullError, ExpertRecordWriter
 from .journal import Journal
 from .plan import (PrepareOptions, Plan, check_disk_space, check_options, make_plan, name_and_output,
-                   other_model_message, space_needed_message)
+                   other_model_message, same_model, space_needed_message)
 from .resident import resident_parameters, write_resident
 from .safetensors_io import TensorInfo, copy_tensors, read_header
 from .source import Source, resolve_source
@@ -58,13 +59,15 @@ def _prepare(opts: PrepareOptions, plan: Plan, existing, echo) -> Manifest:
     if damaged_manifest:
         existing = None
     if existing is not None:
-        if existing.settings != plan.settings:
+        if not same_model(existing.settings, plan.settings):
             raise FlashMoeError(other_model_message(existing, plan.settings, output))
         if not opts.repair:
             _remove_leftovers(output)
             echo(f"{name} is already prepared in {output} (`llm flash-moe verify {name}` checks it)")
             return existing
     new_output = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    mark_ours(output)  # before anything else: what `remove` may delete is decided by this file, never by names
     journal = Journal(output)
     journal.lock()
     try:
@@ -144,6 +147,11 @@ def _start_repair(existing: Manifest, plan: Plan, echo) -> Optional[Dict[str, st
     if report.ok:
         echo(f"{plan.name} is intact: nothing to repair")
         return None
+    for layer in existing.expert_layers:  # a damaged file that is a link is replaced, never written through
+        path = plan.output / layer.file
+        if path.is_symlink() and any(key[0] == layer.layer for key in report.bad_experts):
+            path.unlink()
+            report.bad_experts.update({(layer.layer, e): "a link" for e in range(layer.num_experts)})
     for line in report.lines():
         echo(line)
     n = len(report.bad_experts)
@@ -158,19 +166,18 @@ DAMAGED = "damaged"  # _existing_output: a manifest that cannot be read (and is 
 def _existing_output(output: Path):
     """The complete model in ``output`` (a Manifest), None, or DAMAGED (its manifest cannot be read)."""
     path = output / MANIFEST_NAME
+    refuse_foreign(output)
     if path.exists():
         try:
             return Manifest.load(output)
         except FlashMoeError:
             try:
-                version = json.loads(path.read_text()).get("format_version")
-            except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+                version = json.loads(read_small(path, MAX_MANIFEST_BYTES)).get("format_version")
+            except (OSError, ValueError, AttributeError, UnicodeDecodeError, RecursionError):
                 version = None
             if isinstance(version, int) and version > FORMAT_VERSION:
                 raise
             return DAMAGED
-    if output.exists() and any(output.iterdir()) and not (output / PARTIAL_DIR).exists():
-        raise FlashMoeError(f"{output} is not empty and is not a flash-moe model; choose another --output")
     return None
 
 
@@ -212,7 +219,7 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
             resident_files.append(_write_vision(vision, output, progress))
     if note:
         echo(note)
-    _write_metadata(source, out_config, output, keep_vision=bool(vision))
+    files = _write_metadata(source, out_config, output, keep_vision=bool(vision))
     _check_loads(output)
     for layer in plan.layers:
         layer.checksums = [journal.checksums[f"{layer.layer}/{e}"] if writer.wanted(layer.layer, e) else ""
@@ -221,7 +228,7 @@ def _convert(plan: Plan, journal: Journal, resident_bits: int, echo,
         name=plan.name, source=plan.source_label, revision=source.revision, model_type=source.config["model_type"],
         config=out_config, experts_per_token=plan.experts_per_token, expert_layers=plan.layers,
         resident_quantization=out_config.get("quantization"),
-        resident_files=resident_files, settings=plan.settings,
+        resident_files=resident_files, settings=plan.settings, files=files,
         vision={"file": VISION_WEIGHTS_NAME, "tensors": len(vision)} if vision else None,
     )
     faults.point("manifest")
@@ -288,14 +295,21 @@ def _convert_shards(plan: Plan, journal: Journal, writer: ExpertRecordWriter) ->
     return available
 
 
-def _write_metadata(source: Source, config: dict, output: Path, keep_vision: bool = False) -> None:
+def _write_metadata(source: Source, config: dict, output: Path, keep_vision: bool = False) -> list:
+    """Copy config.json and the tokenizer files; returns their manifest entries (sizes and checksums)."""
     from mlx_lm.utils import save_config
 
+    root = source.directory.parent.parent if source.repo_id else source.directory
+    for name in ("config.json", *TOKENIZER_FILES):  # replaced, never written through (a link may point anywhere)
+        if (output / name).is_symlink():
+            (output / name).unlink()
     save_config(dict(config), output / "config.json", keep_vision_config=keep_vision)
     for name in TOKENIZER_FILES:
         src = source.directory / name
-        if src.exists():
-            shutil.copyfile(src, output / name)
+        if src.exists() or src.is_symlink():
+            shutil.copyfile(checked_file(source.directory, name, root), output / name)
+    return [{"file": name, "bytes": (output / name).stat().st_size, "checksum": file_checksum(output / name)}
+            for name in ("config.json", *TOKENIZER_FILES) if (output / name).exists()]
 
 
 def _check_loads(output: Path) -> None:

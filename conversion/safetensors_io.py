@@ -49,10 +49,16 @@ class TensorInfo:
         return DTYPES[self.dtype][1]
 
 
+MAX_TENSOR_DIMENSIONS = 8
+
+
 def read_header(path: Path) -> Dict[str, TensorInfo]:
-    """Parse a safetensors header and check that every tensor's bytes are present in the file."""
+    """Parse a safetensors header and check it before anything trusts it: every tensor's dtype, shape and
+    offsets well-formed, its byte count that of its shape, its bytes inside the file, no two overlapping."""
     path = Path(path)
     try:
+        if not path.is_file():
+            raise FlashMoeError(f"{path} is not a regular file; give a checkpoint of safetensors files")
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -62,25 +68,56 @@ def read_header(path: Path) -> Dict[str, TensorInfo]:
             if n > 100_000_000 or 8 + n > size:
                 raise FlashMoeError(f"{path} is truncated or not a safetensors file; download it again")
             header = json.loads(f.read(n))
+    except RecursionError:
+        raise FlashMoeError(f"{path} is not a valid safetensors file (its header is nested too deeply)") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         if isinstance(e, FlashMoeError):
             raise
         raise FlashMoeError(f"cannot read {path} as safetensors ({e}); download it again")
+    if not isinstance(header, dict):
+        raise FlashMoeError(f"{path} is not a valid safetensors file (its header is not a JSON object)")
     base = 8 + n
     tensors = {}
     for key, meta in header.items():
         if key == "__metadata__":
             continue
-        if meta["dtype"] not in DTYPES:
-            raise FlashMoeError(f"{path}: tensor {key} has unsupported dtype {meta['dtype']}")
+        problem = _tensor_problem(meta, size - base)
+        if problem:
+            if problem == "truncated":
+                raise FlashMoeError(
+                    f"{path} is truncated: {key} needs bytes up to {base + meta['data_offsets'][1]:,} but the file "
+                    f"has {size:,}; download it again")
+            raise FlashMoeError(f"{path} is not a valid safetensors file: tensor {key} {problem}")
         start, end = meta["data_offsets"]
-        if base + end > size:
-            raise FlashMoeError(
-                f"{path} is truncated: {key} needs bytes up to {base + end:,} but the file has {size:,}; "
-                "download it again"
-            )
         tensors[key] = TensorInfo(path, key, meta["dtype"], tuple(meta["shape"]), base + start, base + end)
+    ranges = sorted((i.start, i.end, k) for k, i in tensors.items() if i.end > i.start)
+    for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
+        if start < end:
+            raise FlashMoeError(f"{path} is not a valid safetensors file: tensors {a} and {b} overlap")
     return tensors
+
+
+def _tensor_problem(meta, data_bytes: int):
+    """What is wrong with one tensor's header entry (None: nothing; "truncated": its bytes are past the end)."""
+    if not isinstance(meta, dict):
+        return "has no dtype, shape and data_offsets"
+    if meta.get("dtype") not in DTYPES:
+        return f"has unsupported dtype {str(meta.get('dtype'))[:20]}"
+    shape, offsets = meta.get("shape"), meta.get("data_offsets")
+    ints = (lambda xs, n=None: isinstance(xs, list) and (n is None or len(xs) == n)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs))
+    if not ints(shape) or len(shape) > MAX_TENSOR_DIMENSIONS:
+        return "has no valid shape (a list of at most 8 sizes >= 0)"
+    if not ints(offsets, 2) or offsets[0] > offsets[1]:
+        return "has no valid data_offsets (two increasing offsets >= 0)"
+    count = 1
+    for d in shape:
+        count *= d
+    if count * np.dtype(DTYPES[meta["dtype"]][0]).itemsize != offsets[1] - offsets[0]:
+        return f"has {offsets[1] - offsets[0]:,} bytes, not the {count:,} elements of its shape"
+    if offsets[1] > data_bytes:
+        return "truncated"
+    return None
 
 
 def read_rows(info: TensorInfo, index: int, fd: int) -> np.ndarray:

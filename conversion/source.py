@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import FlashMoeError
-from .checkpoint import METADATA_PATTERNS, load_config, shard_names
+from .checkpoint import check_metadata_files, METADATA_PATTERNS, load_config, shard_names
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -109,6 +109,7 @@ def resolve_source(source: str, revision: Optional[str] = None, delete_shards: b
         if delete_shards:
             raise FlashMoeError("--delete-source only applies to hub sources; it never deletes your own files")
         config = load_config(path)
+        check_metadata_files(path)
         shards = shard_names(path)
         for name in shards:
             if not (path / name).exists():
@@ -129,8 +130,10 @@ def _hub_source(repo_id: str, revision: Optional[str], delete_shards: bool) -> S
             revision = info.sha
             sizes = {s.rfilename: s.size or 0 for s in info.siblings if s.rfilename.endswith(".safetensors")}
         directory = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(METADATA_PATTERNS)))
-    config = load_config(directory)
+    cache = directory.parent.parent  # the repo's cache folder: snapshot files link into its blobs/
+    config = load_config(directory, cache)
+    check_metadata_files(directory, cache)
     has_index = (directory / "model.safetensors.index.json").exists()
-    shards = sorted(sizes) if sizes and not has_index else shard_names(directory)
+    shards = sorted(sizes) if sizes and not has_index else shard_names(directory, cache)
     return Source(repo_id, directory, shards, config, revision=revision, repo_id=repo_id,
                   delete_shards=delete_shards, shard_sizes=sizes)

@@ -16,10 +16,18 @@ hookimpl = pluggy.HookimplMarker("llm")
 def register_models(register):
     """``qwen397-flash`` always (it explains how to prepare it), and ``<name>-flash`` per prepared model,
     each with its async twin (llm's async API, ``llm --async``)."""
+    import sys
+
     from . import registry
+    from .errors import FlashMoeError
     from .plugin import FlashMoeAsyncModel, FlashMoeModel
 
-    names = [registry.FLAGSHIP_NAME] + sorted(set(registry.prepared()) - {registry.FLAGSHIP_NAME})
+    try:
+        prepared = registry.prepared()
+    except FlashMoeError as e:  # a damaged models.json must not stop llm (and other plugins' models)
+        print(f"Warning: llm-flash-moe: {e}", file=sys.stderr)
+        prepared = {}
+    names = [registry.FLAGSHIP_NAME] + sorted(set(prepared) - {registry.FLAGSHIP_NAME})
     for name in names:
         register(FlashMoeModel(name), FlashMoeAsyncModel(name))
 

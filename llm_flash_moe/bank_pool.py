@@ -17,13 +17,23 @@ import os
 import queue
 import threading
 import weakref
+import zlib
 from concurrent.futures import Future
 from typing import List, Optional
 
 import numpy as np
 
 from .flash_layout import RecordLayout
+from .integrity import combine_crcs
 
+# LLM_FLASH_MOE_CHECK_READS=1: every record read from disk is checked against the manifest's CRC-32 as its pieces
+# land, so a flipped byte stops with one line instead of answering from damaged weights. Off by default: it cost
+# 26 % of a disk-bound token on a 2-core machine, over the 5 % rule (docs/RELIABILITY.md, benchmarks/crc_check.py).
+CHECK_READS_ENV = "LLM_FLASH_MOE_CHECK_READS"
+
+
+def checks_reads() -> bool:
+    return os.environ.get(CHECK_READS_ENV, "").strip().lower() in ("1", "true", "yes")
 DEFAULT_READ_THREADS = 8  # 8, 16 and 32 measured equal within noise on the H100, 4 slower (docs/PERFORMANCE.md)
 READ_PIECE_BYTES = 1 << 20  # records are read in pieces of this size, in parallel (``pieces``)
 
@@ -80,10 +90,11 @@ def pieces(record_size: int, piece_bytes: Optional[int] = None) -> List[tuple]:
 
 
 class RecordRead:
-    """A record's pieces being read; done (``result``) when every piece is."""
+    """A record's pieces being read; done (``result``) when every piece is, and ``check`` (the record's
+    checksum against the manifest's, when the pool checks reads) passed."""
 
-    def __init__(self, futures: List[Future]):
-        self.futures = futures
+    def __init__(self, futures: List[Future], check=None):
+        self.futures, self.check = futures, check
 
     def result(self) -> None:
         error = None
@@ -94,6 +105,8 @@ class RecordRead:
                 error = error or e
         if error is not None:
             raise error
+        if self.check is not None:
+            self.check()
 
     def exception(self) -> Optional[BaseException]:
         errors = [f.exception() for f in self.futures]
@@ -147,8 +160,9 @@ class Readers:
 class Pool:
     """``slots`` experts of one record layout, and how one piece of a record is read into one slot."""
 
-    def __init__(self, layout: RecordLayout, slots: int, copies=None):
+    def __init__(self, layout: RecordLayout, slots: int, copies=None, check: Optional[bool] = None):
         self.layout, self.slots, self.copies = layout, slots, copies
+        check = checks_reads() if check is None else check
         self.arrays, self._rows = allocate_rows(layout, slots, on_device=copies is not None)
         self._local = threading.local()
         self._staging: List[mmap.mmap] = []
@@ -157,6 +171,8 @@ class Pool:
         self.pieces = pieces(layout.record_size)
         self._segments = [self._covering(lo, hi) for lo, hi in self.pieces]
         self._piece_bytes = max(hi - lo for lo, hi in self.pieces)  # a read thread's scratch or staging
+        # check: each piece's CRC-32 as it lands (on its read thread), combined into the record's
+        self._crcs = np.zeros((slots, len(self.pieces)), dtype=np.int64) if check else None
 
     def _covering(self, lo: int, hi: int) -> List[tuple]:
         out, position = [], lo
@@ -186,9 +202,17 @@ class Pool:
                 scratch = self._local.scratch = np.empty(self._piece_bytes, dtype=np.uint8)
             vecs = [memoryview(scratch[:n]) if name is None else memoryview(self._rows[name][slot][at:at + n])
                     for name, at, n in segments]
-            return os.preadv(fd, vecs, offset + lo)
+            n = os.preadv(fd, vecs, offset + lo)
+            if self._crcs is not None:
+                crc = 0
+                for vec in vecs:
+                    crc = zlib.crc32(vec, crc)  # releases the GIL on large buffers
+                self._crcs[slot, piece] = crc
+            return n
         staging = self._staging_buffer()  # CUDA: pinned staging, then the copy engines
         n = os.preadv(fd, [memoryview(staging)[:hi - lo]], offset + lo)
+        if self._crcs is not None:
+            self._crcs[slot, piece] = zlib.crc32(memoryview(staging)[:hi - lo])
         source, copies = np.frombuffer(staging, dtype=np.uint8).ctypes.data, []
         for name, at, size in segments:
             if name is not None:
@@ -196,6 +220,15 @@ class Pool:
             source += size
         self.copies.copy(copies)
         return n
+
+    @property
+    def checking(self) -> bool:
+        return self._crcs is not None
+
+    def record_checksum(self, slot: int) -> str:
+        """The CRC-32 of the record last read into ``slot`` (as flash_layout.record_checksum writes it)."""
+        crc = combine_crcs(self._crcs[slot].tolist(), [hi - lo for lo, hi in self.pieces])
+        return f"{crc & 0xFFFFFFFF:08x}"
 
     def read_record(self, fd: int, offset: int, slot: int) -> int:
         """A whole record, piece after piece (loading, not serving: no parallelism needed)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 from pathlib import Path
 
 import click
@@ -353,17 +352,20 @@ def remove(name, yes):
     NAME is the model's name (`demo`) or model id (`demo-flash`). An unfinished `prepare`
     in the default directory of NAME is removed too.
     """
-    from .flash_layout import MANIFEST_NAME, PARTIAL_DIR
+    from .conversion.checkpoint import TOKENIZER_FILES
+    from .flash_layout import PARTIAL_DIR
+    from .integrity import is_ours, remove_ours
 
     name = registry.name_of(name)
     path = registry.registered().get(name)
     if path is None:
         partial = registry.default_output(name)
-        if not (partial / PARTIAL_DIR).exists():
+        if not (partial / PARTIAL_DIR).exists() or name in registry.RESERVED_NAMES:
             raise FlashMoeError(f"no prepared model named {name!r}; see `llm flash-moe models`")
         path = partial
-    if path.exists() and not ((path / MANIFEST_NAME).exists() or (path / PARTIAL_DIR).exists()):
-        raise FlashMoeError(f"{path} does not look like a flash-moe model; delete it yourself if you mean to")
+    if path.exists() and not is_ours(path):
+        raise FlashMoeError(f"{path} was not made by `llm flash-moe prepare` (it has no {flash_layout.OWNER_MARKER} "
+                            "and no flash-moe manifest): nothing deleted; delete it yourself if you mean to")
     if not yes:
         size = human_bytes(directory_bytes(path)) if path.exists() else "already gone"
         click.confirm(f"Delete {name} ({path}, {size}) and its saved conversation states?", abort=True)
@@ -377,12 +379,11 @@ def remove(name, yes):
         journal.lock()  # refuses while a `prepare` is writing it: never delete files under a running converter
     unload(path)
     try:
-        if path.exists():
-            shutil.rmtree(path)
+        kept = remove_ours(path, TOKENIZER_FILES)  # what the layout names; files someone else put there stay
     finally:
         if journal is not None:
             journal.unlock()
     prompt_cache.forget(name)
     if name in registry.registered():
         registry.unregister(name)
-    click.echo(f"Removed {name}")
+    click.echo(f"Removed {name}" + (f"; kept what it did not write in {path}: {', '.join(kept)}" if kept else ""))

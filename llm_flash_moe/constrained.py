@@ -77,6 +77,44 @@ _SCHEMA_VALUES = ("items", "additionalItems", "contains", "not", "if", "then", "
                   "unevaluatedItems", "propertyNames")
 
 
+# Bounds on a schema (a tool's parameters included) before anything recurses into it or llguidance sees it: a
+# chain of 3,000 `$ref`s crashed llguidance 1.x (a segfault, no error), and `closed` recurses per level.
+MAX_SCHEMA_DEPTH = 64
+MAX_SCHEMA_NODES = 20_000
+MAX_SCHEMA_REFS = 500
+
+
+def schema_problem(schema, what: str = "the schema") -> Optional[str]:
+    """Why ``schema`` is beyond the bounds above (None: it is within them), found without recursion."""
+    nodes = refs = 0
+    stack = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            return f"{what} is nested more than {MAX_SCHEMA_DEPTH} levels deep"
+        if nodes > MAX_SCHEMA_NODES:
+            return f"{what} has more than {MAX_SCHEMA_NODES:,} parts"
+        if isinstance(value, dict):
+            refs += "$ref" in value
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    if refs > MAX_SCHEMA_REFS:
+        return f"{what} has {refs:,} $refs, more than {MAX_SCHEMA_REFS}"
+    return None
+
+
+def check_bounds(schema=None, tools: Optional[Sequence[dict]] = None) -> None:
+    """A one-line FlashMoeError when the schema or a tool's parameters are beyond the bounds (simplify it)."""
+    named = [(schema, "the schema")] + [(t, f"tool {t.get('name') or (t.get('function') or {}).get('name')!r}")
+                                        for t in tools or () if isinstance(t, dict)]
+    for value, what in named:
+        problem = schema_problem(value, what) if value is not None else None
+        if problem:
+            raise FlashMoeError(f"{problem}; simplify it")
+
+
 def check_schema(schema: dict) -> dict:
     """``schema`` as llguidance will use it (objects closed, our JSON layout unless it sets its own
     ``x-guidance``), or a one-line FlashMoeError saying why llguidance cannot compile it."""
@@ -84,6 +122,7 @@ def check_schema(schema: dict) -> dict:
 
     if not isinstance(schema, dict):
         raise FlashMoeError(f"the schema must be a JSON object, not {type(schema).__name__}")
+    check_bounds(schema)
     schema = closed(schema)
     schema = {**schema, "x-guidance": {**JSON_LAYOUT, **(schema.get("x-guidance") or {})}}
     try:
@@ -225,6 +264,7 @@ def _json_call(tools: Sequence[dict], end_token: int) -> List[str]:
 
 def tool_call_rules(tools: Sequence[dict], tool_format: str, end_token: int) -> List[str]:
     """Lark rules defining ``call``: one call's body, from after ``<tool_call>`` to ``</tool_call>`` included."""
+    check_bounds(tools=tools)
     return (_xml_call if tool_format == "xml" else _json_call)(tools, end_token)
 
 

@@ -40,15 +40,17 @@ def prepare_demo(opts, echo: Callable[[str], None]):
     the checkpoint takes seconds), one prepared with other options is refused at once, naming them; a
     damaged one, or a repair, goes through `prepare`, which rebuilds or repairs it.
     """
-    from .conversion.plan import name_and_output, other_model_message
+    from .conversion.plan import name_and_output, other_model_message, same_model
     from .conversion.prepare import Interrupted, prepare
+    from .integrity import refuse_foreign
 
     opts.name = opts.name or DEMO_NAME
     opts.source_label = DEMO_SOURCE  # the temporary checkpoint will be gone: say what it was instead
     name, output = name_and_output(opts)
+    refuse_foreign(output)
     existing, wanted = _existing(opts, name, output)
     if existing is not None:
-        if existing.settings != wanted:
+        if not same_model(existing.settings, wanted):
             raise FlashMoeError(other_model_message(existing, wanted, output))
         if not opts.repair:
             registry.register(name, output)

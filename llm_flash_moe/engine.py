@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -9,6 +10,8 @@ from typing import Optional
 from .errors import FlashMoeError
 from .expert_bank import MIN_SLOTS_PER_TOKEN, ExpertBank, slots_for
 from .flash_layout import TOKENIZER_VOCAB_FILES, Manifest, check_experts_per_token, has_tokenizer
+from .integrity import parallel_checksum
+from .verify import metadata_problems
 from .mlx_model import cast_floats, moe_blocks, no_experts, streaming_model_classes
 
 
@@ -139,7 +142,18 @@ def load_flash_model(model_dir: Path, experts_per_token: Optional[int] = None, b
     manifest = Manifest.load(model_dir)
     dtype = activation_dtype(compute)
     bank = ExpertBank(model_dir, manifest, min_slots=min_bank_slots(manifest), **bank_options)  # sized below
+    damaged = metadata_problems(model_dir, manifest)  # config, tokenizer, chat template: small, checked every load
+    if damaged:
+        bank.close()
+        what = "config" if damaged[0].startswith("config.json") else "tokenizer"
+        raise FlashMoeError(f"cannot load the {what} of {model_dir}: {damaged[0]}; {bank.remedy}")
     try:
+        for entry in manifest.resident_files:  # read in full at load anyway: a flipped byte stops here
+            if os.stat(model_dir / entry["file"]).st_size != entry["bytes"]:
+                raise ValueError(f"{entry['file']} has {os.stat(model_dir / entry['file']).st_size:,} bytes, "
+                                 f"expected {entry['bytes']:,}")
+            if parallel_checksum(model_dir / entry["file"]) != entry["checksum"]:
+                raise ValueError(f"{entry['file']}: checksum mismatch (damaged)")
         model, config = load_resident_model(model_dir, lazy=True)
         for index, block in moe_blocks(model):
             model.layers[index].mlp = StreamingMoE(block, index, bank)

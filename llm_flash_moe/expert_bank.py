@@ -396,8 +396,19 @@ class ExpertBank:
         self.stats.bytes_read += len(experts) * size
         priority = Readers.AHEAD if ahead else Readers.URGENT
         return [RecordRead([self._readers.submit(priority, self._read, pool, fd, info, int(e), int(s), i)
-                             for i in range(len(pool.pieces))])
+                            for i in range(len(pool.pieces))], self._checker(pool, info, e, s))
                 for e, s in zip(experts.tolist(), slots.tolist())]
+
+    def _checker(self, pool: Pool, info: ExpertLayer, expert: int, slot: int):
+        """What checks a record once read (its CRC-32 against the manifest's), or None."""
+        expected = info.checksums[expert] if pool.checking and expert < len(info.checksums) else ""
+
+        def check():
+            if pool.record_checksum(slot) != expected:
+                raise FlashMoeError(f"layer {info.layer} expert {expert} in {self.model_dir / info.file} is damaged "
+                                    f"(checksum mismatch); {self.remedy}")
+
+        return check if expected else None
 
     def _read(self, pool: Pool, fd: int, info: ExpertLayer, expert: int, slot: int, piece: int) -> None:
         lo, hi = pool.pieces[piece]

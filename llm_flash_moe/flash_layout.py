@@ -19,18 +19,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import FlashMoeError
+from .errors import FlashMoeError, one_line
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries `files` (checksums of config.json and the tokenizer files)
+READABLE_VERSIONS = (1, 2)  # version 1 models load as they are; `verify` says its metadata has no checksums
 MANIFEST_NAME = "manifest.json"
+# The file `prepare` writes into an output before anything else: a directory is ours (`remove` may delete
+# what the layout names in it) only when it holds this file, never because a manifest.json is there.
+OWNER_MARKER = ".flash-moe-model"
+OWNER_MARKER_TEXT = "written by `llm flash-moe prepare`: this directory holds a prepared model\n"
 PARTIAL_DIR = ".partial"
 EXPERTS_DIR = "experts"
 RESIDENT_WEIGHTS_NAME, VISION_WEIGHTS_NAME = "model.safetensors", "vision.safetensors"  # mlx-lm loads model*
+# Sane bounds on what a manifest or a source config may claim, checked before anything is allocated from it.
+MAX_LAYERS = 1024
+MAX_EXPERTS = 16384
+MAX_DIMENSION = 1 << 20
+MAX_MANIFEST_BYTES = 64 << 20
 RECORD_ALIGNMENT = 16 * 1024
 PART_ALIGNMENT = 64
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -289,6 +300,32 @@ class ExpertLayer:
     def file_size(self) -> int:
         return self.num_experts * self.layout.record_size
 
+    def problem(self, hidden_size: int, intermediate_size: int) -> Optional[str]:
+        """What is inconsistent in this layer's entry (None: nothing): its file, counts, quantization, and
+        a record layout other than the one the converter writes for these sizes (offsets, shapes, dtypes)."""
+        if not _count(self.layer + 1 if isinstance(self.layer, int) else None, MAX_LAYERS):
+            return f"layer number {self.layer!r} is out of range"
+        if self.file != expert_file_name(self.layer):
+            return f"its file is {self.file!r}, not {expert_file_name(self.layer)}"
+        if not _count(self.num_experts, MAX_EXPERTS):
+            return f"{self.num_experts!r} experts is not 1 to {MAX_EXPERTS}"
+        q = self.quantization
+        if q.bits not in EXPERT_BITS or q.group_size not in GROUP_SIZES or q.mode != "affine":
+            return f"quantization {q} is not one the converter writes"
+        scales = [p for p in self.layout.parts if p.name.endswith(".scales")]
+        if not scales or scales[0].dtype not in _DTYPE_BYTES:
+            return "its record layout has no scales"
+        try:
+            expected = RecordLayout.for_expert(hidden_size, intermediate_size, q, scales[0].dtype)
+        except FlashMoeError as e:
+            return str(e)
+        if self.layout != expected:
+            return "its record layout (offsets, shapes or dtypes of the parts) is not the converter's"
+        if (not isinstance(self.checksums, list) or len(self.checksums) != self.num_experts
+                or not all(c == "" or (isinstance(c, str) and _CHECKSUM.fullmatch(c)) for c in self.checksums)):
+            return f"its checksums are not {self.num_experts} CRC-32 values"
+        return None
+
     def to_json(self) -> dict:
         return {"layer": self.layer, "file": self.file, "num_experts": self.num_experts,
                 "quantization": asdict(self.quantization), "layout": self.layout.to_json(),
@@ -298,6 +335,28 @@ class ExpertLayer:
     def from_json(cls, d: dict) -> "ExpertLayer":
         return cls(d["layer"], d["file"], d["num_experts"], ExpertQuantization(**d["quantization"]),
                    RecordLayout.from_json(d["layout"]), list(d.get("checksums", [])))
+
+
+def _count(value, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= limit
+
+
+_CHECKSUM = re.compile(r"[0-9a-f]{8}")
+
+
+def _file_entry_problem(entry) -> Optional[str]:
+    """What is wrong with one {"file", "bytes", "checksum"} entry: a plain name in the model's directory."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        return "a file entry has no file name"
+    name = entry["file"]
+    if not name or name.startswith((".", "/")) or "/" in name or "\\" in name:
+        return f"file entry {name!r} is not a plain file name"
+    size = entry.get("bytes")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 1 << 44:
+        return f"{name} has an impossible size {size!r}"
+    if not isinstance(entry.get("checksum"), str) or not _CHECKSUM.fullmatch(entry["checksum"]):
+        return f"{name} has no valid checksum"
+    return None
 
 
 @dataclass
@@ -314,6 +373,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     settings: dict = field(default_factory=dict)
     vision: Optional[dict] = None  # {"file": VISION_WEIGHTS_NAME, "tensors": N}, the file also in resident_files
+    # config.json, the tokenizer files and the chat template: [{"file", "bytes", "checksum"}] (version 2 on)
+    files: List[dict] = field(default_factory=list)
 
     @property
     def num_experts(self) -> int:
@@ -356,12 +417,15 @@ class Manifest:
     def load(cls, model_dir: Path) -> "Manifest":
         path = Path(model_dir) / MANIFEST_NAME
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_small(path, MAX_MANIFEST_BYTES))
+        except RecursionError:
+            raise FlashMoeError(f"{path} is damaged (nested too deeply); {DAMAGED_REMEDY}") from None
         except FileNotFoundError:
             raise FlashMoeError(f"{model_dir} is not a prepared model: it has no {MANIFEST_NAME} (a `llm flash-moe "
                                 "prepare` into it never finished); see `llm flash-moe models`")
-        except (ValueError, UnicodeDecodeError):
-            raise FlashMoeError(f"{path} is damaged; {DAMAGED_REMEDY}")
+        except (ValueError, UnicodeDecodeError) as e:
+            why = f" ({e})" if isinstance(e, TooLarge) else ""
+            raise FlashMoeError(f"{path} is damaged{why}; {DAMAGED_REMEDY}")
         if not isinstance(data, dict):
             raise FlashMoeError(f"{path} is damaged (not a JSON object); {DAMAGED_REMEDY}")
         version = data.get("format_version")
@@ -372,10 +436,70 @@ class Manifest:
                 f"{path} uses flash layout version {version}, newer than this plugin understands "
                 f"({FORMAT_VERSION}); upgrade with `llm install -U llm-flash-moe`"
             )
+        if version not in READABLE_VERSIONS:
+            raise FlashMoeError(f"{path} is damaged (format_version {version}); {DAMAGED_REMEDY}")
         try:
-            return cls.from_json(data)
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise FlashMoeError(f"{path} is damaged ({type(e).__name__}: {e}); {DAMAGED_REMEDY}")
+            manifest = cls.from_json(data)
+            problem = manifest.problem()
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+            problem = f"{type(e).__name__}: {one_line(e, 120)}"
+        if problem:
+            raise FlashMoeError(f"{path} is damaged ({problem}); {DAMAGED_REMEDY}")
+        return manifest
+
+    def problem(self) -> Optional[str]:
+        """What makes this manifest inconsistent (None when nothing does): every count, size, offset and
+        file name checked against sane bounds and against the layout the converter writes for its config,
+        before any of it is used to allocate or read."""
+        for what, value in (("name", self.name), ("source", self.source), ("model_type", self.model_type)):
+            if not isinstance(value, str):
+                return f"{what} is not text"
+        if not isinstance(self.config, dict) or not isinstance(self.settings, dict):
+            return "config or settings is not an object"
+        if not isinstance(self.expert_layers, list) or not 0 < len(self.expert_layers) <= MAX_LAYERS:
+            return f"it lists {len(self.expert_layers)} expert layers, not 1 to {MAX_LAYERS}"
+        text = self.config.get("text_config") or self.config
+        hidden, intermediate = text.get("hidden_size"), text.get("moe_intermediate_size")
+        if not all(_count(v, MAX_DIMENSION) for v in (hidden, intermediate)):
+            return "config has no plausible hidden_size and moe_intermediate_size"
+        files, numbers = set(), set()
+        for layer in self.expert_layers:
+            problem = layer.problem(hidden, intermediate)
+            if problem:
+                return f"layer {layer.layer}: {problem}"
+            if layer.layer in numbers or layer.file in files:
+                return f"layer {layer.layer} is listed twice or shares {layer.file} with another layer"
+            numbers.add(layer.layer)
+            files.add(layer.file)
+        if len({layer.num_experts for layer in self.expert_layers}) != 1:
+            return "its layers have different numbers of experts"
+        if (isinstance(self.experts_per_token, bool) or not isinstance(self.experts_per_token, int)
+                or not 1 <= self.experts_per_token <= self.num_experts):
+            return f"experts_per_token {self.experts_per_token!r} is not between 1 and {self.num_experts}"
+        if not isinstance(self.resident_files, list) or not self.resident_files:
+            return "it lists no resident weights"
+        for entry in [*self.resident_files, *self.files]:
+            problem = _file_entry_problem(entry)
+            if problem:
+                return problem
+        return None
+
+
+class TooLarge(ValueError):
+    """A small file (a manifest, a JSON file of ours) that is not a regular file or is larger than it can be."""
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """A file that must be small, read whole: at most ``limit`` bytes, and a regular file (a link to a device
+    such as /dev/zero would never end). FileNotFoundError when it is missing."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise TooLarge("not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"larger than {limit >> 20} MB")
+    return data
 
 
 def write_json_atomic(path: Path, data) -> None:

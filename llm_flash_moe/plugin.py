@@ -114,6 +114,7 @@ class _FlashMoe:
         conversation_id = getattr(conversation, "id", None)
         if prompt.schema is not None:
             constrained.check_schema(prompt.schema)  # a schema llguidance cannot compile fails before the load
+        constrained.check_bounds(tools=[t["function"] for t in template_tools(prompt.tools) or ()])
         flash, settings = self._ready(prompt.options, prompt_cache.recall(conversation_id).get("thinking"))
         tokenizer = flash.tokenizer
         tools = template_tools(prompt.tools)

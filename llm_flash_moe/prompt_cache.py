@@ -25,14 +25,18 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 import uuid
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-FORMAT = "1"
+from .errors import one_line
+
+FORMAT = "2"  # 2: snapshots carry a checksum of their arrays
 DISK_ENV = "LLM_FLASH_MOE_PROMPT_CACHE_GB"
 DEFAULT_DISK_GB = 2.0
 MEMORY_BYTES = 2 * 10**9  # snapshots held by this process (the newest is kept whatever its size)
@@ -140,6 +144,25 @@ def identity(flash) -> str:
     return json.dumps(ident, sort_keys=True)
 
 
+def state_checksum(caches) -> str:
+    """CRC-32 of every array of a cache list's state, in ``save_prompt_cache``'s order: written into each
+    snapshot file and compared when it is read back, so a damaged snapshot is dropped, never used."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    crc = 0
+    for _, a in tree_flatten([c.state for c in caches]):
+        if isinstance(a, mx.array):
+            bits = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[a.dtype.size]
+            crc = zlib.crc32(np.ascontiguousarray(np.asarray(a.view(bits))), crc)
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+def _warn(message: str) -> None:
+    print(f"Warning: {message}", file=sys.stderr)
+
+
 def _digest(ident: str, tokens: Sequence[int]) -> str:
     import numpy as np
 
@@ -234,9 +257,13 @@ class DiskStore:
                 if meta.get("identity") != ident or json.loads(meta.get("tokens", "null")) != prompt[:count]:
                     continue
                 caches = freeze(caches)  # reads the arrays now: the file may be evicted by another process
+                if meta.get("checksum") != state_checksum(caches) or kv_length(caches) not in (None, count):
+                    raise ValueError("checksum mismatch")
             except FileNotFoundError:
                 continue
-            except Exception:  # a damaged or foreign file: drop it, never fail the prompt for it
+            except Exception as e:  # a damaged or foreign file: drop it, never fail the prompt for it
+                _warn(f"dropped a damaged prompt-cache snapshot {path} ({one_line(e, 80)}); the prompt is "
+                      "processed without it")
                 _unlink(path)
                 continue
             try:
@@ -261,10 +288,13 @@ class DiskStore:
                 os.utime(path)
             else:
                 save_prompt_cache(str(tmp), caches, {"format": FORMAT, "identity": ident,
-                                                     "tokens": json.dumps(list(tokens))})
+                                                     "tokens": json.dumps(list(tokens)),
+                                                     "checksum": state_checksum(caches)})
                 os.replace(tmp, path)
-        except OSError:  # disk full, read-only, ...: the prompt cache is an optimisation, never an error
+        except Exception as e:  # disk full (MLX raises RuntimeError), read-only, ...: an optimisation, never an error
             _unlink(tmp)
+            _warn(f"could not save the prompt cache in {self.directory} ({one_line(e, 100)}); the answer is "
+                  "complete, the next turn processes this prompt again")
             return False
         evict(self.limit, keep=path)
         return True
@@ -363,10 +393,20 @@ def _threads_path() -> Path:
 
 
 def _read_threads() -> dict:
+    """threads.json, strictly: a damaged one is set aside with a warning naming it, never silently replaced."""
+    from .errors import FlashMoeError
+    from .integrity import read_json, set_aside
+
+    path = _threads_path()
     try:
-        data = json.loads(_threads_path().read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        return read_json(path, "it was set aside", default={},
+                         check=lambda d: None if isinstance(d, dict) else "not a JSON object")
+    except FlashMoeError as e:
+        try:
+            aside = set_aside(path)
+        except OSError:
+            return {}
+        _warn(f"{e} as {aside}; the conversations' remembered -o thinking choices start afresh")
         return {}
 
 

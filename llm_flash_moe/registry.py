@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from .errors import FlashMoeError
-from .flash_layout import MANIFEST_NAME, PARTIAL_DIR, write_json_atomic
+from .flash_layout import DAMAGED_REMEDY, MANIFEST_NAME, PARTIAL_DIR, write_json_atomic
+from .integrity import is_ours, read_json, set_aside
 
 FLAGSHIP_NAME = "qwen397"
 FLAGSHIP_SOURCE = "mlx-community/Qwen3.5-397B-A17B-4bit"
@@ -81,16 +82,50 @@ def name_from_source(source: str) -> str:
 def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise FlashMoeError(f"model name {name!r} must use lowercase letters, digits, '.', '_' and '-'")
+    if name in RESERVED_NAMES:
+        raise FlashMoeError(f"model name {name!r} is reserved for the plugin's own files; choose another --name")
     return name
 
 
+REGISTRY_FIX = ("repair it or move it aside: the next `llm flash-moe prepare` keeps the damaged copy aside and "
+                "registers again every model prepared in the default place")
+# Names of the plugin's own entries next to the models' default directories: never a model's name.
+RESERVED_NAMES = frozenset({"prompt-cache", "cluster", "bench", "models.json", "models.json.lock", "threads.json",
+                            "models", "cache", "tmp"})
+
+
+def _registry_problem(data) -> Optional[str]:
+    if not isinstance(data, dict) or not isinstance(data.get("models", {}), dict):
+        return 'not {"models": {NAME: DIRECTORY}}'
+    for name, path in data.get("models", {}).items():
+        if not isinstance(path, str) or not path or not NAME_PATTERN.fullmatch(name):
+            return f"entry {name!r}: {path!r} is not a model name and a directory"
+    return None
+
+
 def registered() -> Dict[str, Path]:
-    """name -> directory of every registered model (complete or not: callers check the manifest)."""
+    """name -> directory of every registered model (complete or not: callers check the manifest).
+    A damaged models.json is a FlashMoeError naming it (never an empty list: that would orphan models)."""
+    data = read_json(_registry_path(), REGISTRY_FIX, default={}, check=_registry_problem)
+    return {name: Path(path) for name, path in data.get("models", {}).items()}
+
+
+def _registered_or_recovered() -> Dict[str, Path]:
+    """What is registered; when models.json is damaged, it is set aside (with a warning saying where) and the
+    models complete in their default directories are found again."""
     try:
-        data = json.loads(_registry_path().read_text())
-        return {name: Path(path) for name, path in data.get("models", {}).items()}
-    except (FileNotFoundError, ValueError, AttributeError):
-        return {}
+        return registered()
+    except FlashMoeError:
+        aside = set_aside(_registry_path())
+        found = {}
+        for path in sorted(root().iterdir()) if root().exists() else []:
+            if path.is_dir() and path.name not in RESERVED_NAMES and NAME_PATTERN.fullmatch(path.name):
+                if (path / MANIFEST_NAME).exists() and is_ours(path):
+                    found[path.name] = path
+        print(f"Warning: {_registry_path()} was damaged: kept it as {aside} and registered again the models found "
+              f"in {root()} ({', '.join(found) or 'none'}); run `prepare` again for a model prepared with --output",
+              file=sys.stderr)
+        return found
 
 
 @contextlib.contextmanager
@@ -107,14 +142,14 @@ def _locked():
 
 def register(name: str, path: Path) -> None:
     with _locked():
-        models = {k: str(v) for k, v in registered().items()}
+        models = {k: str(v) for k, v in _registered_or_recovered().items()}
         models[name] = str(Path(path).resolve())
         write_json_atomic(_registry_path(), {"models": dict(sorted(models.items()))})
 
 
 def unregister(name: str) -> None:
     with _locked():
-        models = {k: str(v) for k, v in registered().items() if k != name}
+        models = {k: str(v) for k, v in _registered_or_recovered().items() if k != name}
         write_json_atomic(_registry_path(), {"models": models})
 
 
@@ -126,7 +161,8 @@ def prepared() -> Dict[str, Path]:
 def unfinished() -> Dict[str, Path]:
     """Directories under ``root()`` where a `prepare` started and has not finished (no registration yet)."""
     try:
-        found = {p.name: p for p in root().iterdir() if (p / PARTIAL_DIR).is_dir() and not (p / MANIFEST_NAME).exists()}
+        found = {p.name: p for p in root().iterdir() if (p / PARTIAL_DIR).is_dir() and not (p / MANIFEST_NAME).exists()
+                 and p.name not in RESERVED_NAMES}
     except OSError:
         return {}
     registered_dirs = {path.resolve() for path in registered().values()}
@@ -136,5 +172,9 @@ def unfinished() -> Dict[str, Path]:
 def model_dir(name: str) -> Path:
     path = prepared().get(name)
     if path is None:
+        known = registered().get(name)
+        if known is not None and known.exists():
+            raise FlashMoeError(f"{known} has no {MANIFEST_NAME} (it was deleted, or its `prepare` never finished); "
+                                f"{DAMAGED_REMEDY}")
         raise FlashMoeError(f"no prepared model named {name!r}; see `llm flash-moe models`")
     return path

@@ -93,7 +93,13 @@ class ClusterConfig:
         path = cls.path(model)
         try:
             config = cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
+            if not isinstance(config.nodes, list) or not isinstance(config.ownership, dict):
+                raise TypeError("nodes or ownership")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, RecursionError) as e:
+            print(f"Warning: {path} is damaged ({type(e).__name__}); running {model} on this machine alone: start "
+                  "`llm flash-moe worker` again (it rewrites the file) or delete it", file=sys.stderr)
             return None
         if not _alive(config.pid):
             return None

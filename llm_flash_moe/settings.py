@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 from .demo import is_demo
 from .errors import FlashMoeError
-from .flash_layout import check_experts_per_token
+from .flash_layout import check_experts_per_token, read_small
 
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_TEMPERATURE = 0.6  # Qwen3.5's generation_config.json (thinking-mode sampling)
@@ -42,8 +42,8 @@ def generation_defaults(model_dir: Path) -> dict:
     """temperature / top_p / top_k from the model's generation_config.json, else Qwen3.5's."""
     defaults = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P, "top_k": DEFAULT_TOP_K}
     try:
-        config = json.loads((Path(model_dir) / "generation_config.json").read_text())
-    except (OSError, ValueError):
+        config = json.loads(read_small(Path(model_dir) / "generation_config.json", 1 << 20))
+    except (OSError, ValueError, RecursionError):
         return defaults
     if not isinstance(config, dict):
         return defaults

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from .flash_layout import TOKENIZER_VOCAB_FILES, Manifest, file_checksum, has_tokenizer, record_checksum
+from .flash_layout import (TOKENIZER_VOCAB_FILES, Manifest, file_checksum, has_tokenizer, read_small,
+                           record_checksum)
 
 CHUNK_BYTES = 64 << 20
 CHECKSUM_THREADS = min(8, os.cpu_count() or 1)  # zlib.crc32 releases the GIL: records are checked in parallel
@@ -63,13 +64,33 @@ def verify_model(model_dir: Path, manifest: Manifest, progress: bool = False) ->
             _verify_layer(model_dir, layer, report, bar)
         for entry in manifest.resident_files:
             _verify_resident(model_dir, entry, report, bar)
-    try:
-        json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        report.problems.append(f"config.json is missing or damaged ({type(e).__name__})")
+    report.problems += metadata_problems(model_dir, manifest)
+    if not manifest.files:  # a model of format version 1: its metadata has no checksums
+        try:
+            json.loads(read_small(model_dir / "config.json", 1 << 20))
+        except (OSError, ValueError, RecursionError) as e:
+            report.problems.append(f"config.json is missing or damaged ({type(e).__name__})")
     if not has_tokenizer(model_dir):
         report.problems.append(f"the tokenizer is missing (none of {', '.join(TOKENIZER_VOCAB_FILES)})")
     return report
+
+
+def metadata_problems(model_dir: Path, manifest: Manifest) -> List[str]:
+    """config.json, the tokenizer files and the chat template against the sizes and checksums the manifest
+    recorded (small files: cheap enough to check on every load)."""
+    problems = []
+    for entry in manifest.files:
+        path = Path(model_dir) / entry["file"]
+        try:
+            if path.is_symlink() or not path.is_file():
+                problems.append(f"{entry['file']} is {'missing' if not path.exists() else 'not a regular file'}")
+            elif path.stat().st_size != entry["bytes"]:
+                problems.append(f"{entry['file']} has {path.stat().st_size:,} bytes, expected {entry['bytes']:,}")
+            elif file_checksum(path) != entry["checksum"]:
+                problems.append(f"{entry['file']}: checksum mismatch (damaged)")
+        except OSError as e:
+            problems.append(f"{entry['file']} is {_missing(e)}")
+    return problems
 
 
 def _verify_layer(model_dir: Path, layer, report: Report, bar) -> None:

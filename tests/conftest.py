@@ -205,3 +205,27 @@ def logged_turns(user_dir: Path) -> list:
         return [dict(r) for r in db.execute("select * from turns order by id")]
     finally:
         db.close()
+
+
+PROGRESS_BARS = ("Preparing ", "Verifying ")  # tqdm's bars on stderr: legitimate output before an error
+
+
+def run(*args, input=None):
+    """``llm ARGS`` in this process (llm's CLI through click's runner), exceptions not caught."""
+    from click.testing import CliRunner
+    from llm.cli import cli
+
+    return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+
+
+def one_line_error(result, warnings: bool = False) -> str:
+    """The single ``Error: ...`` line of a failed command (nothing else but a progress bar, and ``Warning:``
+    lines when ``warnings``; no traceback)."""
+    out = result.output.strip()
+    assert result.exit_code != 0, out
+    assert "Traceback" not in out
+    lines = [line for line in out.splitlines() if line.strip() and not line.startswith(PROGRESS_BARS)
+             and not (warnings and line.startswith("Warning: "))]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), out
+    return lines[0]
+

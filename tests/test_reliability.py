@@ -21,10 +21,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from click.testing import CliRunner
 
-from llm.cli import cli
-
+from conftest import one_line_error, run
 from llm_flash_moe import plugin, registry, session, settings
 from llm_flash_moe.conversion import experts as experts_module
 from llm_flash_moe.conversion import faults
@@ -38,24 +36,9 @@ MODEL = "rel-flash"
 REPO = "tiny-org/tiny-moe"
 TESTS = Path(__file__).resolve().parent
 GREEDY = ["-o", "temperature", "0", "-o", "thinking", "0"]
-PROGRESS_BARS = ("Preparing ", "Verifying ")  # tqdm's bars on stderr: legitimate output before an error
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def run(*args, input=None):
-    return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
-
-
-def one_line_error(result) -> str:
-    """The single ``Error: ...`` line of a failed command (nothing else but a progress bar; no traceback)."""
-    out = result.output.strip()
-    assert result.exit_code != 0, out
-    assert "Traceback" not in out
-    lines = [line for line in out.splitlines() if line.strip() and not line.startswith(PROGRESS_BARS)]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), out
-    return lines[0]
 
 
 def all_files(directory: Path) -> dict:
