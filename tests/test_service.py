@@ -435,6 +435,18 @@ def test_endpoint_client_disconnects_mid_stream(endpoint):
     assert ask(api).choices[0].message.content  # the engine is fine
 
 
+def test_endpoint_refuses_what_it_cannot_do(endpoint):
+    import openai
+
+    api, _ = endpoint
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="other-model", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="stop sequences"):
+        ask(api, stop=["\n"])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        ask(api, max_tokens=0)
+
+
 def test_an_engine_that_cannot_start_is_one_line_not_a_hang(engine_user, tmp_path):
     stop_engines()
     broken = tmp_path / "broken" / "llm_flash_moe"
@@ -473,15 +485,3 @@ def test_a_socket_path_too_long_for_af_unix_goes_to_a_short_private_directory(mo
     listener.bind(str(path))  # it binds
     listener.close()
     path.unlink()
-
-
-def test_endpoint_refuses_what_it_cannot_do(endpoint):
-    import openai
-
-    api, _ = endpoint
-    with pytest.raises(openai.NotFoundError):
-        api.chat.completions.create(model="other-model", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.BadRequestError, match="stop sequences"):
-        ask(api, stop=["\n"])
-    with pytest.raises(openai.BadRequestError, match="max_tokens"):
-        ask(api, max_tokens=0)
