@@ -3,7 +3,7 @@
     python benchmarks/bench.py --dir /fast/disk/bench [--layers 4] [--bits 4 --bits 2] [--experts 4 --experts 10]
 """
 
-from llm_flash_moe.bench_cli import bench
+from llm_flash_moe.plugin.bench_cli import bench
 
 if __name__ == "__main__":
     bench()

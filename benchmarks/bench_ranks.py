@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true")
     args = parser.parse_args()
 
-    from llm_flash_moe.benchmark import synthetic_model_dir
-    from llm_flash_moe.distributed_bench import ClusterBenchOptions, run
+    from llm_flash_moe.measure.benchmark import synthetic_model_dir
+    from llm_flash_moe.measure.distributed_bench import ClusterBenchOptions, run
     from llm_flash_moe.synthetic.flash_model import write_synthetic_model
 
     model_dir = synthetic_model_dir(args.dir, args.layers, args.experts_per_layer, args.bits)

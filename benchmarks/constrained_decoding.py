@@ -49,8 +49,9 @@ def processor_alone(model_name: str, steps: int) -> float:
 
     import mlx.core as mx
 
-    from llm_flash_moe import constrained, plugin, registry
-    from llm_flash_moe.settings import vocab_size
+    from llm_flash_moe.plugin import constrained, models as plugin
+    from llm_flash_moe import registry
+    from llm_flash_moe.plugin.settings import vocab_size
 
     flash = plugin.load(registry.model_dir(model_name))
     width = vocab_size(flash.manifest.config) or len(flash.tokenizer)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_flash_moe.bank_pool import Pool, Readers, RecordRead, drop_from_page_cache
+from llm_flash_moe.bank.bank_pool import Pool, Readers, RecordRead, drop_from_page_cache
 from llm_flash_moe.flash_layout import ExpertQuantization, RecordLayout, record_checksum
 
 

@@ -4,10 +4,10 @@ MLX arrays live in CUDA managed memory; a record the CPU just wrote there migrat
 page on first touch. Compared, for k records of the 397B's 4-bit size read from the page cache:
   managed    preadv straight into MLX buffers, then a GPU op on them (pages migrate on first touch)
   prefetch   the same, plus cudaMemPrefetchAsync of the buffers to the GPU before the op
-  advised    buffers advised host-resident and GPU-mapped (llm_flash_moe.cuda_memory; the engine's path)
+  advised    buffers advised host-resident and GPU-mapped (llm_flash_moe.bank.cuda_memory; the engine's path)
   copy       preadv into numpy (pageable host memory), then mx.array(...) and a GPU op
   staged     preadv into pinned host staging, cudaMemcpyAsync into MLX buffers advised to stay in GPU
-             memory (llm_flash_moe.cuda_memory.DeviceCopies), then the GPU op reads GPU memory
+             memory (llm_flash_moe.bank.cuda_memory.DeviceCopies), then the GPU op reads GPU memory
 """
 
 import ctypes
@@ -80,11 +80,11 @@ def main(k=10, repeats=20, path="/tmp/records.bin"):
 
         out["prefetch_status"] = int(hint())
         out["prefetch_ms"] = timed(lambda: (fill(view), hint(), gpu_touch(buf)))
-        from llm_flash_moe.cuda_memory import keep_on_host_for_gpu
+        from llm_flash_moe.bank.cuda_memory import keep_on_host_for_gpu
 
         out["advise_ok"] = keep_on_host_for_gpu(ptr, k * RECORD)
         out["advised_ms"] = timed(lambda: (fill(view), gpu_touch(buf)))
-        from llm_flash_moe.cuda_memory import DeviceCopies, keep_on_device
+        from llm_flash_moe.bank.cuda_memory import DeviceCopies, keep_on_device
 
         device_buf = mx.zeros((k, RECORD // 4), dtype=mx.uint32)
         mx.eval(device_buf)

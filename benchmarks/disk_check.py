@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_flash_moe.bank_pool import drop_from_page_cache, pieces
+from llm_flash_moe.bank.bank_pool import drop_from_page_cache, pieces
 from llm_flash_moe.flash_layout import Manifest
 
 

@@ -6,7 +6,7 @@ tokenizer and fed to the engine token by token, as in generation: compute the ma
 JSON layout (no free whitespace, ", " and ": " separators: what llm-flash-moe asks llguidance for).
 Prints one JSON object: setup times, compile time per schema, and mask time per token (median, mean,
 p95, max) per workload and over all tokens. With llguidance and llm-flash-moe importable, also the plugin's
-own grammar for a Qwen3.5 tool call (``llm_flash_moe.constrained``), fed the chat template's rendering of one.
+own grammar for a Qwen3.5 tool call (``llm_flash_moe.plugin.constrained``), fed the chat template's rendering of one.
 
     python benchmarks/grammar_masks.py --tokenizer DIR --engine llguidance   # DIR holds tokenizer.json
     python benchmarks/grammar_masks.py --tokenizer DIR --engine xgrammar     # (xgrammar needs torch)
@@ -129,7 +129,7 @@ def summary(ms):
 
 def tool_call(engine, hf, stop: int, repeats: int) -> dict:
     """Mask times along the template's rendering of a call, under the plugin's call grammar."""
-    from llm_flash_moe import constrained
+    from llm_flash_moe.plugin import constrained
 
     tools = [{"type": "function", "function": {"name": "search", "description": "Search the web", "parameters": {
         "type": "object", "required": ["query"],

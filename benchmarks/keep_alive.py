@@ -174,7 +174,7 @@ def main() -> int:
         subprocess.run([LLM, "flash-moe", "prepare", "--demo"], env=env, check=True, capture_output=True)
         name = "demo"
     elif args.synthetic_layers:
-        from llm_flash_moe.benchmark import synthetic_model_dir
+        from llm_flash_moe.measure.benchmark import synthetic_model_dir
         from llm_flash_moe.synthetic.flash_model import write_synthetic_model
 
         directory = args.models_dir or Path(tempfile.gettempdir()) / "flash-moe-bench"

@@ -135,10 +135,10 @@ def main() -> None:
 
     import mlx.core as mx
 
-    from llm_flash_moe import vision
-    from llm_flash_moe.chat import render_prompt
-    from llm_flash_moe.engine import all_experts_bytes, load_flash_model
-    from llm_flash_moe.session import Turn
+    from llm_flash_moe.engine import vision
+    from llm_flash_moe.plugin.chat import render_prompt
+    from llm_flash_moe.engine.loader import all_experts_bytes, load_flash_model
+    from llm_flash_moe.engine.session import Turn
 
     args.dir.mkdir(parents=True, exist_ok=True)
     if args.tiny:

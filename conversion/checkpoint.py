@@ -96,7 +96,7 @@ def check_metadata_files(directory: Path, root: Optional[Path] = None) -> None:
 
 def load_config(directory: Path, root: Optional[Path] = None) -> dict:
     """The checkpoint's config.json, checked: a supported model type whose fields mlx-lm can build from."""
-    from ..mlx_model import config_problem, json_kind
+    from ..engine.mlx_model import config_problem, json_kind
 
     if not (Path(directory) / "config.json").exists():
         raise FlashMoeError(f"{directory} is not a checkpoint: it has no config.json")
@@ -126,7 +126,7 @@ def load_config(directory: Path, root: Optional[Path] = None) -> dict:
 
 def _our_fields_problem(config: dict) -> Optional[str]:
     """Fields the converter and the engine read beside mlx-lm's model arguments."""
-    from ..mlx_model import json_kind
+    from ..engine.mlx_model import json_kind
 
     text = config.get("text_config")
     for prefix, values in (("", config), ("text_config.", text if isinstance(text, dict) else {})):

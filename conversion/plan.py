@@ -16,7 +16,7 @@ from ..flash_layout import (
     FORMAT_VERSION, GROUP_SIZES, RESIDENT_BITS, BitsRule, ExpertLayer, ExpertQuantization, Manifest, RecordLayout,
     canonical_bits, check_experts_per_token, expert_file_name,
 )
-from ..mlx_model import build_model
+from ..engine.mlx_model import build_model
 from .checkpoint import classify, conversion_dtype, is_vision, quantization_of
 from .experts import SourceQuantization
 from .journal import Journal
@@ -43,7 +43,7 @@ class PrepareOptions:
     # On a complete output with the same settings: verify it and rewrite only the damaged records
     # (and the resident weights, config and tokenizer), instead of saying "already prepared".
     repair: bool = False
-    # Expert parallelism: write only the experts rank `rank` of `ranks` owns (ownership.py: round-robin, or
+    # Expert parallelism: write only the experts rank `rank` of `ranks` owns (cluster/ownership.py: round-robin, or
     # balanced by the counts in `popularity`); the other records stay holes in the files.
     rank: Optional[int] = None
     ranks: int = 1
@@ -196,7 +196,7 @@ def make_plan(opts: PrepareOptions, name: str, output: Path, source: Source) -> 
     settings = plan_settings(opts, name, label, source.revision, bits, k)
     owned = None
     if opts.ranks > 1:
-        from ..ownership import Ownership, read_counts
+        from ..cluster.ownership import Ownership, read_counts
 
         experts = {layer.layer: layer.num_experts for layer in layers}
         ownership = (Ownership.round_robin(experts, opts.ranks) if opts.popularity is None else

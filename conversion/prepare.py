@@ -314,7 +314,7 @@ def _write_metadata(source: Source, config: dict, output: Path, keep_vision: boo
 
 def _check_loads(output: Path) -> None:
     """The resident weights must load into mlx-lm's model class with strict checking."""
-    from ..engine import load_resident_model
+    from ..engine.loader import load_resident_model
 
     try:
         load_resident_model(output, lazy=True)

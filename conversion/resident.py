@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 
 from ..errors import FlashMoeError
 from ..flash_layout import file_checksum
-from ..mlx_model import build_model, cast_floats, no_experts
+from ..engine.mlx_model import build_model, cast_floats, no_experts
 from . import faults
 from .checkpoint import classify, conversion_dtype, quantization_of
 from .safetensors_io import SafetensorsWriter, TensorInfo

@@ -20,7 +20,7 @@ def register_models(register):
 
     from . import registry
     from .errors import FlashMoeError
-    from .plugin import FlashMoeAsyncModel, FlashMoeModel
+    from .plugin.models import FlashMoeAsyncModel, FlashMoeModel
 
     try:
         prepared = registry.prepared()
@@ -35,6 +35,6 @@ def register_models(register):
 @hookimpl
 def register_commands(cli):
     """``llm flash-moe ...``: prepare, models, info, verify, remove, ps, stop, serve, ..."""
-    from .cli import flash_moe
+    from .plugin.cli import flash_moe
 
     cli.add_command(flash_moe)

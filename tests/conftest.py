@@ -156,7 +156,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def spy(monkeypatch):
     """Records each pass through the plugin's model: the whole prompt (cached part included), the
     tokenizer, the Turn, and the responses mlx_lm.stream_generate yielded."""
-    from llm_flash_moe import session
+    from llm_flash_moe.engine import session
 
     calls = []
     real = session.Turn.steps
@@ -185,7 +185,8 @@ def llm_user(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def user_path(llm_user, monkeypatch, tiny_model) -> Path:
     """A fresh llm user directory with the tiny model registered as "tiny", no prompt-cache state."""
-    from llm_flash_moe import prompt_cache, registry
+    from llm_flash_moe.engine import prompt_cache
+    from llm_flash_moe import registry
 
     monkeypatch.delenv(prompt_cache.DISK_ENV, raising=False)
     registry.register("tiny", tiny_model)

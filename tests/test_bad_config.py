@@ -137,7 +137,7 @@ def test_every_type_swap_in_the_qwen35_config_is_one_line(checkpoints, tmp_path,
 def test_every_missing_shape_field_is_named(checkpoints, tmp_path, llm_user):
     """mlx-lm's Qwen3.5 arguments default every field (hidden_size 4096...): a config.json without one of the
     fields that set a weight's shape is refused naming it, not with a tensor's byte count."""
-    from llm_flash_moe.mlx_model import SHAPE_FIELDS
+    from llm_flash_moe.engine.mlx_model import SHAPE_FIELDS
 
     source = checkpoints["qwen3_5_moe"]
     present = sorted(SHAPE_FIELDS & set(json.loads((source / "config.json").read_text())["text_config"]))

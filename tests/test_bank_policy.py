@@ -4,8 +4,8 @@ on a fresh-token routing trace against LRU of the same capacity."""
 import numpy as np
 import pytest
 
-from llm_flash_moe.bank_policy import LeastRecentlyUsed, RouterLikelihood, make_policy
-from llm_flash_moe.cache_replay import lru_misses
+from llm_flash_moe.bank.bank_policy import LeastRecentlyUsed, RouterLikelihood, make_policy
+from llm_flash_moe.measure.cache_replay import lru_misses
 
 
 def run(policy, slots, requests, layer=0):
@@ -103,7 +103,7 @@ def test_the_bank_reads_no_more_than_lru_on_new_tokens(models, k, share):
     fresh-token routing trace of 4 layers x 128 experts, as the engine serves it by default (its router's
     softmax observed, no read-ahead in a partial bank), reads no more records after a warm-up than LRU of
     the same capacity on the same requests; read-ahead on every call would read more (why it is off there)."""
-    from llm_flash_moe.engine import load_flash_model
+    from llm_flash_moe.engine.loader import load_flash_model
 
     prepared = models.prepared(models.hf("float32", num_experts=128, num_experts_per_tok=4))
     tokens, warm = 240, 60

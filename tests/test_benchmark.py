@@ -6,10 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from llm_flash_moe.benchmark import (Tokens, bank_run, count_primitives, popularity, read_records, routing_stats,
+from llm_flash_moe.measure.benchmark import (Tokens, bank_run, count_primitives, popularity, read_records, routing_stats,
                                      with_resident_experts)
-from llm_flash_moe.cache_replay import horizon_misses, lru_misses, min_misses
-from llm_flash_moe.engine import load_flash_model
+from llm_flash_moe.measure.cache_replay import horizon_misses, lru_misses, min_misses
+from llm_flash_moe.engine.loader import load_flash_model
 
 
 def test_routing_statistics():
@@ -85,7 +85,7 @@ def test_read_records_reads_the_given_records(models, monkeypatch):
 def test_bank_run_counts_reads_against_lru_and_min_on_the_same_requests(models):
     """A partial bank's figures are of the timed new tokens after a warm-up in the same stream; LRU and MIN
     are replayed on the requests the engine made (recorded here independently)."""
-    from llm_flash_moe import expert_bank
+    from llm_flash_moe.bank import expert_bank
 
     prepared = models.prepared(models.hf("float32"))
     calls = []

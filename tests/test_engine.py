@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from llm_flash_moe.engine import load_flash_model
+from llm_flash_moe.engine.loader import load_flash_model
 from llm_flash_moe.errors import FlashMoeError
 from llm_flash_moe.flash_layout import FORMAT_VERSION, MANIFEST_NAME, Manifest
-from llm_flash_moe.mlx_model import moe_blocks
+from llm_flash_moe.engine.mlx_model import moe_blocks
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 
@@ -59,7 +59,7 @@ def test_fp32_activations_on_fp32_weights_identical(models):
 
 def test_cpu_default_runs_in_float32_like_mlx_lm_cast_to_float32(models):
     """On the CPU the default computes in fp32 (10x faster there); it equals mlx-lm's model cast to fp32."""
-    from llm_flash_moe.mlx_model import cast_floats
+    from llm_flash_moe.engine.mlx_model import cast_floats
 
     reference, tokenizer, flash = pair(models, "bfloat16", 4)
     cast_floats(reference, mx.float32)
@@ -162,7 +162,7 @@ def test_a_thrashed_bank_still_equals_mlx_lm(models, monkeypatch, piece):
     chunks run in groups, and fewer than the experts a few tokens use, so experts are evicted and read
     again), prefetch on, over a prompt, its answer and a follow-up turn: greedy tokens and logits stay
     mlx-lm's exactly; also with records read in pieces of 1000 bytes (cut inside parts and padding)."""
-    from llm_flash_moe import bank_pool
+    from llm_flash_moe.bank import bank_pool
 
     if piece:
         monkeypatch.setattr(bank_pool, "READ_PIECE_BYTES", piece)
@@ -242,7 +242,7 @@ def test_records_in_the_bank_are_not_also_in_the_page_cache(models, tmp_path):
     """One cache, not two: what the bank read is dropped from the OS page cache (unified memory / CPU)."""
     import mmap
 
-    from llm_flash_moe.bank_pool import drop_from_page_cache as evict
+    from llm_flash_moe.bank.bank_pool import drop_from_page_cache as evict
 
     prepared = copy_model(models.prepared(models.hf("float32")), tmp_path / "m")
     flash = load_flash_model(prepared, prefetch=False)
@@ -349,7 +349,7 @@ def test_staged_copies_give_the_same_results(models, monkeypatch, piece):
     """CUDA's path (reads land in pinned staging, each record is copied into its bank slot) gives what
     reading straight into the bank gives, with prefetch, bank hits and prompt chunks; every record read
     is copied whole into its slot exactly once, also when it is read in pieces of 1000 bytes."""
-    from llm_flash_moe import bank_pool, expert_bank
+    from llm_flash_moe.bank import bank_pool, expert_bank
 
     if piece:
         monkeypatch.setattr(bank_pool, "READ_PIECE_BYTES", piece)
@@ -416,7 +416,7 @@ def test_reads_a_layer_waits_for_go_before_reads_ahead():
     """With every read thread busy, a miss submitted after a prediction's reads is read before them."""
     import threading
 
-    from llm_flash_moe.bank_pool import Readers
+    from llm_flash_moe.bank.bank_pool import Readers
 
     readers, gate, order = Readers(1), threading.Event(), []
     blocker = readers.submit(Readers.URGENT, gate.wait)

@@ -20,11 +20,11 @@ from llm.cli import cli
 
 from llm_flash_moe import registry
 from llm_flash_moe.conversion.prepare import PrepareOptions, prepare
-from llm_flash_moe.engine import load_flash_model
+from llm_flash_moe.engine.loader import load_flash_model
 from llm_flash_moe.errors import FlashMoeError
-from llm_flash_moe.evaluate import Configuration, evaluate, native_experts_per_token, windows_of
+from llm_flash_moe.measure.evaluate import Configuration, evaluate, native_experts_per_token, windows_of
 from llm_flash_moe.flash_layout import BitsRule, Manifest, canonical_bits
-from llm_flash_moe.mlx_model import moe_blocks
+from llm_flash_moe.engine.mlx_model import moe_blocks
 
 DATA = Path(__file__).resolve().parent / "data"
 TRAINED = DATA / "trained-moe"
@@ -99,7 +99,7 @@ def test_perplexity_agreement_and_kl_equal_a_direct_mlx_lm_computation(models):
 
 
 def test_float32_default_equals_mlx_lm_cast_to_float32(models):
-    from llm_flash_moe.mlx_model import cast_floats
+    from llm_flash_moe.engine.mlx_model import cast_floats
 
     hf = models.hf("bfloat16")
     reference, tokenizer = mlx_lm.load(str(models.reference(hf, bits=4)))
@@ -257,7 +257,7 @@ def test_mixed_precision_prepare_store_and_engine_equal_mlx_lm(models, tmp_path)
     assert out.settings == manifest.settings
     with pytest.raises(FlashMoeError, match="already holds a different model"):
         prepare(PrepareOptions(source=str(hf), name=manifest.name, output=prepared, bits=2), echo=lambda _: None)
-    from llm_flash_moe.cli import repair_command
+    from llm_flash_moe.plugin.cli import repair_command
 
     assert "--bits 2,0=4,3=8 " in repair_command(manifest, prepared)
     info = json.loads(run("flash-moe", "info", manifest.name, "--json").stdout)
@@ -309,7 +309,7 @@ def test_trained_model_lower_bits_and_fewer_experts_raise_perplexity(models):
 def test_training_script_writes_what_mlx_lm_loads(tmp_path):
     """trained.py's export (mlx-lm's sanitize, inverted) gives back the model it trained, and the shipped
     checkpoint is that script's architecture."""
-    from llm_flash_moe.mlx_model import cast_floats
+    from llm_flash_moe.engine.mlx_model import cast_floats
     from llm_flash_moe.synthetic.trained import TRAINED_SPEC, hf_config_for, new_model, write_checkpoint
 
     model = new_model(TRAINED_SPEC, seed=1)

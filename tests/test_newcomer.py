@@ -29,7 +29,7 @@ MODEL = "tiny-flash"
 def no_model_loaded():
     """Each test starts and ends with no model loaded in this process (a bank it filled would serve the next
     test's reads)."""
-    from llm_flash_moe import session
+    from llm_flash_moe.engine import session
 
     session.unload()
     yield
@@ -134,7 +134,7 @@ def test_info_verify_and_eval_name_an_unfinished_prepare_and_the_command_that_fi
 
 
 def test_info_shows_the_bank_as_the_experts_it_holds(user_path, tiny_model, monkeypatch):
-    from llm_flash_moe import memory
+    from llm_flash_moe.bank import memory
     from llm_flash_moe.flash_layout import Manifest
 
     manifest = Manifest.load(tiny_model)
@@ -164,7 +164,7 @@ def test_a_bank_smaller_than_the_smallest_is_refused_in_one_line(user_path, valu
 
 
 def test_the_smallest_bank_named_runs_and_is_logged_as_it_is(user_path):
-    from llm_flash_moe import session
+    from llm_flash_moe.engine import session
 
     result = run("-m", MODEL, "hi", "-o", "max_tokens", "2", "-o", "bank_gb", "0.001")
     assert result.exit_code == 0, result.output
@@ -216,7 +216,7 @@ def test_bench_rounds_says_where_its_models_are_and_cleans_them(llm_user, monkey
     """The measurement itself is far too heavy for a unit test (the 397B's layer shapes): it is replaced by one
     that builds a bench model's file and returns the issue's unrounded figure; what the command does with
     them is real."""
-    from llm_flash_moe import benchmark
+    from llm_flash_moe.measure import benchmark
 
     directory = registry.root() / "bench"
     mine = registry.root() / "bench" / "notes.txt"  # a file of the user's: --clean leaves it

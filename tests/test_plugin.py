@@ -22,9 +22,11 @@ import llm
 from llm.cli import cli
 
 from conftest import logged_turns
-from llm_flash_moe import cli as flash_cli
-from llm_flash_moe import registry, session, settings
-from llm_flash_moe.answer import ReplySplitter, opens_reasoning
+from llm_flash_moe.plugin import cli as flash_cli
+from llm_flash_moe import registry
+from llm_flash_moe.engine import session
+from llm_flash_moe.plugin import settings
+from llm_flash_moe.plugin.answer import ReplySplitter, opens_reasoning
 
 pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -49,7 +51,7 @@ def tokenizer(tiny_model):
 @pytest.fixture(autouse=True)
 def fresh_prompt_cache():
     """Snapshots kept in memory by earlier tests (same model, same process) must not serve this one."""
-    from llm_flash_moe import prompt_cache
+    from llm_flash_moe.engine import prompt_cache
 
     prompt_cache.MEMORY.clear()
     yield
@@ -149,7 +151,7 @@ def test_import_loads_no_mlx(user_path):
     code = (
         "import sys, click, llm\n"
         "before = set(sys.modules)\n"
-        "import llm_flash_moe, llm_flash_moe.plugin, llm_flash_moe.cli\n"
+        "import llm_flash_moe, llm_flash_moe.plugin.models, llm_flash_moe.plugin.cli\n"
         "ids = [m.model_id for m in llm.get_models()]\n"
         "assert 'tiny-flash' in ids and 'qwen397-flash' in ids, ids\n"
         "llm_flash_moe.register_commands(click.Group())\n"
@@ -299,7 +301,7 @@ def test_cid_picks_the_conversation(user_path, spy):
 
 
 def test_chat_answers_twice_from_one_load(user_path, spy, monkeypatch):
-    from llm_flash_moe import engine
+    from llm_flash_moe.engine import loader as engine
 
     session.unload()
     loads = []

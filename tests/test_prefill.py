@@ -12,8 +12,8 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
-from llm_flash_moe import prefill as prefill_module
-from llm_flash_moe.engine import load_flash_model
+from llm_flash_moe.engine import prefill as prefill_module
+from llm_flash_moe.engine.loader import load_flash_model
 
 PROMPT = ("The quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat by the door. "
           "Then the rain came down on the hills and every bird in the valley went quiet for a while. ")

@@ -12,7 +12,7 @@ from llm_flash_moe import registry
 from llm_flash_moe.conversion import experts as experts_module
 from llm_flash_moe.conversion import prepare as prepare_module
 from llm_flash_moe.conversion.prepare import PrepareOptions, prepare
-from llm_flash_moe.engine import load_resident_model
+from llm_flash_moe.engine.loader import load_resident_model
 from llm_flash_moe.flash_layout import (
     MANIFEST_NAME, RECORD_ALIGNMENT, Manifest, record_checksum, split_record,
 )

@@ -69,7 +69,7 @@ def test_the_wheel_carries_every_file_of_the_package(wheel):
                 if "__pycache__" not in path.parts
                 and not (package == "llm_flash_moe" and path.relative_to(directory).parts[0] in ("conversion", "kernels"))}
     assert {"llm_flash_moe/kernels/expert_glu.cu", "llm_flash_moe/kernels/expert_glu.metal",
-            "llm_flash_moe/synthetic/qwen3_5_chat_template.jinja", "llm_flash_moe/demo.py"} <= expected
+            "llm_flash_moe/synthetic/qwen3_5_chat_template.jinja", "llm_flash_moe/plugin/demo.py"} <= expected
     assert sorted(expected - names) == []
     assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n]
     info = next(n for n in names if n.endswith(".dist-info/METADATA")).rsplit("/", 1)[0]

@@ -23,7 +23,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import one_line_error, run
-from llm_flash_moe import plugin, registry, session, settings
+from llm_flash_moe.plugin import models as plugin, settings
+from llm_flash_moe import registry
+from llm_flash_moe.engine import session
 from llm_flash_moe.conversion import experts as experts_module
 from llm_flash_moe.conversion import faults
 from llm_flash_moe.errors import FlashMoeError
@@ -379,7 +381,7 @@ def test_a_failure_after_some_work_says_where_it_is(source, user, monkeypatch, t
     def broken(output, **kwargs):  # mlx's message for extra weights: one name per line
         raise ValueError("Received 2 parameters not in model: \nmodel.extra.a,\nmodel.extra.b.")
 
-    monkeypatch.setattr("llm_flash_moe.engine.load_resident_model", broken)
+    monkeypatch.setattr("llm_flash_moe.engine.loader.load_resident_model", broken)
     out = tmp_path / "out"
     line = one_line_error(run("flash-moe", "prepare", str(source), "--name", NAME, "--output", str(out)))
     assert "Received 2 parameters not in model: model.extra.a, model.extra.b." in line  # not cut mid-list
@@ -833,7 +835,7 @@ def test_top_k_beyond_the_vocabulary_means_no_top_k(copy):
 
 
 def test_bank_gb_above_memory_is_clamped_with_a_warning(copy, monkeypatch):
-    from llm_flash_moe import memory
+    from llm_flash_moe.bank import memory
 
     monkeypatch.setattr(memory, "bank_memory", lambda: (3_000_000_000, 4_000_000_000))  # reserve: 2 GB
     result = run("-m", MODEL, "hi", *GREEDY, "-o", "max_tokens", "3", "-o", "bank_gb", "5")
@@ -849,7 +851,7 @@ def test_bank_gb_above_memory_is_clamped_with_a_warning(copy, monkeypatch):
 
 
 def test_machine_memory_is_this_machines():
-    from llm_flash_moe import memory
+    from llm_flash_moe.bank import memory
 
     total = memory.total_memory()
     assert total is None or total > 100_000_000

@@ -26,7 +26,8 @@ import llm
 from llm.cli import cli
 
 from conftest import logged_turns, stop_engines
-from llm_flash_moe import prompt_cache, registry
+from llm_flash_moe.engine import prompt_cache
+from llm_flash_moe import registry
 from llm_flash_moe.service import client, protocol
 
 pytest.importorskip("mlx.core")

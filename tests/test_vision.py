@@ -20,7 +20,8 @@ import llm
 from llm.cli import cli
 
 from conftest import logged_turns
-from llm_flash_moe import prompt_cache, registry, vision
+from llm_flash_moe.engine import prompt_cache, vision
+from llm_flash_moe import registry
 from llm_flash_moe.synthetic.checkpoint import TinySpec, write_hf_checkpoint
 
 mx = pytest.importorskip("mlx.core")
@@ -170,8 +171,8 @@ def test_greedy_tokens_identical_to_mlx_vlm(user, turns, reference, pictures, na
 
 def test_model_compute_logits_bit_identical_to_mlx_vlm(vision_model, reference, pictures):
     """With compute="model" the image prompt's logits equal mlx-vlm's to the bit (its model, our MoE blocks)."""
-    from llm_flash_moe.chat import render_prompt
-    from llm_flash_moe.engine import load_flash_model
+    from llm_flash_moe.plugin.chat import render_prompt
+    from llm_flash_moe.engine.loader import load_flash_model
 
     flash = load_flash_model(vision_model, compute="model")
     try:
@@ -252,7 +253,7 @@ def test_bad_images_fail_in_one_line_and_log_nothing(user, pictures, monkeypatch
     assert "cannot read the image" in fails(user, "-m", MODEL, "-a", str(pictures["broken"]), "hi")
     assert "text/plain" in fails(user, "-m", MODEL, "-a", str(pictures["text"]), "hi")
     assert "without a vision encoder" in fails(user, "-m", "tiny-flash", "-a", str(pictures["a"]), "hi")
-    from llm_flash_moe import memory
+    from llm_flash_moe.bank import memory
 
     monkeypatch.setattr(memory, "bank_memory", lambda: (10_000, 10**9))
     assert "attach a smaller image" in fails(user, "-m", MODEL, "-a", str(pictures["a"]), "hi")

@@ -31,7 +31,7 @@ def use_engine(model, options) -> bool:
     no cluster running for the model (a cluster's rank 0 stays the llm process; see README)."""
     if INSIDE_ENGINE or protocol.keep_alive(options.keep_alive) == 0:
         return False
-    from ..ring import ClusterConfig
+    from ..cluster.ring import ClusterConfig
 
     model.model_dir()  # not prepared: the usual message, from this process
     return ClusterConfig.load(model.name) is None

@@ -35,7 +35,7 @@ def ps():
     An engine keeps a model loaded between llm commands (`-o keep_alive`, default 300 s); its log is in
     the same directory as its state file.
     """
-    from ..reports import format_table, human_bytes
+    from ..plugin.reports import format_table, human_bytes
 
     engines = running()
     if not engines:

@@ -80,7 +80,7 @@ class Engine:
 
     def __init__(self, name: str, keep_alive: Optional[float]):
         from .. import registry
-        from ..plugin import FlashMoeModel
+        from ..plugin.models import FlashMoeModel
 
         client.INSIDE_ENGINE = True
         self.name = name
@@ -310,7 +310,7 @@ class Engine:
         job.done.wait()
 
     def status(self) -> dict:
-        from ..session import loaded
+        from ..engine.session import loaded
 
         flash = loaded(self.model_dir)
         with self.lock:

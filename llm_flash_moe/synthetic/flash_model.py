@@ -172,7 +172,7 @@ def write_synthetic_model(out: Path, layers: int = 4, bits: int = 4, group_size:
 
     from ..conversion.resident import _cast, _quantize
     from ..conversion.safetensors_io import SafetensorsWriter
-    from ..mlx_model import build_model, no_experts
+    from ..engine.mlx_model import build_model, no_experts
 
     out = Path(out)
     experts = {"layers": layers, "bits": bits, "group_size": group_size, "seed": seed,

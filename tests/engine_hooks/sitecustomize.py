@@ -10,7 +10,7 @@ import time
 _PATH = os.environ.get("LLM_FLASH_MOE_TEST_STEER")
 
 if _PATH:
-    from llm_flash_moe import plugin
+    from llm_flash_moe.plugin import models as plugin
 
     _real = plugin.make_sampler
 
@@ -24,7 +24,7 @@ if _PATH:
         if scripts:
             with open(_PATH, "w") as f:
                 json.dump(dict(steer, scripts=scripts[1:]), f)
-            from llm_flash_moe.session import loaded
+            from llm_flash_moe.engine.session import loaded
             from llm_flash_moe import registry
 
             flash = loaded(registry.model_dir(os.environ["LLM_FLASH_MOE_TEST_MODEL"]))

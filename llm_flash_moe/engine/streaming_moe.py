@@ -19,12 +19,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import kernels
-from .expert_bank import ExpertBank
+from .. import kernels
+from ..bank.expert_bank import ExpertBank
 
-# Of the next layer's predicted experts, the share read ahead (the most likely first). Reading them all
-# doubled the bytes a partial bank read (wrong predictions read and evicting useful experts) for a
-# quarter of the misses; the likelier half keeps reads below LRU's (docs/PERFORMANCE.md, "Prefetch").
+# Of the next layer's predicted experts, the share read ahead (the most likely first) where read-ahead is on
+# (by default only while the bank holds every expert: FlashModel.set_prefetch). Reading them all doubled the
+# bytes a partial bank read for a quarter of the misses (docs/PERFORMANCE.md).
 PREFETCH_SHARE = 0.5
 # A prompt whose experts of one layer do not all fit the bank keeps each (token, expert) pair's output until
 # the layer is done (``StreamingMoE.prompt``): at most this many bytes of them at a time.

@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .errors import FlashMoeError
+from ..errors import FlashMoeError
 
 _ACTIVE: Optional["Leader"] = None  # the leader of this process, while its group works
 _BROKEN: Optional[str] = None  # why this process's group cannot be used any more
@@ -78,7 +78,7 @@ class Leader:
             mode = d.MODE_FRESH
         else:
             mode = d.MODE_STATE  # a restored prompt-cache state (or any other list): sent once, then continued
-        from .mlx_model import moe_blocks
+        from ..engine.mlx_model import moe_blocks
 
         k = moe_blocks(self.model)[0][1].top_k
         watchdog = self.cluster.watchdog

@@ -29,8 +29,8 @@ import numpy as np
 
 from .bank_policy import make_policy
 from .bank_pool import DEFAULT_READ_THREADS, Pool, Readers, RecordRead, device_copies
-from .errors import FlashMoeError
-from .flash_layout import ExpertLayer, Manifest, RecordLayout
+from ..errors import FlashMoeError
+from ..flash_layout import ExpertLayer, Manifest, RecordLayout
 
 MIN_SLOTS_PER_TOKEN = 2  # the smallest bank holds this many times the model's experts per token
 

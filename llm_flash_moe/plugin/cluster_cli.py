@@ -28,9 +28,9 @@ def worker(name, popularity):
     import os
 
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from . import registry
-    from .ring import launcher_nodes
-    from .worker import register_cluster, supervise
+    from .. import registry
+    from ..cluster.ring import launcher_nodes
+    from ..cluster.worker import register_cluster, supervise
 
     rank, nodes = launcher_nodes()
     model_dir = registry.model_dir(name)
@@ -64,10 +64,10 @@ def popularity(name, text_file, out_file, max_tokens, window, experts):
     import os
 
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from . import registry
-    from .engine import load_flash_model
-    from .ownership import write_counts
-    from .popularity import count_choices
+    from .. import registry
+    from ..engine.loader import load_flash_model
+    from ..cluster.ownership import write_counts
+    from ..cluster.popularity import count_choices
 
     flash = load_flash_model(registry.model_dir(name), experts_per_token=experts)
     try:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from .demo import is_demo
-from .errors import FlashMoeError
-from .flash_layout import check_experts_per_token, read_small
+from ..errors import FlashMoeError
+from ..flash_layout import check_experts_per_token, read_small
 
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_TEMPERATURE = 0.6  # Qwen3.5's generation_config.json (thinking-mode sampling)
@@ -71,8 +71,8 @@ def bank_budget(bank_gb: Optional[float], manifest, held: int = 0, loaded: bool 
     in can hold (its free memory, plus the bank it would replace, less the reserve; less the resident
     weights when the model is not loaded yet). None: the automatic budget, chosen when the model loads.
     Less than the smallest bank the model runs with (0 included) is refused: there is no "no bank"."""
-    from .engine import smallest_bank_bytes
-    from .memory import bank_memory, bank_room, reserve_bytes
+    from ..engine.loader import smallest_bank_bytes
+    from ..bank.memory import bank_memory, bank_room, reserve_bytes
 
     if bank_gb is None:
         return None, None

@@ -49,7 +49,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .errors import FlashMoeError
+from ..errors import FlashMoeError
 from .ownership import Ownership
 
 PROTOCOL = 1
@@ -275,7 +275,7 @@ class Cluster:
     def _one_token(self, block, x, inds, scores):
         import mlx.core as mx
 
-        from . import kernels
+        from .. import kernels
 
         predicted = block.predict(x)
         block._synchronize(inds, predicted)
@@ -478,7 +478,7 @@ def ring_error(e: BaseException) -> bool:
 
 def attach(flash, cluster: Optional[Cluster]) -> None:
     """Point every MoE block of ``flash`` at ``cluster`` (None: back to computing every chosen expert)."""
-    from .mlx_model import moe_blocks
+    from ..engine.mlx_model import moe_blocks
 
     for _, block in moe_blocks(flash.model):
         object.__setattr__(block, "cluster", cluster)

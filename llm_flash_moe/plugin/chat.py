@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import llm
 
-from .errors import FlashMoeError, one_line
+from ..errors import FlashMoeError, one_line
 
 PROBE = "x"  # stand-in content for the look-ahead renderings of the next turn
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import one_line
+from ..errors import one_line
 
 FORMAT = "2"  # 2: snapshots carry a checksum of their arrays
 DISK_ENV = "LLM_FLASH_MOE_PROMPT_CACHE_GB"
@@ -47,7 +47,7 @@ THREADS_KEPT = 1000
 
 
 def root() -> Path:
-    from . import registry
+    from .. import registry
 
     return registry.root() / "prompt-cache"
 
@@ -387,15 +387,15 @@ _THREADS: Dict[str, dict] = {}
 
 
 def _threads_path() -> Path:
-    from . import registry
+    from .. import registry
 
     return registry.root() / THREADS_FILE
 
 
 def _read_threads() -> dict:
     """threads.json, strictly: a damaged one is set aside with a warning naming it, never silently replaced."""
-    from .errors import FlashMoeError
-    from .integrity import read_json, set_aside
+    from ..errors import FlashMoeError
+    from ..integrity import read_json, set_aside
 
     path = _threads_path()
     try:

@@ -46,9 +46,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .bank_pool import DEFAULT_READ_THREADS, Pool, drop_from_page_cache, pieces
+from ..bank.bank_pool import DEFAULT_READ_THREADS, Pool, drop_from_page_cache, pieces
 from .cache_replay import horizon_misses, lru_misses, min_misses
-from .errors import FlashMoeError
+from ..errors import FlashMoeError
 
 PUBLISHED_ROUTING = {"reuse_consecutive": [0.08, 0.34], "touched_over_30_tokens": [0.43, 0.57],
                      "lru_hit_rate_16_to_128": [0.49, 0.71], "next_layer_prediction_recall": [0.53, 0.88],
@@ -215,9 +215,9 @@ def routing_only(model_dir: Path, k: int, tokens: List[int]) -> dict:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from .engine import load_resident_model
-    from .mlx_model import cast_floats, moe_blocks
-    from .streaming_moe import route
+    from ..engine.loader import load_resident_model
+    from ..engine.mlx_model import cast_floats, moe_blocks
+    from ..engine.streaming_moe import route
 
     model, _ = load_resident_model(model_dir, lazy=True)
     if mx.default_device() == mx.cpu:
@@ -255,7 +255,7 @@ def routing_only(model_dir: Path, k: int, tokens: List[int]) -> dict:
 
 def routing_calibration(directory: Path, opts: BenchOptions, log) -> Optional[dict]:
     """The routing statistics at the real model's 512 experts per layer (routing-only model)."""
-    from .synthetic.flash_model import layer_ginis, write_synthetic_model
+    from ..synthetic.flash_model import layer_ginis, write_synthetic_model
 
     if not opts.calibration_layers:
         return None
@@ -326,8 +326,8 @@ class ResidentMoE:
     def __call__(self, x):
         import mlx.core as mx
 
-        from . import kernels
-        from .streaming_moe import route
+        from .. import kernels
+        from ..engine.streaming_moe import route
 
         block = self.block
         inds, scores = route(block, x)
@@ -343,8 +343,8 @@ def with_resident_experts(flash, synchronize: bool = False):
     """Swap every streaming block for ``ResidentMoE`` over all its experts (read from the layer files);
     returns a function that swaps them back. ``restore.blocks`` are the resident blocks (their
     ``synchronize`` can be switched without reading the experts again)."""
-    from .bank_pool import device_copies
-    from .mlx_model import moe_blocks
+    from ..bank.bank_pool import device_copies
+    from ..engine.mlx_model import moe_blocks
 
     copies, saved = device_copies(), {}
     for index, block in moe_blocks(flash.model):
@@ -391,7 +391,7 @@ def primitives_per_block(flash) -> dict:
     layer's, predicting) needs before the synchronization plus what the output needs after it."""
     import mlx.core as mx
 
-    from .streaming_moe import StreamingMoE, route
+    from ..engine.streaming_moe import StreamingMoE, route
 
     index = min(flash.bank.layers)
     module = flash.model.layers[index].mlp
@@ -458,8 +458,8 @@ def bank_run(model_dir: Path, k: int, fraction: float, warmup: List[int], timed:
              drop_page_cache: Optional[bool] = None, cold: bool = True, prefetch: bool = True) -> BankRun:
     """Decode ``warmup`` then ``timed`` new tokens in one stream with a bank of ``fraction`` of all experts,
     starting empty (the layer files evicted first when ``cold``); figures are of the timed tokens."""
-    from .engine import all_experts_bytes, load_flash_model
-    from .flash_layout import Manifest
+    from ..engine.loader import all_experts_bytes, load_flash_model
+    from ..flash_layout import Manifest
 
     manifest = Manifest.load(model_dir)
     everything = all_experts_bytes(manifest)
@@ -533,7 +533,7 @@ def bank_run_capped(model_dir: Path, k: int, fraction: float, warmup: List[int],
             f.write(str(os.getpid()))
 
     try:
-        done = subprocess.run([sys.executable, "-m", "llm_flash_moe.benchmark", json.dumps(args)],
+        done = subprocess.run([sys.executable, "-m", "llm_flash_moe.measure.benchmark", json.dumps(args)],
                               preexec_fn=enter, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -559,9 +559,9 @@ def bank_run_capped(model_dir: Path, k: int, fraction: float, warmup: List[int],
 def bench_one(model_dir: Path, k: int, opts: BenchOptions, log) -> dict:
     import mlx.core as mx
 
-    from .engine import all_experts_bytes, load_flash_model
-    from .flash_layout import Manifest
-    from .synthetic.flash_model import layer_ginis
+    from ..engine.loader import all_experts_bytes, load_flash_model
+    from ..flash_layout import Manifest
+    from ..synthetic.flash_model import layer_ginis
 
     manifest = Manifest.load(model_dir)
     record = manifest.expert_layers[0].layout.record_size
@@ -689,9 +689,9 @@ def prefill_runs(model_dir: Path, k: int, opts: BenchOptions, log) -> List[dict]
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
 
-    from .engine import all_experts_bytes, load_flash_model
-    from .flash_layout import Manifest
-    from .prefill import layer_major_prefill
+    from ..engine.loader import all_experts_bytes, load_flash_model
+    from ..flash_layout import Manifest
+    from ..engine.prefill import layer_major_prefill
 
     manifest = Manifest.load(model_dir)
     fraction = min([f for f in opts.bank_fractions if f < 1] or [1.0])
@@ -743,7 +743,7 @@ def peak_rss_gb() -> float:
 def machine() -> dict:
     import mlx.core as mx
 
-    from .memory import total_memory
+    from ..bank.memory import total_memory
 
     memory = total_memory()
     return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
@@ -765,8 +765,8 @@ def synthetic_model_dir(directory: Path, layers: int, experts_per_layer: int, bi
 
 
 def run(opts: BenchOptions, log=print) -> dict:
-    from .registry import root
-    from .synthetic.flash_model import write_synthetic_model
+    from ..registry import root
+    from ..synthetic.flash_model import write_synthetic_model
 
     directory = Path(opts.directory or root() / "bench")
     out = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "options": {

@@ -26,7 +26,7 @@ import json
 import weakref
 from typing import List, Optional, Sequence
 
-from .errors import FlashMoeError
+from ..errors import FlashMoeError
 
 # The JSON layout of constrained answers: that of json.dumps (and of the chat template's tojson), with no
 # free whitespace, so a weak model cannot fill its budget with spaces.

@@ -23,8 +23,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from .flash_layout import RecordLayout
-from .integrity import combine_crcs
+from ..flash_layout import RecordLayout
+from ..integrity import combine_crcs
 
 # LLM_FLASH_MOE_CHECK_READS=1: every record read from disk is checked against the manifest's CRC-32 as its pieces
 # land, so a flipped byte stops with one line instead of answering from damaged weights. Off by default: it cost

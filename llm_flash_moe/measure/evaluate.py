@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, List, Optional, Sequence
 
-from .errors import FlashMoeError
+from ..errors import FlashMoeError
 
 DEFAULT_WINDOW = 512
 _CHUNK_ELEMENTS = 1 << 24  # logits rows compared at once: ~64 MB of float32 per array
@@ -216,7 +216,7 @@ def check_comparable(name: str, manifest, model_dir, against: str, other, other_
     tokenizer's vocabulary files)."""
     from pathlib import Path
 
-    from .flash_layout import TOKENIZER_VOCAB_FILES
+    from ..flash_layout import TOKENIZER_VOCAB_FILES
 
     def field(config: dict, key: str):
         text = config.get("text_config")

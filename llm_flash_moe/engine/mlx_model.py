@@ -13,7 +13,7 @@ import sys
 import typing
 from typing import Callable, List, Optional, Tuple
 
-from .errors import FlashMoeError, one_line
+from ..errors import FlashMoeError, one_line
 
 
 def model_classes(config: dict):

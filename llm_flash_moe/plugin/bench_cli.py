@@ -62,7 +62,7 @@ def bench(layers, experts_per_layer, bits, experts, bank_fractions, read_ahead, 
     Builds once (then reuses) a synthetic model with Qwen3.5-397B-A17B's per-layer shapes and calibrated
     routing, in --dir; `--clean` deletes them. See docs/PERFORMANCE.md for what each figure is and the results.
     """
-    from .registry import root
+    from ..registry import root
 
     directory = Path(directory or root() / "bench")
     if clean:
@@ -73,7 +73,7 @@ def bench(layers, experts_per_layer, bits, experts, bank_fractions, read_ahead, 
     log = (lambda line: None) if json_ else (lambda line: click.echo(line, err=True))
     try:
         if ranks > 1:
-            from .distributed_bench import ClusterBenchOptions, run as run_ranks
+            from ..measure.distributed_bench import ClusterBenchOptions, run as run_ranks
 
             opts = ClusterBenchOptions(ranks=ranks, layers=layers, experts_per_layer=experts_per_layer,
                                        bits=int(bits[0]) if bits else 4, experts=tuple(experts) or (4,),
@@ -82,7 +82,7 @@ def bench(layers, experts_per_layer, bits, experts, bank_fractions, read_ahead, 
                                        directory=directory)
             result = run_ranks(opts, log=log)
         else:
-            from .benchmark import BenchOptions, run
+            from ..measure.benchmark import BenchOptions, run
 
             defaults = BenchOptions()
             opts = BenchOptions(layers=layers, experts_per_layer=experts_per_layer,

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from .errors import FlashMoeError
-from .flash_layout import MANIFEST_NAME
+from ..errors import FlashMoeError
+from ..flash_layout import MANIFEST_NAME
 
 # Prepared models loaded by this process: (directory, manifest mtime) -> FlashModel. `llm chat` loads once.
 _LOADED: Dict[Tuple[str, int], object] = {}
@@ -26,7 +26,8 @@ GENERATION_LOCK = threading.RLock()
 def load(model_dir: Path, bank_bytes: Optional[int] = None):
     """The FlashModel of ``model_dir``, loaded once per process (reloaded if it was prepared again), with
     an expert bank of ``bank_bytes`` (None: the automatic budget; a loaded model's bank is resized)."""
-    from . import engine, leader
+    from . import loader as engine
+    from ..cluster import leader
 
     flash = loaded(model_dir)
     if flash is None:

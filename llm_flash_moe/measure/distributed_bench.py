@@ -4,7 +4,7 @@ The synthetic model of ``benchmark`` (the 397B's per-layer shapes, ``--layers`` 
 experts) decodes the same teacher-forced token streams (each of new tokens)
 
 - on one rank: this process alone, with an expert bank of ``bank_fraction`` of all the experts;
-- on N ranks: this process as rank 0 and N-1 worker sessions (``python -m llm_flash_moe.worker``) on this
+- on N ranks: this process as rank 0 and N-1 worker sessions (``python -m llm_flash_moe.cluster.worker``) on this
   machine, joined over MLX's ring backend on loopback, each with a bank of the same size (so the N banks
   hold N times what one holds), experts owned by the map balanced on the popularity measured on one rank
   over a calibration pass of other tokens (``ownership``; ``ownership="round-robin"`` to compare).
@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .bank_pool import DEFAULT_READ_THREADS, drop_from_page_cache
+from ..bank.bank_pool import DEFAULT_READ_THREADS, drop_from_page_cache
 
 
 @dataclass
@@ -112,8 +112,8 @@ def one_rank(flash, k: int, tokens: List[List[int]], opts: ClusterBenchOptions, 
 
 
 def n_ranks(leader, k: int, tokens: List[List[int]], opts: ClusterBenchOptions, files) -> dict:
-    from .distributed import FLAG_CLEAR_BANK, FLAG_DROP_PAGE_CACHE
-    from .leader import LeaderModel
+    from ..cluster.distributed import FLAG_CLEAR_BANK, FLAG_DROP_PAGE_CACHE
+    from ..cluster.leader import LeaderModel
 
     flash, cluster = leader.flash, leader.cluster
     flash.set_experts_per_token(k)
@@ -166,15 +166,15 @@ def n_ranks(leader, k: int, tokens: List[List[int]], opts: ClusterBenchOptions, 
 
 
 def run(opts: ClusterBenchOptions, log=print) -> dict:
-    from . import ring
+    from ..cluster import ring
     from .benchmark import machine, synthetic_model_dir
-    from .distributed import Cluster, attach
-    from .engine import all_experts_bytes, load_flash_model
-    from .flash_layout import Manifest
-    from .leader import Leader
-    from .ownership import Ownership
-    from .registry import root
-    from .synthetic.flash_model import write_synthetic_model
+    from ..cluster.distributed import Cluster, attach
+    from ..engine.loader import all_experts_bytes, load_flash_model
+    from ..flash_layout import Manifest
+    from ..cluster.leader import Leader
+    from ..cluster.ownership import Ownership
+    from ..registry import root
+    from ..synthetic.flash_model import write_synthetic_model
 
     directory = Path(opts.directory or root() / "bench")
     model_dir = synthetic_model_dir(directory, opts.layers, opts.experts_per_layer, opts.bits)
@@ -199,7 +199,7 @@ def run(opts: ClusterBenchOptions, log=print) -> dict:
     workers = []
     for r in range(1, opts.ranks):
         with open(logs / f"rank{r}.log", "w") as f:  # they load, then wait (idle) while rank 0 runs alone
-            workers.append(subprocess.Popen([sys.executable, "-m", "llm_flash_moe.worker", str(model_dir), str(r),
+            workers.append(subprocess.Popen([sys.executable, "-m", "llm_flash_moe.cluster.worker", str(model_dir), str(r),
                                              json.dumps(nodes), str(bank)], stdout=f, stderr=subprocess.STDOUT))
     leader = None
     try:

@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 from typing import List, Optional
 
-from . import registry
+from .. import registry
 from .demo import DEMO_NAME, DEMO_SOURCE
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
-from .errors import FlashMoeError, one_line
+from ..errors import FlashMoeError, one_line
 from .session import Turn
 
 EXTRA = "vision"
@@ -166,7 +166,7 @@ def check_memory(flash, images: Images) -> None:
     and, on the CPU (where attention is not fused), the largest image's scores (patches^2 x heads, fp32)."""
     import mlx.core as mx
 
-    from .memory import bank_memory
+    from ..bank.memory import bank_memory
 
     free, _ = bank_memory()
     if free is None:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-from .errors import FlashMoeError
+from ..errors import FlashMoeError
 
 TIMEOUT_ENV = "LLM_FLASH_MOE_CLUSTER_TIMEOUT"  # seconds without progress before a rank counts as hung
 DEFAULT_TIMEOUT = 20.0
@@ -53,7 +53,7 @@ def step_timeout() -> float:
 
 
 def cluster_dir() -> Path:
-    from . import registry
+    from .. import registry
 
     return registry.root() / "cluster"
 
@@ -82,7 +82,7 @@ class ClusterConfig:
         return cluster_dir() / f"{model}.log"
 
     def write(self) -> None:
-        from .flash_layout import write_json_atomic
+        from ..flash_layout import write_json_atomic
 
         cluster_dir().mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path(self.model), asdict(self))

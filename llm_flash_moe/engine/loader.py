@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import FlashMoeError
-from .expert_bank import MIN_SLOTS_PER_TOKEN, ExpertBank, slots_for
-from .flash_layout import TOKENIZER_VOCAB_FILES, Manifest, check_experts_per_token, has_tokenizer
-from .integrity import parallel_checksum
-from .verify import metadata_problems
+from ..errors import FlashMoeError
+from ..bank.expert_bank import MIN_SLOTS_PER_TOKEN, ExpertBank, slots_for
+from ..flash_layout import TOKENIZER_VOCAB_FILES, Manifest, check_experts_per_token, has_tokenizer
+from ..integrity import parallel_checksum
+from ..verify import metadata_problems
 from .mlx_model import cast_floats, moe_blocks, no_experts, streaming_model_classes
 
 
@@ -93,7 +93,7 @@ def auto_bank_budget(manifest: Manifest, loaded: bool = True) -> int:
     """The bank's default budget: what the memory it lives in has free (less a reserve, and less the
     resident weights when the model is not ``loaded`` yet), at most every expert of the model; the
     smallest bank when the free memory cannot be told."""
-    from .memory import bank_memory, bank_room
+    from ..bank.memory import bank_memory, bank_room
 
     free, total = bank_memory()
     if free is None:

@@ -17,11 +17,12 @@ from typing import Iterator, Optional
 import llm
 from pydantic import Field, field_validator
 
-from . import constrained, registry
+from . import constrained
+from .. import registry
 from .answer import Answer, opens_reasoning
 from .chat import attachments, chat_messages, next_turns, render_prompt, reuse_point, template_tools
-from .errors import FlashMoeError
-from .session import GENERATION_LOCK, Turn, check_finite, load, loaded, make_sampler
+from ..errors import FlashMoeError
+from ..engine.session import GENERATION_LOCK, Turn, check_finite, load, loaded, make_sampler
 from .settings import (DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P,
                        Settings, bank_budget, check_experts, resolve_settings, vocab_size, warn)
 
@@ -31,7 +32,7 @@ class _FlashMoe:
 
     can_stream = True
     supports_tools = True
-    supports_schema = True  # constrained decoding: see constrained.py
+    supports_schema = True  # constrained decoding: see plugin/constrained.py
     attachment_types = {"image/png", "image/jpeg", "image/webp", "image/gif"}  # vision.IMAGE_TYPES (no import)
 
     class Options(llm.Options):
@@ -93,8 +94,8 @@ class _FlashMoe:
         return path
 
     def _events(self, prompt, response, conversation, stop: Optional[threading.Event] = None) -> Iterator:
-        from . import leader
-        from .service import client
+        from ..cluster import leader
+        from ..service import client
 
         try:
             # the shared engine process (service/), or here; images stay here until the engine carries them
@@ -109,7 +110,7 @@ class _FlashMoe:
     def _generate(self, prompt, response, conversation, stop: Optional[threading.Event] = None) -> Iterator:
         import mlx.core as mx
 
-        from . import prompt_cache
+        from ..engine import prompt_cache
 
         conversation_id = getattr(conversation, "id", None)
         if prompt.schema is not None:
@@ -123,8 +124,8 @@ class _FlashMoe:
         messages = chat_messages(prompt.messages)
         text = render_prompt(tokenizer, messages, settings.thinking, tools)
         images = None
-        if attachments(prompt.messages):  # this turn's or an earlier one's: mlx-vlm's model (vision.py)
-            from . import vision
+        if attachments(prompt.messages):  # this turn's or an earlier one's: mlx-vlm's model (engine/vision.py)
+            from ..engine import vision
 
             images = vision.for_prompt(flash, self.model_id, text, attachments(prompt.messages))
         prompt_ids = images.input_ids if images else tokenizer.encode(text, add_special_tokens=False)
@@ -172,7 +173,7 @@ class _FlashMoe:
         """This model's PromptCache for its current settings, or None if its cache types are unknown to us."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        from . import prompt_cache
+        from ..engine import prompt_cache
 
         if not prompt_cache.supported(make_prompt_cache(flash.model)):
             return None
@@ -180,7 +181,7 @@ class _FlashMoe:
 
     def _ready(self, options, thinking: Optional[bool] = None):
         """The loaded model, set up for this response's options, and the resolved settings."""
-        from .flash_layout import Manifest
+        from ..flash_layout import Manifest
 
         model_dir = self.model_dir()
         manifest = Manifest.load(model_dir)

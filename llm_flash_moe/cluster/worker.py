@@ -8,7 +8,7 @@
   the same model and ownership, then mirror rank 0's model calls until it stops or is gone; then the next
   session starts.
 
-``python -m llm_flash_moe.worker MODEL_DIR RANK NODES_JSON [BANK_BYTES]`` is one session (what the
+``python -m llm_flash_moe.cluster.worker MODEL_DIR RANK NODES_JSON [BANK_BYTES]`` is one session (what the
 supervisor and the distributed benchmark start).
 """
 
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import FlashMoeError
+from ..errors import FlashMoeError
 
 EXIT_STOPPED, EXIT_LOST, EXIT_FATAL = 0, 1, 2
 RESTART_DELAY = 0.2
@@ -39,7 +39,7 @@ def say(message: str) -> None:
 def register_cluster(model_dir: Path, nodes: List[List[str]], popularity: Optional[Path] = None) -> int:
     from .distributed import shard_of, shard_ownership
     from .ring import ClusterConfig
-    from .flash_layout import Manifest
+    from ..flash_layout import Manifest
     from .ownership import Ownership
 
     manifest = Manifest.load(model_dir)
@@ -87,7 +87,7 @@ def supervise(model_dir: Path, rank: int, nodes: List[List[str]]) -> int:
     child = None
     try:
         while not stop():
-            child = subprocess.Popen([sys.executable, "-m", "llm_flash_moe.worker", str(model_dir), str(rank),
+            child = subprocess.Popen([sys.executable, "-m", "llm_flash_moe.cluster.worker", str(model_dir), str(rank),
                                       json.dumps(nodes)])
             while child.poll() is None:
                 if stop():
@@ -110,7 +110,7 @@ def session(model_dir: Path, rank: int, nodes: List[List[str]], bank_bytes: Opti
     _die_with_parent()
     from . import distributed as d
     from . import ring
-    from .engine import load_flash_model
+    from ..engine.loader import load_flash_model
     from .ownership import Ownership
 
     try:
@@ -184,7 +184,7 @@ def serve(flash, cluster) -> None:
         if flags & d.FLAG_CLEAR_BANK:
             flash.bank.clear()
         if flags & d.FLAG_DROP_PAGE_CACHE:
-            from .bank_pool import drop_from_page_cache
+            from ..bank.bank_pool import drop_from_page_cache
 
             drop_from_page_cache([flash.directory / layer.file for layer in flash.manifest.expert_layers])
         if mode == d.MODE_FRESH:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from . import flash_layout, registry
-from .errors import FlashMoeError
+from .. import flash_layout, registry
+from ..errors import FlashMoeError
 from .reports import (INFO_FIELDS, bank_share, directory_bytes, format_report, format_table, human_bytes, manifest_summary,
                       prepare_command, repair_command)
 
@@ -29,7 +29,7 @@ class BitsRuleParam(click.ParamType):
     name = "BITS"
 
     def convert(self, value, param, ctx):
-        from .flash_layout import BitsRule
+        from ..flash_layout import BitsRule
 
         try:
             rule = BitsRule.parse(value)
@@ -86,7 +86,7 @@ def flash_moe():
 
 from .bench_cli import bench as _bench  # noqa: E402 - commands with modules of their own
 from .cluster_cli import popularity as _popularity, worker as _worker  # noqa: E402
-from .service.commands import ps as _ps, serve as _serve, stop as _stop  # noqa: E402
+from ..service.commands import ps as _ps, serve as _serve, stop as _stop  # noqa: E402
 
 for _command in (_bench, _worker, _popularity, _ps, _stop, _serve):
     flash_moe.add_command(_command)
@@ -149,7 +149,7 @@ def prepare(source, bits, group_size, resident_bits, experts_per_token, name, ou
     again with the same options; a second run on the same output while one is at work is refused.
     """
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" advice
-    from .conversion.prepare import Interrupted, PrepareOptions, prepare as run_prepare
+    from ..conversion.prepare import Interrupted, PrepareOptions, prepare as run_prepare
     from .demo import prepare_demo
 
     opts = PrepareOptions(
@@ -177,7 +177,7 @@ def prepare(source, bits, group_size, resident_bits, experts_per_token, name, ou
 @flash_moe.command(name="models")
 def models_command():
     """List prepared models: name, model id, bits, experts per token, sizes, source."""
-    from .flash_layout import Manifest
+    from ..flash_layout import Manifest
 
     rows = []
     for name, path in sorted(registry.registered().items()):
@@ -208,9 +208,9 @@ def models_command():
 def info(name, json_):
     """Show a prepared model: source, architecture, quantization, sizes, reads per token, and the expert
     bank it gets on this machine by default. NAME is the model's name (`qwen397`) or id (`qwen397-flash`)."""
-    from .flash_layout import Manifest
+    from ..flash_layout import Manifest
 
-    from .engine import bank_summary
+    from ..engine.loader import bank_summary
 
     path = prepared_dir(registry.name_of(name))
     manifest = Manifest.load(path)
@@ -240,8 +240,8 @@ def verify(name):
     each damaged `layer L expert E` and each missing, truncated or damaged file, and exits with
     status 1 on any damage, saying how to repair it. NAME is the model's name or model id.
     """
-    from .flash_layout import Manifest
-    from .verify import verify_model
+    from ..flash_layout import Manifest
+    from ..verify import verify_model
 
     name = registry.name_of(name)
     path = prepared_dir(name)
@@ -260,7 +260,7 @@ def verify(name):
 def prepared_dir(name: str) -> Path:
     """The directory of prepared model ``name``; an unfinished prepare of it is named as one, with the command
     that finishes it."""
-    from .flash_layout import PARTIAL_DIR
+    from ..flash_layout import PARTIAL_DIR
 
     partial = registry.unfinished().get(name)
     if partial is not None and name not in registry.prepared():
@@ -303,9 +303,9 @@ def eval_command(name, text_file, experts, against, window, max_tokens, compute,
         llm flash-moe eval qwen397 --text wiki.test.raw --experts 10 --experts 4 --max-tokens 4096
         llm flash-moe eval qwen397-2bit --against qwen397 --experts 10 --text wiki.test.raw
     """
-    from .engine import load_flash_model
-    from .evaluate import Configuration, check_comparable, evaluate, native_experts_per_token, tokenize, windows_of
-    from .flash_layout import Manifest
+    from ..engine.loader import load_flash_model
+    from ..measure.evaluate import Configuration, check_comparable, evaluate, native_experts_per_token, tokenize, windows_of
+    from ..flash_layout import Manifest
 
     try:
         text = text_file.read_text(encoding="utf-8")
@@ -352,9 +352,9 @@ def remove(name, yes):
     NAME is the model's name (`demo`) or model id (`demo-flash`). An unfinished `prepare`
     in the default directory of NAME is removed too.
     """
-    from .conversion.checkpoint import TOKENIZER_FILES
-    from .flash_layout import PARTIAL_DIR
-    from .integrity import is_ours, remove_ours
+    from ..conversion.checkpoint import TOKENIZER_FILES
+    from ..flash_layout import PARTIAL_DIR
+    from ..integrity import is_ours, remove_ours
 
     name = registry.name_of(name)
     path = registry.registered().get(name)
@@ -369,9 +369,9 @@ def remove(name, yes):
     if not yes:
         size = human_bytes(directory_bytes(path)) if path.exists() else "already gone"
         click.confirm(f"Delete {name} ({path}, {size}) and its saved conversation states?", abort=True)
-    from . import prompt_cache
-    from .conversion.journal import Journal
-    from .session import unload
+    from ..engine import prompt_cache
+    from ..conversion.journal import Journal
+    from ..engine.session import unload
 
     journal = None
     if (path / PARTIAL_DIR).exists():

@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from . import registry
-from .errors import FlashMoeError
+from .. import registry
+from ..errors import FlashMoeError
 
 DEMO_NAME = "demo"
 DEMO_SOURCE = "demo: random weights, qwen3_5_moe architecture, real Qwen3.5 tokenizer"
@@ -28,7 +28,7 @@ def is_demo(manifest) -> bool:
 
 def demo_spec():
     """The demo's dimensions: the real architecture (2 x (3 DeltaNet + 1 attention) layers), tiny sizes."""
-    from .synthetic.checkpoint import TinySpec
+    from ..synthetic.checkpoint import TinySpec
 
     return TinySpec(model_type="qwen3_5_moe", num_hidden_layers=8, num_experts=16, num_experts_per_tok=4)
 
@@ -40,9 +40,9 @@ def prepare_demo(opts, echo: Callable[[str], None]):
     the checkpoint takes seconds), one prepared with other options is refused at once, naming them; a
     damaged one, or a repair, goes through `prepare`, which rebuilds or repairs it.
     """
-    from .conversion.plan import name_and_output, other_model_message, same_model
-    from .conversion.prepare import Interrupted, prepare
-    from .integrity import refuse_foreign
+    from ..conversion.plan import name_and_output, other_model_message, same_model
+    from ..conversion.prepare import Interrupted, prepare
+    from ..integrity import refuse_foreign
 
     opts.name = opts.name or DEMO_NAME
     opts.source_label = DEMO_SOURCE  # the temporary checkpoint will be gone: say what it was instead
@@ -71,8 +71,8 @@ def prepare_demo(opts, echo: Callable[[str], None]):
 def _existing(opts, name: str, output: Path):
     """(the complete model in ``output``, the settings the demo with these options would have), or
     (None, None) when there is none or its manifest cannot be read (`prepare` rebuilds it)."""
-    from .conversion.plan import plan_settings
-    from .flash_layout import MANIFEST_NAME, BitsRule, Manifest
+    from ..conversion.plan import plan_settings
+    from ..flash_layout import MANIFEST_NAME, BitsRule, Manifest
 
     if not (output / MANIFEST_NAME).exists():
         return None, None
@@ -87,7 +87,7 @@ def _existing(opts, name: str, output: Path):
 
 def write_demo_checkpoint(directory: Path) -> Path:
     try:
-        from .synthetic.checkpoint import write_hf_checkpoint
+        from ..synthetic.checkpoint import write_hf_checkpoint
 
         return write_hf_checkpoint(directory, demo_spec(), tokenizer="qwen", vision=True)
     except ImportError as e:

@@ -28,7 +28,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import FlashMoeError
+from ..errors import FlashMoeError
 
 
 @dataclass
