@@ -185,7 +185,6 @@ class ExpertBank:
         self._pinned = (-1, np.zeros(0, dtype=np.int64))  # (pool, slots) of the call being served
         self._clock = {layer: 0 for layer in self.layers}
         self._predictions: Dict[int, set] = {}  # layer -> experts the last prediction named
-        self._likelihoods: Dict[int, object] = {}  # layer -> router softmax not yet given to the policy
         self._held = {layer: 0 for layer in self.layers}  # experts of each layer in the bank
         self._tables: Dict[int, object] = {}  # complete layer -> its expert -> slot table, on the device
         self._layer_output: Dict[int, object] = {}  # complete layer -> output computed from any of its slots
@@ -263,20 +262,9 @@ class ExpertBank:
     # ------------------------------------------------------------------ serving the layers
 
     def observe(self, layer: int, likelihood) -> None:
-        """``layer``'s router softmax over its experts for its latest call (an MLX array ``[..., experts]``,
-        read at the next lookup, when the host synchronizes anyway; or numpy): what the policy ranks by."""
-        self._likelihoods[layer] = likelihood
-
-    def _take_likelihoods(self) -> None:
-        if not self._likelihoods:
-            return
-        import mlx.core as mx
-
-        for layer, value in self._likelihoods.items():
-            if isinstance(value, mx.array):
-                value = np.array(value.reshape(-1, value.shape[-1]).mean(axis=0).astype(mx.float32))
-            self._policies[self._pool_of[layer]].observe(layer, np.asarray(value, dtype=np.float64).reshape(-1))
-        self._likelihoods.clear()
+        """``layer``'s router softmax over its experts for its latest call, averaged over its tokens (numpy, or
+        an evaluated MLX array: the MoE block evaluates it with its synchronization): what the policy ranks by."""
+        self._policies[self._pool_of[layer]].observe(layer, np.array(likelihood, dtype=np.float64).reshape(-1))
 
     def lookup(self, layer: int, experts: np.ndarray, prefetch=None) -> np.ndarray:
         """The slots of ``experts`` (distinct expert ids of ``layer``, at most ``capacity(layer)``), each
@@ -284,7 +272,6 @@ class ExpertBank:
         ``(next layer, predicted experts most likely first, how many of them to read)``, started once this
         call's misses are under way."""
         experts = np.asarray(experts, dtype=np.int64).reshape(-1)
-        self._take_likelihoods()
         if self.trace is not None:
             self.trace(layer, experts)
         guess = self._predictions.pop(layer, None)
