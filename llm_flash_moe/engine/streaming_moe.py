@@ -85,6 +85,10 @@ class StreamingMoE(nn.Module):
             y = self._one_token(x, *route_and_gates(self, x))
         else:
             y = self._chunk(x, *route_and_gates(self, x))
+        return self._plus_shared(x, y)
+
+    def _plus_shared(self, x, y):
+        """``y`` (the routed experts' sum) plus the gated shared expert, where the block has one."""
         if self.shared:
             return y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y
@@ -176,9 +180,8 @@ class StreamingMoE(nn.Module):
         slot_of[unique] = self.bank.lookup(self.layer, unique)
         ys = []
         for x, c, (_, scores) in zip(xs, chosen, routed):
-            y = self._weighted(kernels.LoadedSwitchGLU(pool, self.quant)(x, mx.array(slot_of[c])), scores)
-            if self.shared:
-                y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            y = self._plus_shared(x, self._weighted(kernels.LoadedSwitchGLU(pool, self.quant)(x, mx.array(slot_of[c])),
+                                                    scores))
             mx.eval(y)
             ys.append(y)
         return ys
@@ -200,9 +203,7 @@ class StreamingMoE(nn.Module):
         x = mx.concatenate([xs[i] for i in window], axis=1)
         c = np.concatenate([chosen[i] for i in window], axis=1)
         scores = mx.concatenate([routed[i][1] for i in window], axis=1)
-        y = self.pairs(x, c, np.unique(c), scores)
-        if self.shared:
-            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        y = self._plus_shared(x, self.pairs(x, c, np.unique(c), scores))
         mx.eval(y)
         bounds = np.cumsum(lengths)[:-1].tolist()
         return mx.split(y, bounds, axis=1) if bounds else [y]

@@ -333,10 +333,8 @@ class ResidentMoE:
         inds, scores = route(block, x)
         if self.synchronize:
             inds = mx.array(np.array(inds))
-        y = block._weighted(kernels.LoadedSwitchGLU(self.pool.arrays, block.quant)(x, inds), scores)
-        if block.shared:
-            return y + mx.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
-        return y
+        return block._plus_shared(x, block._weighted(kernels.LoadedSwitchGLU(self.pool.arrays, block.quant)(x, inds),
+                                                     scores))
 
 
 def with_resident_experts(flash, synchronize: bool = False):
