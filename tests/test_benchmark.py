@@ -22,13 +22,11 @@ def test_routing_statistics():
     assert stats["next_layer_prediction_recall"] == 0.5
 
 
-def test_lru_misses_global_and_per_layer():
+def test_lru_misses():
     calls = [(0, (1, 2)), (1, (1, 2)), (0, (1, 3)), (1, (2, 4))]
-    # global LRU of 3: (0,1) (0,2) (1,1) miss, (1,2) evicts (0,1)... every request misses but (1,2) at the end
+    # LRU of 3: (0,1) (0,2) (1,1) miss, (1,2) evicts (0,1)... every request misses but (1,2) at the end
     assert lru_misses(calls, 3) == 7
-    # per layer, 2 entries each: layer 0: 1, 2 miss, 1 hits, 3 misses; layer 1: 1, 2 miss, 2 hits, 4 misses
-    assert lru_misses(calls, 2, per_layer=True) == 6
-    assert lru_misses(calls, 2, per_layer=True, count_from=2) == 2  # only the last two calls counted
+    assert lru_misses(calls, 3, count_from=2) == 3  # only the last two calls counted: (0,1) (0,3) (1,4)
 
 
 def test_resident_floor_and_sync_floor_give_the_engine_logits(models):

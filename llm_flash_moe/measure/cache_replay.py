@@ -16,13 +16,11 @@ from typing import Dict, List, Sequence, Tuple
 Call = Tuple[int, Sequence[int]]
 
 
-def lru_misses(calls: List[Call], capacity: int, per_layer: bool = False, count_from: int = 0) -> int:
-    """Misses of an LRU of ``capacity`` entries over ``calls`` (global, or ``capacity`` per layer when
-    ``per_layer``), counted from call number ``count_from`` on."""
-    caches: Dict[object, OrderedDict] = {}
+def lru_misses(calls: List[Call], capacity: int, count_from: int = 0) -> int:
+    """Misses of an LRU of ``capacity`` entries over ``calls``, counted from call number ``count_from`` on."""
+    cache: OrderedDict = OrderedDict()
     misses = 0
     for i, (layer, experts) in enumerate(calls):
-        cache = caches.setdefault(layer if per_layer else None, OrderedDict())
         keys = [(layer, e) for e in experts]
         for key in keys:  # a call's hits first, as the bank serves them: none of them is then a victim
             if key in cache:
