@@ -30,7 +30,7 @@ def bank_timings(directory: Path) -> dict:
     from llm_flash_moe.measure.benchmark import BenchOptions, run
 
     opts = BenchOptions(layers=4, experts_per_layer=64, bits=(4,), experts=(4,), tokens=16, repeats=3,
-                        prompt_tokens=0, bank_fractions=(1.0, 1 / 3), calibration_layers=0, directory=directory)
+                        prompt_tokens=(), calibration_layers=0, directory=directory)
     return run(opts, log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
