@@ -41,6 +41,16 @@ def no_engine_by_default():
         os.environ["LLM_FLASH_MOE_KEEP_ALIVE"] = old
 
 
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs: a zombie (exited, not yet reaped by the test that started it) does not."""
+    from llm_flash_moe.service import protocol
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return protocol.alive(pid) if not Path("/proc/self").exists() else False
+
+
 def stop_engines() -> list:
     """Stop every engine of the current llm user directory (what a test started); their pids."""
     import signal
@@ -58,13 +68,13 @@ def stop_engines() -> list:
         except (OSError, ValueError, KeyError):
             continue
         pids.append(pid)
-        if protocol.alive(pid):
+        if running(pid):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     for pid in pids:
-        while protocol.alive(pid) and time.monotonic() < deadline:
+        while running(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if protocol.alive(pid):
+        if running(pid):
             os.kill(pid, signal.SIGKILL)
     return pids
 

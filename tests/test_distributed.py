@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import logged_turns
+from conftest import logged_turns, running
 from llm_flash_moe.cluster import distributed, ring
 from llm_flash_moe import registry
 from llm_flash_moe.measure.distributed_bench import free_ports
@@ -531,7 +531,7 @@ def test_a_cluster_started_or_stopped_after_the_engine_gets_a_new_engine(dirs, e
         done, (led,) = engine_run(dirs["rank0"], tmp_path, *args)
         assert done.returncode == 0, done.stderr
         assert led["pid"] != alone["pid"] and led["ranks"] == 2 and led["tokens"] == want
-        assert not engine_alive(alone["pid"])
+        assert not running(alone["pid"])
     finally:
         c.stop()
     done, (after,) = engine_run(dirs["rank0"], tmp_path, *args)
@@ -561,21 +561,13 @@ def test_killed_worker_through_the_engine(dirs, cluster, engines, tmp_path, monk
     assert lines[0].startswith("Error: rank 1 (127.0.0.1:") and "left the cluster (connection lost); the engine " \
         "ends after this answer" in lines[0], lines
     deadline = time.monotonic() + 15
-    while engine_alive(warm["pid"]):  # the engine ended after that answer
+    while running(warm["pid"]):  # the engine ended after that answer
         assert time.monotonic() < deadline, "the engine did not exit after losing its ranks"
         time.sleep(0.1)
     cluster.wait_for(lambda: cluster.session_pid(1) not in (None, rank1))
     done, (again,) = engine_run(dirs["rank0"], tmp_path, "-m", MODEL, *GREEDY, "-o", "max_tokens", "2", FIRST)
     assert done.returncode == 0, done.stderr
     assert again["pid"] != warm["pid"] and again["ranks"] == 2 and again["tokens"] == warm["tokens"]
-
-
-def engine_alive(pid: int) -> bool:
-    """Whether the engine ``pid`` still runs (a zombie waiting for its reaper does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------ faults

@@ -636,3 +636,23 @@ def test_a_socket_path_too_long_for_af_unix_goes_to_a_short_private_directory(mo
     listener.bind(str(path))  # it binds
     listener.close()
     path.unlink()
+
+
+def test_messages_are_bounded(monkeypatch):
+    """A message over MAX_MESSAGE_BYTES is refused in one line by the sender, and dropped (the connection with
+    it) by the receiver, never read into memory whole."""
+    from llm_flash_moe.errors import FlashMoeError
+
+    monkeypatch.setattr(protocol, "MAX_MESSAGE_BYTES", 200)
+    left, right = socket.socketpair()
+    sender, receiver = protocol.Channel(left), protocol.Channel(right)
+    try:
+        sender.send({"type": "hello", "text": "x" * 100})
+        assert receiver.receive() == {"type": "hello", "text": "x" * 100}
+        with pytest.raises(FlashMoeError, match="MB with its images, more than the .* one request to the engine may be"):
+            sender.send({"type": "generate", "text": "x" * 300})
+        left.sendall(b'{"type": "generate", "text": "' + b"x" * 300 + b'"}\n')  # a peer that ignores the limit
+        assert receiver.receive() is None
+    finally:
+        sender.close()
+        receiver.close()

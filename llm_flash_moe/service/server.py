@@ -228,7 +228,7 @@ class Engine:
                 if time.monotonic() - checked > 2:
                     checked = time.monotonic()
                     if self.stale():
-                        print(f"{self.name} was prepared again or removed: exiting", file=sys.stderr)
+                        print(f"{self.name} was prepared again, removed, or its cluster changed: exiting", file=sys.stderr)
                         break
                 if self.idle_for() > (self.keep_alive if self.keep_alive is not None else float("inf")):
                     print(f"idle for {self.keep_alive} s: exiting", file=sys.stderr)
