@@ -564,6 +564,10 @@ def test_killed_worker_through_the_engine(dirs, cluster, engines, tmp_path, monk
     while running(warm["pid"]):  # the engine ended after that answer
         assert time.monotonic() < deadline, "the engine did not exit after losing its ranks"
         time.sleep(0.1)
+    from llm_flash_moe.service import protocol
+
+    monkeypatch.setenv("LLM_USER_PATH", str(dirs["rank0"]))
+    assert "exiting: this engine cannot lead its cluster" in protocol.log_path("tiny").read_text()  # its log, still
     cluster.wait_for(lambda: cluster.session_pid(1) not in (None, rank1))
     done, (again,) = engine_run(dirs["rank0"], tmp_path, "-m", MODEL, *GREEDY, "-o", "max_tokens", "2", FIRST)
     assert done.returncode == 0, done.stderr

@@ -308,6 +308,7 @@ def test_image_errors_are_the_same_line_through_the_engine(engine_user, vis, pic
 
 def test_without_mlx_vlm_in_the_engine_the_error_names_the_extra(engine_user, vis, pictures, tmp_path, monkeypatch):
     args = ["-m", vis, "-a", str(pictures["a"]), "hi"]
+    before = len(rows(engine_user))
     monkeypatch.setitem(sys.modules, "mlx_vlm", None)  # this process: import mlx_vlm raises ImportError
     local = run(*args, "-o", "keep_alive", "0", ok=False)
     monkeypatch.undo()
@@ -324,6 +325,7 @@ def test_without_mlx_vlm_in_the_engine_the_error_names_the_extra(engine_user, vi
         stop_engines()
     assert local.exit_code == served.exit_code == 1
     assert served.stderr == local.stderr and "[vision]" in served.stderr and served.stderr.count("\n") == 1
+    assert len(rows(engine_user)) == before  # nothing logged as a success
 
 
 # ------------------------------------------------------------------------------ faults

@@ -24,7 +24,7 @@ import llm
 from ..errors import one_line
 
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif"}  # what mlx-vlm's processor reads (Pillow)
-MAX_IMAGE_BYTES = 64 * 2**20  # per image: a 12-megapixel photo as PNG (about 20-35 MB) fits, a JPEG easily
+MAX_IMAGE_BYTES = 64 * 2**20  # per image: a 4032 x 3024 RGBA PNG of noise (incompressible) is 48.8 MB
 MAX_LABEL = 4096  # characters of a path or URL kept as the label
 
 
