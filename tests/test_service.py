@@ -658,3 +658,29 @@ def test_messages_are_bounded(monkeypatch):
     finally:
         sender.close()
         receiver.close()
+
+
+def test_carried_images_round_trip_and_what_does_not_hold_is_an_unreadable_image(tmp_path, monkeypatch):
+    """What the llm process carries to the engine: an image's bytes and the user's label, or the error reading
+    it gave; a damaged or oversized carried image becomes an unreadable image in the engine, never a crash."""
+    from llm.parts import AttachmentPart, Message, TextPart
+
+    from llm_flash_moe.plugin import images
+
+    picture = tmp_path / "a.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    messages = [Message(role="user", parts=[AttachmentPart(attachment=llm.Attachment(path=str(picture))),
+                                            AttachmentPart(attachment=llm.Attachment(path=str(tmp_path / "gone.png"))),
+                                            TextPart(text="Compare them.")])]
+    back = images.messages_from_wire(json.loads(json.dumps(images.wire_messages(messages))))
+    good, gone, text = back[0].parts
+    assert good.attachment.content_bytes() == picture.read_bytes() and good.attachment.path == str(picture)
+    assert gone.attachment.path == str(tmp_path / "gone.png")
+    with pytest.raises(images.UnreadableImage, match=r"\[Errno 2\] No such file or directory"):
+        gone.attachment.content_bytes()
+    assert text == TextPart(text="Compare them.")
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 100)
+    assert "more than the" in images.CarriedImage.read(llm.Attachment(path=str(picture))).error  # before reading
+    for hostile in (None, 5, {"content": 7}, {"content": "not base64!"}, {"content": "A" * 400}):
+        with pytest.raises(images.UnreadableImage):
+            images.CarriedImage.from_wire(hostile).content_bytes()

@@ -45,16 +45,15 @@ class CarriedImage(llm.Attachment):
             return attachment
         carried = cls(type=attachment.type, path=attachment.path, url=attachment.url)
         try:
-            size = os.stat(attachment.path).st_size if attachment.path and not attachment.content else None
-            content = attachment.content_bytes() if size is None or size <= MAX_IMAGE_BYTES else b""
-            size = size if size is not None else len(content or b"")
+            size = os.stat(attachment.path).st_size if attachment.path and not attachment.content else 0
+            if size <= MAX_IMAGE_BYTES:
+                carried.content = attachment.content_bytes() or b""
+                size = len(carried.content)
         except Exception as e:  # a missing or unreadable file, a failed download
-            carried.error = one_line(e)
+            carried.content, carried.error = None, one_line(e)
             return carried
         if size > MAX_IMAGE_BYTES:
-            carried.error = too_large(size)
-        else:
-            carried.content = content or b""
+            carried.content, carried.error = None, too_large(size)
         return carried
 
     def content_bytes(self) -> bytes:
