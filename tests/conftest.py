@@ -41,6 +41,16 @@ def no_engine_by_default():
         os.environ["LLM_FLASH_MOE_KEEP_ALIVE"] = old
 
 
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs: a zombie (exited, not yet reaped by the test that started it) does not."""
+    from llm_flash_moe.service import protocol
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return protocol.alive(pid) if not Path("/proc/self").exists() else False
+
+
 def stop_engines() -> list:
     """Stop every engine of the current llm user directory (what a test started); their pids."""
     import signal
@@ -58,13 +68,13 @@ def stop_engines() -> list:
         except (OSError, ValueError, KeyError):
             continue
         pids.append(pid)
-        if protocol.alive(pid):
+        if running(pid):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     for pid in pids:
-        while protocol.alive(pid) and time.monotonic() < deadline:
+        while running(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if protocol.alive(pid):
+        if running(pid):
             os.kill(pid, signal.SIGKILL)
     return pids
 
@@ -150,6 +160,37 @@ def tiny_model(tmp_path_factory) -> Path:
         else:
             os.environ["LLM_USER_PATH"] = saved
     return root / "flash"
+
+
+@pytest.fixture(scope="session")
+def vision_source(tmp_path_factory) -> Path:
+    """A tiny random Qwen3.5-MoE checkpoint (float32: mlx-vlm's DeltaNet prefill needs fp32 on the CPU) with a
+    tiny vision encoder under the HF release's key names."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("vision-hf"), TinySpec(dtype="float32"), vision=True)
+
+
+@pytest.fixture(scope="session")
+def vision_model(models, vision_source) -> Path:
+    return models.prepared(vision_source)
+
+
+@pytest.fixture(scope="session")
+def pictures(tmp_path_factory) -> dict:
+    """Random pictures: two of the same size (the same image tokens), one of another size, a GIF; a file that
+    is not a picture, a text file."""
+    import numpy as np
+
+    Image = pytest.importorskip("PIL.Image")
+    root = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(7)
+    out = {}
+    for name, (h, w) in {"a.png": (24, 32), "b.jpg": (24, 32), "c.webp": (40, 16), "d.gif": (16, 16)}.items():
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(root / name)
+        out[name.split(".")[0]] = root / name
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
+    (root / "notes.txt").write_text("not a picture")
+    out["broken"], out["text"] = root / "broken.png", root / "notes.txt"
+    return out
 
 
 @pytest.fixture

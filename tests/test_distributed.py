@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import logged_turns
+from conftest import logged_turns, running
 from llm_flash_moe.cluster import distributed, ring
 from llm_flash_moe import registry
 from llm_flash_moe.measure.distributed_bench import free_ports
@@ -191,6 +191,39 @@ def reference(user: Path, monkeypatch, *args) -> list:
 
 def logged(user: Path) -> list:
     return [json.loads(r["response_json"]) for r in logged_turns(user)]
+
+
+HOOKS = Path(__file__).parent / "engine_hooks"
+
+
+def engine_run(user: Path, tmp_path: Path, *args, timeout: float = 120):
+    """``llm ARGS`` through the keep-alive engine (a fresh llm process; the engine stays for the next one);
+    returns (completed process, the engine's records of this command: pid, tokens, ranks led)."""
+    record = tmp_path / "engine-record.jsonl"
+    before = len(record.read_text().splitlines()) if record.exists() else 0
+    done = subprocess.run([sys.executable, "-m", "llm", *args], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(user, LLM_FLASH_MOE_KEEP_ALIVE="120", PYTHONPATH=str(HOOKS),
+                                        LLM_FLASH_MOE_TEST_RECORD=str(record)))
+    lines = record.read_text().splitlines()[before:] if record.exists() else []
+    return done, [json.loads(line) for line in lines]
+
+
+def engine_status(user: Path, monkeypatch):
+    """The status of the tiny model's engine in ``user`` (None: no engine answers)."""
+    from llm_flash_moe.service import client
+
+    monkeypatch.setenv("LLM_USER_PATH", str(user))
+    return client.request("tiny", {"type": "status"})
+
+
+@pytest.fixture
+def engines(dirs, monkeypatch):
+    """Engines started in rank 0's user directory are stopped after the test."""
+    yield
+    from conftest import stop_engines
+
+    monkeypatch.setenv("LLM_USER_PATH", str(dirs["rank0"]))
+    stop_engines()
 
 
 @pytest.fixture
@@ -457,6 +490,88 @@ def test_llm_chat_over_two_ranks_while_another_llm_runs_alone(dirs, cluster, tmp
     assert record["ranks"][1]["state_transfers"] == 1  # turn 2 continued from the memory snapshot
     chat_turns = [r for r in logged(dirs["rank0"]) if r["generation_tokens"] == 6]
     assert [r["prompt_cache"] for r in chat_turns] == [None, "memory"]
+
+
+# ------------------------------------------------------------------------------ through the keep-alive engine
+
+
+def test_the_engine_leads_the_cluster(dirs, cluster, engines, tmp_path, monkeypatch):
+    """Through the engine (rank 0 is the engine process, kept between commands) a cluster's greedy answers are
+    token-identical to the in-process cluster's and to one process's, `llm -c` included; `ps` shows 2 ranks."""
+    first = ["-m", MODEL, *GREEDY, "-o", "max_tokens", "8", FIRST]
+    follow = ["-c", *GREEDY, "-o", "max_tokens", "8", SECOND]
+    want = [reference(dirs["single"], monkeypatch, *first, "-o", "prompt_cache", "false"),
+            reference(dirs["single"], monkeypatch, *follow, "-o", "prompt_cache", "false")]
+    done, in_process = leader_run(dirs["rank0"], tmp_path, *first, "-o", "prompt_cache", "false")
+    assert done.returncode == 0, done.stderr
+    assert in_process["ranks"] is not None and in_process["tokens"] == [want[0]]
+    served = [engine_run(dirs["rank0"], tmp_path, *args) for args in (first, follow)]
+    for (done, records), tokens in zip(served, want):
+        assert done.returncode == 0, done.stderr
+        assert [r["tokens"] for r in records] == [tokens] and records[0]["ranks"] == 2
+    assert served[0][1][0]["pid"] == served[1][1][0]["pid"]  # one engine served both
+    assert logged(dirs["rank0"])[-1]["prompt_cache"] == "memory"  # -c continued from the engine's memory
+    status = engine_status(dirs["rank0"], monkeypatch)
+    assert status["pid"] == served[0][1][0]["pid"] and status["ranks"] == 2
+    from llm.cli import cli
+
+    listing = CliRunner().invoke(cli, ["flash-moe", "ps"]).output
+    assert "2 ranks" in listing, listing
+
+
+def test_a_cluster_started_or_stopped_after_the_engine_gets_a_new_engine(dirs, engines, tmp_path, monkeypatch):
+    """An engine started before the cluster file appeared is replaced by one that leads the cluster; when the
+    cluster stops, by one that runs alone. The answers stay those of one process."""
+    args = ["-m", MODEL, *GREEDY, "-o", "max_tokens", "6", "-o", "prompt_cache", "false", FIRST]
+    want = reference(dirs["single"], monkeypatch, *args)
+    done, (alone,) = engine_run(dirs["rank0"], tmp_path, *args)
+    assert done.returncode == 0 and alone["ranks"] is None and alone["tokens"] == want, done.stderr
+    c = LocalCluster([dirs["rank0"], dirs["rank1"]], logs=dirs["rank0"].parent)
+    try:
+        done, (led,) = engine_run(dirs["rank0"], tmp_path, *args)
+        assert done.returncode == 0, done.stderr
+        assert led["pid"] != alone["pid"] and led["ranks"] == 2 and led["tokens"] == want
+        assert not running(alone["pid"])
+    finally:
+        c.stop()
+    done, (after,) = engine_run(dirs["rank0"], tmp_path, *args)
+    assert done.returncode == 0, done.stderr
+    assert after["pid"] != led["pid"] and after["ranks"] is None and after["tokens"] == want
+
+
+def test_killed_worker_through_the_engine(dirs, cluster, engines, tmp_path, monkeypatch):
+    """A worker killed mid-answer: the command gets one line, the engine exits after it (MLX forms one group
+    per process), and the next command starts an engine that leads the restarted worker."""
+    done, (warm,) = engine_run(dirs["rank0"], tmp_path, "-m", MODEL, *GREEDY, "-o", "max_tokens", "2", FIRST)
+    assert done.returncode == 0 and warm["ranks"] == 2, done.stderr
+    rank1 = cluster.session_pid(1)
+    llm = subprocess.Popen([sys.executable, "-m", "llm", "-m", MODEL, *GREEDY, "-o", "max_tokens", "100000",
+                            "-o", "prompt_cache", "false", "-o", "thinking", "false", FIRST], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env=clean_env(dirs["rank0"], LLM_FLASH_MOE_KEEP_ALIVE="120"))
+    os.set_blocking(llm.stdout.fileno(), False)
+    deadline = time.monotonic() + 60
+    while not llm.stdout.read(1):  # generating
+        assert llm.poll() is None and time.monotonic() < deadline, llm.stderr.read()
+        time.sleep(0.05)
+    os.kill(rank1, signal.SIGKILL)
+    llm.wait(timeout=60)
+    lines = [line for line in llm.stderr.read().splitlines() if line.strip()]
+    assert llm.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("Error: rank 1 (127.0.0.1:") and "left the cluster (connection lost); the engine " \
+        "ends after this answer" in lines[0], lines
+    deadline = time.monotonic() + 15
+    while running(warm["pid"]):  # the engine ended after that answer
+        assert time.monotonic() < deadline, "the engine did not exit after losing its ranks"
+        time.sleep(0.1)
+    from llm_flash_moe.service import protocol
+
+    monkeypatch.setenv("LLM_USER_PATH", str(dirs["rank0"]))
+    assert "exiting: this engine cannot lead its cluster" in protocol.log_path("tiny").read_text()  # its log, still
+    cluster.wait_for(lambda: cluster.session_pid(1) not in (None, rank1))
+    done, (again,) = engine_run(dirs["rank0"], tmp_path, "-m", MODEL, *GREEDY, "-o", "max_tokens", "2", FIRST)
+    assert done.returncode == 0, done.stderr
+    assert again["pid"] != warm["pid"] and again["ranks"] == 2 and again["tokens"] == warm["tokens"]
 
 
 # ------------------------------------------------------------------------------ faults

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,124 @@ def test_concurrent_commands_share_one_engine_in_turn(engine_user):
     assert status["pid"] == pid and status["served"] == served + 2  # one engine, one bank, both served
 
 
+# ------------------------------------------------------------------------------ images through the engine
+
+IMAGE = ["-o", "temperature", "0", "-o", "thinking", "0", "-o", "max_tokens", "10"]
+
+
+@pytest.fixture(scope="module")
+def vis(engine_user, vision_model):
+    """The tiny vision model (tests/test_vision.py's) as "vis-flash" in the engine's user directory."""
+    pytest.importorskip("mlx_vlm")
+    registry.register("vis", vision_model)
+    return "vis-flash"
+
+
+@contextmanager
+def web(files: dict):
+    """A local web server of ``files`` (path -> bytes, or None: a HEAD says it is a PNG and a GET fails);
+    yields (base URL, the paths it was asked to GET)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    gets = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, body: bool):
+            data = files.get(self.path)
+            found = data is not None or (self.path in files and not body)
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "image/png" if found else "text/plain")
+            self.send_header("Content-Length", str(len(data or b"")))
+            self.end_headers()
+            if body and data:
+                self.wfile.write(data)
+
+        def do_GET(self):
+            gets.append(self.path)
+            self._answer(True)
+
+        def do_HEAD(self):
+            self._answer(False)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", gets
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_images_the_same_through_the_engine(engine_user, vis, pictures):
+    """`-a` files and URLs answer as in the llm process (the same text and tokens logged), a follow-up by
+    `llm -c` continues from the engine's memory, and only the llm process fetches a URL (the engine never
+    opens the user's files or the web: the llm process carries the bytes)."""
+    args = ["-m", vis, "-a", str(pictures["a"]), "-a", str(pictures["c"]), *IMAGE, "What is in the picture?"]
+    local = run(*args, "-o", "keep_alive", "0", "-o", "prompt_cache", "0")
+    served = run(*args, "-o", "prompt_cache", "0")
+    assert engine_pid("vis") is not None
+    assert served.stdout == local.stdout and served.stdout.strip()
+    first, second = rows(engine_user)[-2:]
+    assert (first["input_tokens"], first["output_tokens"]) == (second["input_tokens"], second["output_tokens"])
+    run("-m", vis, "-a", str(pictures["a"]), *IMAGE, "What is in the picture?")
+    run("-c", *IMAGE, "And the colours?")  # the image comes back from logs.db, carried again
+    follow = rows(engine_user)[-1]["response_json"]
+    assert follow["prompt_cache"] == "memory" and follow["prompt_tokens_cached"] > 0
+    with web({"/a.png": pictures["a"].read_bytes()}) as (url, gets):
+        args = ["-m", vis, "-a", f"{url}/a.png", *IMAGE, "What is in the picture?", "-o", "prompt_cache", "0"]
+        local = run(*args, "-o", "keep_alive", "0")
+        assert gets == ["/a.png"]
+        served = run(*args)
+        assert gets == ["/a.png", "/a.png"]  # one download per command: the llm process's
+    assert served.stdout == local.stdout and served.stdout.strip()
+
+
+def test_image_errors_are_the_same_line_through_the_engine(engine_user, vis, pictures, tmp_path):
+    """An unreadable image (a file or a URL, named as the user gave it), one over the size limit, an image
+    to a text-only model: the same one line both ways, nothing logged."""
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(pictures["a"].read_bytes()[:64])
+    os.truncate(huge, 65 * 2**20)  # sparse: over the 64 MiB limit, refused before it is read
+    with web({"/gone.png": None}) as (url, _):
+        cases = {"cannot read the image " + str(pictures["broken"]): ["-m", vis, "-a", str(pictures["broken"])],
+                 f"cannot read the image {url}/gone.png: ": ["-m", vis, "-a", f"{url}/gone.png"],
+                 "68.2 MB, more than the 64 MiB one image may be": ["-m", vis, "-a", str(huge)],
+                 "tiny-flash was prepared without a vision encoder": ["-m", MODEL, "-a", str(pictures["a"])]}
+        for expected, args in cases.items():
+            before = len(rows(engine_user))
+            local = run(*args, "hi", "-o", "keep_alive", "0", ok=False)
+            served = run(*args, "hi", ok=False)
+            assert local.exit_code == served.exit_code == 1
+            assert served.stderr == local.stderr and served.stderr.count("\n") == 1, (served.stderr, local.stderr)
+            assert served.stderr.startswith("Error: ") and expected in served.stderr, served.stderr
+            assert len(rows(engine_user)) == before
+
+
+def test_without_mlx_vlm_in_the_engine_the_error_names_the_extra(engine_user, vis, pictures, tmp_path, monkeypatch):
+    args = ["-m", vis, "-a", str(pictures["a"]), "hi"]
+    before = len(rows(engine_user))
+    monkeypatch.setitem(sys.modules, "mlx_vlm", None)  # this process: import mlx_vlm raises ImportError
+    local = run(*args, "-o", "keep_alive", "0", ok=False)
+    monkeypatch.undo()
+    fake = tmp_path / "without-vision" / "mlx_vlm"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("mlx_vlm is not installed")\n')
+    stop_engines()
+    saved = os.environ["PYTHONPATH"]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(fake.parent), saved])  # the engine's environment
+    try:
+        served = run(*args, ok=False)
+    finally:
+        os.environ["PYTHONPATH"] = saved
+        stop_engines()
+    assert local.exit_code == served.exit_code == 1
+    assert served.stderr == local.stderr and "[vision]" in served.stderr and served.stderr.count("\n") == 1
+    assert len(rows(engine_user)) == before  # nothing logged as a success
+
+
 # ------------------------------------------------------------------------------ faults
 
 
@@ -282,7 +401,7 @@ def test_engine_of_another_version_is_replaced(engine_user, tiny_model):
     stop_engines()
     path = protocol.socket_path("tiny")
     path.unlink(missing_ok=True)
-    fake = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(path), protocol.model_identity(tiny_model)],
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(path), protocol.engine_identity("tiny", tiny_model)],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert fake.stdout.readline().strip() == "ready"
@@ -328,9 +447,9 @@ def test_an_engine_that_cannot_load_says_what_in_process_says(engine_user, tiny_
 # ------------------------------------------------------------------------------ the OpenAI-compatible endpoint
 
 
-@pytest.fixture(scope="module")
-def endpoint(engine_user):
-    """`llm flash-moe serve tiny --http PORT` in the background; an openai client for it."""
+@contextmanager
+def serving(user, name="tiny"):
+    """`llm flash-moe serve NAME --http PORT` in the background; (an openai client for it, its log)."""
     openai = pytest.importorskip("openai")
     pytest.importorskip("uvicorn")
     stop_engines()
@@ -338,8 +457,9 @@ def endpoint(engine_user):
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    log = open(engine_user / "serve.log", "w")
-    server = subprocess.Popen([LLM, "flash-moe", "serve", "tiny", "--http", str(port)], stdout=log, stderr=log)
+    log_path = user / f"serve-{name}.log"
+    log = open(log_path, "w")
+    server = subprocess.Popen([LLM, "flash-moe", "serve", name, "--http", str(port)], stdout=log, stderr=log)
     api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
 
     def up():
@@ -349,8 +469,8 @@ def endpoint(engine_user):
             return None
 
     try:
-        assert wait_for(up, timeout=60) == [MODEL], (engine_user / "serve.log").read_text()
-        yield api, engine_user / "serve.log"
+        assert wait_for(up, timeout=60) == [f"{name}-flash"], log_path.read_text()
+        yield api, log_path
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -358,6 +478,12 @@ def endpoint(engine_user):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def endpoint(engine_user):
+    with serving(engine_user) as served:
+        yield served
 
 
 def ask(api, content="Tell me about foxes", **kwargs):
@@ -448,6 +574,32 @@ def test_endpoint_refuses_what_it_cannot_do(endpoint):
         ask(api, max_tokens=0)
 
 
+def test_endpoint_images_as_data_uris(engine_user, vis, pictures):
+    """OpenAI ``image_url`` parts holding data: URIs (what editors send) answer as `llm -a` does; a web URL
+    or a type that is not an image is refused with a 400 that says so (the engine does not fetch the web)."""
+    import base64
+
+    import openai
+
+    question = "What is in the picture?"
+    expected = run("-m", vis, "-a", str(pictures["a"]), *IMAGE, question, "-o", "keep_alive", "0").stdout.strip()
+    data = base64.b64encode(pictures["a"].read_bytes()).decode()
+
+    def ask_with(url):
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+        return api.chat.completions.create(model=vis, messages=[{"role": "user", "content": content}], temperature=0,
+                                           max_tokens=10, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+
+    with serving(engine_user, "vis") as (api, _):
+        assert ask_with(f"data:image/png;base64,{data}").choices[0].message.content.strip() == expected
+        with pytest.raises(openai.BadRequestError, match="does not fetch images from the web"):
+            ask_with("https://example.com/a.png")
+        with pytest.raises(openai.BadRequestError, match="not an image type"):
+            ask_with(f"data:text/plain;base64,{data}")
+        with pytest.raises(openai.BadRequestError, match="cannot read the image"):
+            ask_with("data:image/png;base64," + base64.b64encode(b"not a picture").decode())
+
+
 def test_an_engine_that_cannot_start_is_one_line_not_a_hang(engine_user, tmp_path):
     stop_engines()
     broken = tmp_path / "broken" / "llm_flash_moe"
@@ -486,3 +638,49 @@ def test_a_socket_path_too_long_for_af_unix_goes_to_a_short_private_directory(mo
     listener.bind(str(path))  # it binds
     listener.close()
     path.unlink()
+
+
+def test_messages_are_bounded(monkeypatch):
+    """A message over MAX_MESSAGE_BYTES is refused in one line by the sender, and dropped (the connection with
+    it) by the receiver, never read into memory whole."""
+    from llm_flash_moe.errors import FlashMoeError
+
+    monkeypatch.setattr(protocol, "MAX_MESSAGE_BYTES", 200)
+    left, right = socket.socketpair()
+    sender, receiver = protocol.Channel(left), protocol.Channel(right)
+    try:
+        sender.send({"type": "hello", "text": "x" * 100})
+        assert receiver.receive() == {"type": "hello", "text": "x" * 100}
+        with pytest.raises(FlashMoeError, match="MB with its images, more than the .* one request to the engine may be"):
+            sender.send({"type": "generate", "text": "x" * 300})
+        left.sendall(b'{"type": "generate", "text": "' + b"x" * 300 + b'"}\n')  # a peer that ignores the limit
+        assert receiver.receive() is None
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_carried_images_round_trip_and_what_does_not_hold_is_an_unreadable_image(tmp_path, monkeypatch):
+    """What the llm process carries to the engine: an image's bytes and the user's label, or the error reading
+    it gave; a damaged or oversized carried image becomes an unreadable image in the engine, never a crash."""
+    from llm.parts import AttachmentPart, Message, TextPart
+
+    from llm_flash_moe.plugin import images
+
+    picture = tmp_path / "a.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    messages = [Message(role="user", parts=[AttachmentPart(attachment=llm.Attachment(path=str(picture))),
+                                            AttachmentPart(attachment=llm.Attachment(path=str(tmp_path / "gone.png"))),
+                                            TextPart(text="Compare them.")])]
+    back = images.messages_from_wire(json.loads(json.dumps(images.wire_messages(messages))))
+    good, gone, text = back[0].parts
+    assert good.attachment.content_bytes() == picture.read_bytes() and good.attachment.path == str(picture)
+    assert gone.attachment.path == str(tmp_path / "gone.png")
+    with pytest.raises(images.UnreadableImage, match=r"\[Errno 2\] No such file or directory"):
+        gone.attachment.content_bytes()
+    assert text == TextPart(text="Compare them.")
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 100)
+    assert "more than the" in images.CarriedImage.read(llm.Attachment(path=str(picture))).error  # before reading
+    for hostile in (None, 5, {"content": 7}, {"content": "not base64!"}, {"content": "A" * 400}):
+        with pytest.raises(images.UnreadableImage):
+            images.CarriedImage.from_wire(hostile).content_bytes()

@@ -2,7 +2,8 @@
 give mlx-vlm's own tokens, the prompt cache tells images apart, bad images fail in one line.
 
 The model is a tiny random Qwen3.5-MoE (float32: mlx-vlm's DeltaNet prefill needs fp32 on the CPU) with a
-tiny vision encoder under the HF release's key names. The reference is mlx-vlm itself, loading mlx-lm's own
+tiny vision encoder under the HF release's key names (conftest's ``vision_model``, also used through the engine
+by tests/test_service.py). The reference is mlx-vlm itself, loading mlx-lm's own
 conversion of the same checkpoint plus the same vision tensors: the same weights as the prepared model.
 """
 
@@ -12,7 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -22,24 +22,13 @@ from llm.cli import cli
 from conftest import logged_turns
 from llm_flash_moe.engine import prompt_cache, vision
 from llm_flash_moe import registry
-from llm_flash_moe.synthetic.checkpoint import TinySpec, write_hf_checkpoint
 
 mx = pytest.importorskip("mlx.core")
 mlx_vlm = pytest.importorskip("mlx_vlm")
-Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("PIL.Image")
 
 NAME, MODEL = "vis", "vis-flash"
 GREEDY = ["-o", "temperature", "0", "-o", "thinking", "0", "-o", "max_tokens", "10"]
-
-
-@pytest.fixture(scope="session")
-def vision_source(tmp_path_factory) -> Path:
-    return write_hf_checkpoint(tmp_path_factory.mktemp("vision-hf"), TinySpec(dtype="float32"), vision=True)
-
-
-@pytest.fixture(scope="session")
-def vision_model(models, vision_source) -> Path:
-    return models.prepared(vision_source)
 
 
 @pytest.fixture(scope="session")
@@ -57,21 +46,6 @@ def reference(models, vision_source, vision_model, tmp_path_factory):
     index["weight_map"].update({k: "vision.safetensors" for k in mx.load(str(out / "vision.safetensors"))})
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     return mlx_vlm.load(str(out))
-
-
-@pytest.fixture(scope="session")
-def pictures(tmp_path_factory) -> dict:
-    """Random pictures: two of the same size (the same image tokens), one of another size, a GIF."""
-    root = tmp_path_factory.mktemp("pictures")
-    rng = np.random.default_rng(7)
-    out = {}
-    for name, (h, w) in {"a.png": (24, 32), "b.jpg": (24, 32), "c.webp": (40, 16), "d.gif": (16, 16)}.items():
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(root / name)
-        out[name.split(".")[0]] = root / name
-    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
-    (root / "notes.txt").write_text("not a picture")
-    out["broken"], out["text"] = root / "broken.png", root / "notes.txt"
-    return out
 
 
 @pytest.fixture

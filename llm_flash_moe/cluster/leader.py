@@ -1,12 +1,14 @@
-"""Rank 0 of a cluster: the ``llm`` process, leading the worker ranks (see ``distributed``).
+"""Rank 0 of a cluster: the engine (service/) or, with ``keep_alive 0``, the ``llm`` process, leading the
+worker ranks (see ``distributed``).
 
 When ``llm flash-moe worker NAME`` runs on this machine (it writes the cluster file), loading NAME joins the
 worker ranks (``attach_leader``): the model is wrapped so that every model call is announced to them first
 (``LeaderModel``), and each response's generation runs under ``guard``, which arms the watchdog while
 cluster work is in flight and turns a lost rank into one line. Without a cluster file nothing changes.
 
-A process forms at most one group (MLX's rule), so after losing its ranks a process goes on alone (when
-this machine holds every expert); a new ``llm`` process joins the workers again.
+A process forms at most one group (MLX's rule), so after losing its ranks an llm process goes on alone (when
+this machine holds every expert) and a new one joins the workers again; an engine ends after that answer,
+so that the next command starts one that joins them again.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ _GUARDS = 0  # generations running under guard() (their work is watched)
 
 def active() -> Optional["Leader"]:
     return _ACTIVE
+
+
+def broken() -> Optional[str]:
+    """Why this process cannot lead its cluster any more (it lost its ranks, or could not join them)."""
+    return _BROKEN
 
 
 class LeaderModel:
@@ -137,12 +144,15 @@ class Leader:
         if _ACTIVE is self:
             _ACTIVE = None
         if self.full_copy:
+            from ..service import client
             from .distributed import attach
 
             attach(self.flash, None)
             self.flash.model = self.model
             self.flash.cluster = None
-            after = "the next prompt runs on this machine alone (start llm again to rejoin the workers)"
+            after = ("the engine ends after this answer: the next command starts a new one, which joins the workers "
+                     "again" if client.INSIDE_ENGINE else
+                     "the next prompt runs on this machine alone (start llm again to rejoin the workers)")
         else:  # this machine holds only rank 0's experts: the model stays unusable in this process
             after = (f"this machine holds only rank 0's experts of {self.flash.manifest.name}, so it cannot go on "
                      "alone: restart the workers and run the command again")

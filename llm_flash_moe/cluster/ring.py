@@ -105,6 +105,21 @@ class ClusterConfig:
             return None
         return config
 
+    @classmethod
+    def identity(cls, model: str) -> str:
+        """The running cluster of ``model`` as an engine leading it is known by: a digest of its cluster
+        file, "" without one (no file, a damaged one, or its writer is gone). Quiet: ``load`` warns."""
+        import hashlib
+
+        try:
+            data = cls.path(model).read_bytes()
+            config = cls(**json.loads(data))
+        except (OSError, ValueError, TypeError, RecursionError):
+            return ""
+        if not isinstance(config.nodes, list) or not isinstance(config.ownership, dict) or not _alive(config.pid):
+            return ""
+        return hashlib.sha256(data).hexdigest()[:16]
+
     def remove(self) -> None:
         try:
             if json.loads(self.path(self.model).read_text()).get("pid") == self.pid:
@@ -240,7 +255,8 @@ def cut_ring(nodes: List[List[str]], rank: int) -> int:
 
 def divert_native_stderr(log: Path):
     """Send what native code writes to file descriptor 2 (MLX's ring messages) to ``log``; Python's own
-    ``sys.stderr`` keeps the terminal. Returns a function that undoes it."""
+    ``sys.stderr`` keeps the terminal (a wrapper with ``swap_stream``, the engine's, stays in place and
+    gets the new stream). Returns a function that undoes it."""
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
         target = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -248,14 +264,19 @@ def divert_native_stderr(log: Path):
         return lambda: None
     saved = os.dup(2)
     old_stderr = sys.stderr
+    swap = getattr(old_stderr, "swap_stream", None)
     try:
         python_on_fd2 = sys.stderr is not None and sys.stderr.fileno() == 2
     except (AttributeError, ValueError, OSError):
         python_on_fd2 = False
     if python_on_fd2:
         sys.stderr.flush()
-        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(old_stderr, "encoding", None),
-                               errors=getattr(old_stderr, "errors", None))
+        replacement = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(old_stderr, "encoding", None),
+                                errors=getattr(old_stderr, "errors", None))
+        if swap is not None:
+            old_stderr = swap(replacement)
+        else:
+            sys.stderr = replacement
     os.dup2(target, 2)
     os.close(target)
 
@@ -267,8 +288,10 @@ def divert_native_stderr(log: Path):
         os.close(saved)
         saved = None
         if python_on_fd2:
-            replaced = sys.stderr
-            sys.stderr = old_stderr
+            if swap is not None:
+                replaced = swap(old_stderr)
+            else:
+                replaced, sys.stderr = sys.stderr, old_stderr
             try:
                 replaced.close()
             except OSError:

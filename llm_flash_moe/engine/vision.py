@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
@@ -21,8 +22,6 @@ from .session import Turn
 
 EXTRA = "vision"
 INSTALL_HINT = f"llm install 'llm-flash-moe[{EXTRA}]'"
-# What the processor reads (Pillow): llm's -a types for images.
-IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif"}
 DIGEST_WORDS = 8  # an image's pad tokens carry its digest, 31 bits per token, into the prompt-cache key
 
 
@@ -65,7 +64,8 @@ def read_images(attachments) -> List[tuple]:
             content = att.content_bytes()
             image = load_image(io.BytesIO(content))
         except Exception as e:  # a missing file, a failed download, not a picture, a decompression bomb
-            raise FlashMoeError(f"cannot read the image {label}: {one_line(e)}; attach a PNG, JPEG, WebP or GIF file")
+            reason = re.sub(r" ?<_io\.BytesIO object at 0x\w+>", "", one_line(e.__cause__ or e))  # PIL's, mlx-vlm's
+            raise FlashMoeError(f"cannot read the image {label}: {reason}; attach a PNG, JPEG, WebP or GIF file")
         out.append((hashlib.sha256(content).hexdigest(), image))
     return out
 

@@ -18,6 +18,7 @@ import llm
 from pydantic import Field, field_validator
 
 from . import constrained
+from .images import IMAGE_TYPES, carried
 from .. import registry
 from .answer import Answer, opens_reasoning
 from .chat import attachments, chat_messages, next_turns, render_prompt, reuse_point, template_tools
@@ -33,7 +34,7 @@ class _FlashMoe:
     can_stream = True
     supports_tools = True
     supports_schema = True  # constrained decoding: see plugin/constrained.py
-    attachment_types = {"image/png", "image/jpeg", "image/webp", "image/gif"}  # vision.IMAGE_TYPES (no import)
+    attachment_types = IMAGE_TYPES
 
     class Options(llm.Options):
         max_tokens: Optional[int] = Field(
@@ -98,8 +99,7 @@ class _FlashMoe:
         from ..service import client
 
         try:
-            # the shared engine process (service/), or here; images stay here until the engine carries them
-            if not attachments(prompt.messages) and client.use_engine(self, prompt.options):
+            if client.use_engine(self, prompt.options):  # the shared engine process (service/), or here
                 yield from client.events(self, prompt, response, conversation)
                 return
             with GENERATION_LOCK:
@@ -127,7 +127,7 @@ class _FlashMoe:
         if attachments(prompt.messages):  # this turn's or an earlier one's: mlx-vlm's model (engine/vision.py)
             from ..engine import vision
 
-            images = vision.for_prompt(flash, self.model_id, text, attachments(prompt.messages))
+            images = vision.for_prompt(flash, self.model_id, text, carried(attachments(prompt.messages)))
         prompt_ids = images.input_ids if images else tokenizer.encode(text, add_special_tokens=False)
         expand = images.expand if images else None
         if not prompt_ids:

@@ -27,14 +27,12 @@ INSIDE_ENGINE = False  # set by the engine process: its own requests run in it
 
 
 def use_engine(model, options) -> bool:
-    """Whether this response goes through the shared engine: keep_alive above 0, not inside the engine, and
-    no cluster running for the model (a cluster's rank 0 stays the llm process; see README)."""
+    """Whether this response goes through the shared engine: keep_alive above 0 and not inside the engine
+    (images and a cluster too: the engine reads what the llm process carries, and leads the cluster)."""
     if INSIDE_ENGINE or protocol.keep_alive(options.keep_alive) == 0:
         return False
-    from ..cluster.ring import ClusterConfig
-
     model.model_dir()  # not prepared: the usual message, from this process
-    return ClusterConfig.load(model.name) is None
+    return True
 
 
 def events(model, prompt, response, conversation) -> Iterator:
@@ -42,10 +40,13 @@ def events(model, prompt, response, conversation) -> Iterator:
     import llm
     from llm.parts import StreamEvent
 
+    from ..plugin.images import wire_messages
+
     keep = protocol.keep_alive(prompt.options.keep_alive)
+    messages = wire_messages(prompt.messages)  # images read here: the engine never opens the user's files
     channel, hello = connect(model.name, model.model_dir(), keep)
     try:
-        channel.send(protocol.prompt_request(model.name, prompt, getattr(conversation, "id", None), keep))
+        channel.send(protocol.prompt_request(model.name, prompt, messages, getattr(conversation, "id", None), keep))
         for message in channel:
             kind = message.get("type")
             if kind == "event":
@@ -79,8 +80,9 @@ def events(model, prompt, response, conversation) -> Iterator:
 
 def connect(name: str, model_dir: Path, keep_alive_seconds: int):
     """(Channel, hello) to a current engine of ``name``: a running one, else a new one started detached.
-    A stale engine (another plugin build, a re-prepared or removed model, a dead process) is replaced."""
-    identity = protocol.model_identity(model_dir)
+    A stale engine (another plugin build, a re-prepared or removed model, another cluster or none, a dead
+    process, one that is ending) is replaced."""
+    identity = protocol.engine_identity(name, model_dir)
     found = hello(name, identity)
     if found is not None:
         return found
@@ -129,7 +131,8 @@ def hello(name: str, identity: str, replace: bool = False):
         reply = None
     sock.settimeout(None)
     current = (reply is not None and reply.get("type") == "hello" and reply.get("protocol") == protocol.PROTOCOL
-               and reply.get("build") == protocol.build_id() and reply.get("model") == identity)
+               and reply.get("build") == protocol.build_id() and reply.get("model") == identity
+               and not reply.get("ending"))
     if current:
         return channel, reply
     pid = _peer_pid(sock) or (reply or {}).get("pid")

@@ -30,10 +30,12 @@ def running() -> dict:
 
 @click.command(name="ps")
 def ps():
-    """List the running engines: model, pid, memory, expert bank, idle time, commands waiting, socket.
+    """List the running engines: model, pid, memory, expert bank, idle time, commands waiting, the cluster
+    it leads (ranks), socket.
 
     An engine keeps a model loaded between llm commands (`-o keep_alive`, default 300 s); its log is in
-    the same directory as its state file.
+    the same directory as its state file. While `llm flash-moe worker` runs a cluster for a model, its
+    engine is rank 0 and leads the workers.
     """
     from ..plugin.reports import format_table, human_bytes
 
@@ -44,10 +46,11 @@ def ps():
     rows = [[name, str(s["pid"]), human_bytes(s["rss_bytes"] or 0), human_bytes(s["peak_rss_bytes"] or 0),
              human_bytes(s["bank_bytes"]) if s["loaded"] else "not loaded", human_bytes(s["bytes_read"]),
              "busy" if s["busy"] else f"{s['idle_seconds']:.0f} s", str(s["waiting"]),
-             "forever" if s["keep_alive"] is None else f"{s['keep_alive']:g} s", s["socket"]]
+             "forever" if s["keep_alive"] is None else f"{s['keep_alive']:g} s",
+             f"{s['ranks']} ranks" if s.get("ranks") else "-", s["socket"]]
             for name, s in engines.items()]
     click.echo(format_table(["model", "pid", "memory", "peak", "bank", "read", "idle", "waiting", "keep_alive",
-                             "socket"], rows))
+                             "cluster", "socket"], rows))
     click.echo(f"logs: {next(iter(engines.values()))['log'].rsplit('/', 1)[0]}/")
 
 

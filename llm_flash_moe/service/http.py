@@ -1,6 +1,7 @@
 """The OpenAI-compatible endpoint on an engine (``llm flash-moe serve NAME --http [HOST:]PORT``): ``/v1/models``
 and ``/v1/chat/completions`` (streamed or not, tools, ``response_format`` with a JSON schema decoded under
-it as ``--schema`` is, usage), on starlette + uvicorn (the ``serve`` extra).
+it as ``--schema`` is, usage; images as ``image_url`` parts holding ``data:`` URIs), on starlette + uvicorn
+(the ``serve`` extra).
 
 A chat request becomes the same ``generate`` request an llm command sends (OpenAI messages as llm
 Messages), queued behind the others on the engine's one generation thread; a client that disconnects
@@ -39,18 +40,52 @@ def parse_address(spec: str) -> Tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", number
 
 
-def _text(content) -> str:
+def _text(content, images: Optional[list] = None) -> str:
+    """A message's text; its ``image_url`` parts go to ``images`` (user messages), refused elsewhere."""
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
         texts = []
         for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
                 texts.append(str(part.get("text", "")))
+            elif kind == "image_url" and images is not None:
+                images.append({"type": "attachment", "attachment": image_attachment(part.get("image_url"))})
             else:
-                raise RequestError(400, "only text content parts are supported")
+                raise RequestError(400, "only text content parts (and image_url parts in user messages) are supported")
         return "".join(texts)
-    raise RequestError(400, "message content must be a string or a list of text parts")
+    raise RequestError(400, "message content must be a string or a list of content parts")
+
+
+def image_attachment(image_url) -> dict:
+    """An OpenAI ``image_url`` whose url is a ``data:image/...;base64,...`` URI, as the engine's request
+    carries an image (``images.CarriedImage.to_wire``). The engine does not fetch the web."""
+    import base64
+    import binascii
+
+    from ..plugin.images import IMAGE_TYPES, MAX_IMAGE_BYTES, too_large
+
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str):
+        raise RequestError(400, "image_url.url must be a data:image/...;base64,... URI")
+    if url[:8].lower().startswith(("http://", "https://")):
+        raise RequestError(400, "image_url: this endpoint does not fetch images from the web; send the image itself "
+                                "as a data:image/png;base64,... URI")
+    header, comma, data = url.partition(",")
+    media = header[len("data:"):].split(";")
+    if not header.lower().startswith("data:") or not comma or media[-1].lower() != "base64":
+        raise RequestError(400, "image_url.url must be a data:image/...;base64,... URI")
+    if media[0].lower() not in IMAGE_TYPES:
+        raise RequestError(400, f"image_url: {media[0] or 'no media type'} is not an image type this model reads "
+                                f"({', '.join(sorted(IMAGE_TYPES))})")
+    if len(data) > (MAX_IMAGE_BYTES + 2) // 3 * 4:
+        raise RequestError(413, f"image_url: {too_large(len(data) * 3 // 4)}")
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "image_url: the data URI's content is not valid base64") from None
+    return {"type": media[0].lower(), "path": None, "url": None, "content": data}
 
 
 def llm_messages(messages) -> list:
@@ -62,8 +97,9 @@ def llm_messages(messages) -> list:
     for message in messages:
         role = message.get("role") if isinstance(message, dict) else None
         if role in ("system", "developer", "user"):
-            out.append({"role": "system" if role == "developer" else role,
-                        "parts": [{"type": "text", "text": _text(message.get("content"))}]})
+            images = [] if role == "user" else None
+            text = {"type": "text", "text": _text(message.get("content"), images)}
+            out.append({"role": "system" if role == "developer" else role, "parts": (images or []) + [text]})
         elif role == "assistant":
             parts = []
             if message.get("reasoning_content"):
@@ -142,7 +178,7 @@ def make_app(engine):
 
     async def chat_completions(request):
         try:
-            body = await request.json()
+            body = json.loads(await read_body(request))
             if not isinstance(body, dict):
                 raise RequestError(400, "the body must be a JSON object")
             generate = generate_request(engine, body)
@@ -190,6 +226,18 @@ def make_app(engine):
 
     return Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat_completions,
                                                                   methods=["POST"])])
+
+
+async def read_body(request) -> bytes:
+    """The request's body, at most what one engine request may carry (protocol.MAX_MESSAGE_BYTES)."""
+    from .protocol import MAX_MESSAGE_BYTES
+
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise RequestError(413, f"the request is more than {MAX_MESSAGE_BYTES / 2**20:.0f} MiB")
+    return bytes(body)
 
 
 def sse(payload) -> str:

@@ -1,10 +1,12 @@
 """What the llm process and the engine say to each other, and where the engine's files are.
 
-Messages are JSON objects, one per line, over a Unix socket. The client opens with ``hello`` (protocol,
-plugin build, the model's manifest identity); the engine answers ``hello`` (its own) or ``stale``. Then
-one request: ``generate`` (the prompt: llm Messages as dicts, tools, schema, options, conversation id),
-answered by ``waiting`` / ``warning`` / ``event`` / ``tool_call`` / ``usage`` and one ``done`` or ``error``;
-``status``; or ``stop``. The client cancels a generation by closing the socket (or ``cancel``).
+Messages are JSON objects, one per line (at most ``MAX_MESSAGE_BYTES``), over a Unix socket. The client
+opens with ``hello`` (protocol, plugin build, the engine's identity: the model's manifest and the cluster it
+leads); the engine answers ``hello`` (its own; ``ending`` when it is about to exit). Then one request:
+``generate`` (the prompt: llm Messages as dicts, images inside them as base64, read by the llm process:
+plugin/images.py; tools, schema, options, conversation id), answered by ``waiting`` / ``warning`` / ``event``
+/ ``tool_call`` / ``usage`` and one ``done`` or ``error``; ``status``; or ``stop``. The client cancels a
+generation by closing the socket (or ``cancel``).
 
 Nothing here imports mlx or llm.
 """
@@ -27,6 +29,7 @@ PROTOCOL = 1
 KEEP_ALIVE_ENV = "LLM_FLASH_MOE_KEEP_ALIVE"
 DEFAULT_KEEP_ALIVE = 300
 SOCKET_PATH_MAX = 100  # AF_UNIX paths: 104 bytes on macOS, 108 on Linux, the final NUL included
+MAX_MESSAGE_BYTES = 512 * 2**20  # one message: a prompt with up to 5 images of the largest size, as base64
 _BUILD: Optional[str] = None
 
 
@@ -76,6 +79,16 @@ def model_identity(model_dir: Path) -> str:
         return f"{Path(model_dir).resolve()}:{(Path(model_dir) / MANIFEST_NAME).stat().st_mtime_ns}"
     except OSError:
         return ""
+
+
+def engine_identity(name: str, model_dir: Path) -> str:
+    """What an engine must match to be used: the model (``model_identity``) and the cluster it leads (the
+    cluster file of ``llm flash-moe worker`` while it runs), so that an engine started before a cluster
+    appeared, changed or went away is replaced."""
+    from ..cluster.ring import ClusterConfig
+
+    model = model_identity(model_dir)
+    return f"{model}|cluster:{ClusterConfig.identity(name)}" if model else ""
 
 
 # ------------------------------------------------------------------------------ files
@@ -168,18 +181,24 @@ class Channel:
         self._reader = sock.makefile("rb")
 
     def send(self, message: dict) -> None:
+        data = json.dumps(message).encode() + b"\n"
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise FlashMoeError(f"this request is {len(data) / 1e6:.0f} MB with its images, more than the "
+                                f"{MAX_MESSAGE_BYTES / 2**20:.0f} MiB one request to the engine may be; attach fewer "
+                                "or smaller images, or run it in this process: -o keep_alive 0")
         try:
-            self.sock.sendall(json.dumps(message).encode() + b"\n")
+            self.sock.sendall(data)
         except OSError as e:
             raise ConnectionError(str(e)) from None
 
     def receive(self) -> Optional[dict]:
-        """The next message, or None when the other side closed the connection."""
+        """The next message, or None when the other side closed the connection (or sent more than a message
+        may be: the connection is then dropped)."""
         try:
-            line = self._reader.readline()
+            line = self._reader.readline(MAX_MESSAGE_BYTES + 1)
         except OSError:
             return None
-        if not line:
+        if not line or not line.endswith(b"\n") and len(line) > MAX_MESSAGE_BYTES:
             return None
         try:
             message = json.loads(line)
@@ -223,12 +242,13 @@ def same_user(sock: socket.socket) -> bool:
 # ------------------------------------------------------------------------------ prompts as messages
 
 
-def prompt_request(name: str, prompt, conversation_id: Optional[str], keep_alive_seconds: int) -> dict:
-    """An llm Prompt as a ``generate`` request (the engine rebuilds it with ``Request.prompt``)."""
+def prompt_request(name: str, prompt, messages: list, conversation_id: Optional[str], keep_alive_seconds: int) -> dict:
+    """An llm Prompt as a ``generate`` request (``messages``: its messages as ``images.wire_messages`` carries
+    them; the engine rebuilds them with ``images.messages_from_wire``)."""
     options = {k: v for k, v in prompt.options.model_dump().items() if v is not None and k != "keep_alive"}
     tools = [{"name": t.name, "description": t.description, "input_schema": t.input_schema}
              for t in (prompt.tools or [])]
-    return {"type": "generate", "model": name, "messages": [m.to_dict() for m in prompt.messages],
+    return {"type": "generate", "model": name, "messages": messages,
             "tools": tools, "schema": prompt.schema, "options": options, "conversation_id": conversation_id,
             "keep_alive": keep_alive_seconds}
 

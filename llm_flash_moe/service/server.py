@@ -71,6 +71,10 @@ class StderrTee:
             self.forward({"type": "warning", "text": text})
         return self.stream.write(text)
 
+    def swap_stream(self, stream):  # a cluster moves the log to another fd: ring.divert_native_stderr
+        old, self.stream = self.stream, stream
+        return old
+
     def __getattr__(self, name):
         return getattr(self.stream, name)
 
@@ -86,7 +90,8 @@ class Engine:
         self.name = name
         self.model = FlashMoeModel(name)
         self.model_dir = registry.model_dir(name)
-        self.identity = protocol.model_identity(self.model_dir)
+        self.identity = protocol.engine_identity(name, self.model_dir)
+        self.cluster = bool(self.identity.rpartition("|cluster:")[2])  # a cluster runs: this engine leads it
         self.keep_alive = keep_alive
         self.socket_path = protocol.socket_path(name)
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
@@ -139,13 +144,14 @@ class Engine:
     def run(self, job: Job) -> None:
         """One response, through the plugin's in-process path."""
         import llm
-        from llm.parts import Message
+
+        from ..plugin.images import messages_from_wire
 
         request = job.request
         if request.get("keep_alive") is not None and self.keep_alive is not None:
             self.keep_alive = request["keep_alive"]  # the latest command's choice, as ollama does
         prompt = SimpleNamespace(
-            messages=[Message.from_dict(m) for m in request.get("messages", [])],
+            messages=messages_from_wire(request.get("messages") or []),
             tools=[llm.Tool(name=t["name"], description=t.get("description"), input_schema=t.get("input_schema") or {})
                    for t in request.get("tools") or []],
             schema=request.get("schema"), options=self.model.Options(**(request.get("options") or {})))
@@ -163,8 +169,12 @@ class Engine:
             traceback.print_exc()
             error = f"{one_line(e)} (the engine's log: {protocol.log_path(self.name)})"
         stopped = job.stop.is_set()
+        if self.cluster_lost():  # set before the answer ends: the next command's hello hears "ending"
+            self.stopping.set()
         job.send({"type": "usage", **recorder.usage, "response_json": recorder.response_json})
         job.send({"type": "error", "message": error} if error else {"type": "done"})
+        if self.stopping.is_set():  # after the answer: what this thread writes goes to the client until then
+            print("exiting: this engine cannot lead its cluster (MLX forms one group per process)", file=sys.stderr)
         if stopped:
             print(f"stopped a generation: its client went away ({recorder.usage['output']} tokens)", file=sys.stderr)
 
@@ -218,7 +228,7 @@ class Engine:
                 if time.monotonic() - checked > 2:
                     checked = time.monotonic()
                     if self.stale():
-                        print(f"{self.name} was prepared again or removed: exiting", file=sys.stderr)
+                        print(f"{self.name} was prepared again, removed, or its cluster changed: exiting", file=sys.stderr)
                         break
                 if self.idle_for() > (self.keep_alive if self.keep_alive is not None else float("inf")):
                     print(f"idle for {self.keep_alive} s: exiting", file=sys.stderr)
@@ -235,7 +245,15 @@ class Engine:
             return time.monotonic() - self.last_active
 
     def stale(self) -> bool:
-        return protocol.model_identity(self.model_dir) != self.identity
+        return protocol.engine_identity(self.name, self.model_dir) != self.identity
+
+    def cluster_lost(self) -> bool:
+        """A cluster runs and this engine does not lead it (lost or never joined its ranks): it ends now."""
+        from ..cluster import leader
+        from ..engine.session import loaded
+
+        return self.cluster and (leader.broken() is not None or
+                                 (loaded(self.model_dir) is not None and leader.active() is None))
 
     def shutdown(self, generator: threading.Thread) -> None:
         self.stopping.set()
@@ -273,7 +291,7 @@ class Engine:
             if first is None or first.get("type") != "hello":
                 return
             channel.send({"type": "hello", "protocol": protocol.PROTOCOL, "build": protocol.build_id(),
-                          "model": self.identity, "pid": os.getpid()})
+                          "model": self.identity, "pid": os.getpid(), "ending": self.stopping.is_set()})
             request = channel.receive()
             kind = (request or {}).get("type")
             if kind == "generate":
@@ -310,9 +328,11 @@ class Engine:
         job.done.wait()
 
     def status(self) -> dict:
+        from ..cluster import leader
         from ..engine.session import loaded
 
         flash = loaded(self.model_dir)
+        leading = leader.active()
         with self.lock:
             busy, waiting = self.current is not None, self.jobs.qsize()
         return {"type": "status", "pid": os.getpid(), "model": self.name, "build": protocol.build_id(),
@@ -321,7 +341,8 @@ class Engine:
                 "waiting": waiting, "served": self.served, "started": self.started,
                 "rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes(),
                 "loaded": flash is not None, "bank_bytes": flash.bank.nbytes if flash else 0,
-                "bytes_read": flash.bank.stats.bytes_read if flash else 0}
+                "bytes_read": flash.bank.stats.bytes_read if flash else 0,
+                "ranks": leading.cluster.size if leading is not None else None}
 
 
 def rss_bytes() -> Optional[int]:

@@ -41,3 +41,32 @@ if _PATH:
         return slow if delay else sampler
 
     plugin.make_sampler = _make_sampler
+
+# $LLM_FLASH_MOE_TEST_RECORD: the engine process appends one JSON line per generation to that file: the token ids
+# it generated and how many ranks it led (tests/test_distributed.py checks a cluster's answers through the engine).
+_RECORD = os.environ.get("LLM_FLASH_MOE_TEST_RECORD")
+
+if _RECORD:
+    with open("/proc/self/cmdline", "rb") as _f:
+        _ENGINE = b"llm_flash_moe.service.server" in _f.read().split(b"\0")
+
+    if _ENGINE:
+        import mlx_lm
+
+        _real_generate = mlx_lm.stream_generate
+
+        def _recording(*args, **kwargs):
+            from llm_flash_moe.cluster import leader
+
+            tokens = []
+            try:
+                for response in _real_generate(*args, **kwargs):
+                    tokens.append(response.token)
+                    yield response
+            finally:
+                active = leader.active()
+                with open(_RECORD, "a") as f:
+                    f.write(json.dumps({"pid": os.getpid(), "tokens": tokens,
+                                        "ranks": active.cluster.size if active else None}) + "\n")
+
+        mlx_lm.stream_generate = _recording
