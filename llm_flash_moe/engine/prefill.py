@@ -131,7 +131,6 @@ def image_prefill(model, cache, ids, images, positions, start: int, end: int, ch
     else:
         rotations = [rotary(x, p) for x, p in zip(xs, where)]
     mx.eval(xs, [r for r in rotations if r is not None])
-    del embeds
 
     def call(layer, x, layer_cache, i):
         if layer.is_linear:
