@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,19 @@ def user_path(llm_user, monkeypatch, tiny_model) -> Path:
     prompt_cache.MEMORY.clear()
     yield llm_user
     prompt_cache.MEMORY.clear()
+
+
+def record_reads(bank) -> Counter:
+    """Counts (layer, expert) of every record the bank reads from now on."""
+    reads = Counter()
+    fill = bank._fill
+
+    def counted(p, layer, experts, slots, ahead=False):
+        reads.update((layer, int(e)) for e in experts)
+        return fill(p, layer, experts, slots, ahead)
+
+    bank._fill = counted
+    return reads
 
 
 def logged_turns(user_dir: Path) -> list:

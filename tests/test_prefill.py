@@ -3,8 +3,6 @@ chunked prompt loop's (same greedy tokens, same logits)."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import mlx.core as mx
 import mlx_lm
 import numpy as np
@@ -12,25 +10,13 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
+from conftest import record_reads
 from llm_flash_moe.engine import prefill as prefill_module
 from llm_flash_moe.engine.loader import load_flash_model
 
 PROMPT = ("The quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat by the door. "
           "Then the rain came down on the hills and every bird in the valley went quiet for a while. ")
 CHUNK = 8  # small chunks, so that a short prompt spans many of them
-
-
-def record_reads(bank) -> Counter:
-    """Counts (layer, expert) of every record the bank reads from now on."""
-    reads = Counter()
-    fill = bank._fill
-
-    def counted(p, layer, experts, slots, ahead=False):
-        reads.update((layer, int(e)) for e in experts)
-        return fill(p, layer, experts, slots, ahead)
-
-    bank._fill = counted
-    return reads
 
 
 def chunked_prefill(model, cache, ids, chunk=CHUNK):

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 import llm
 from llm.cli import cli
 
-from conftest import logged_turns
+from conftest import logged_turns, record_reads
+from llm_flash_moe.engine import prefill as prefill_module
 from llm_flash_moe.engine import prompt_cache, vision
 from llm_flash_moe import registry
 
@@ -167,6 +168,164 @@ def test_model_compute_logits_bit_identical_to_mlx_vlm(vision_model, reference, 
         assert flash.bank.stats.reads > 0  # the experts came through the bank, not from mlx-vlm's model
     finally:
         flash.close()
+
+
+# ------------------------------------------------------------------------------ the prompt, layer by layer
+
+CHUNK = 8  # small chunks: an image prompt of the tiny model spans several, and its images straddle them
+
+
+def greedy(logprobs):
+    return mx.argmax(logprobs, axis=-1)
+
+
+def image_prompt(flash, names, pictures) -> vision.Images:
+    from llm_flash_moe.plugin.chat import render_prompt
+
+    text = render_prompt(flash.tokenizer, [{"role": "user", "content": [{"type": "image"} for _ in names] + [
+        {"type": "text", "text": "Compare them."}]}], False)
+    return vision.for_prompt(flash, MODEL, text, [llm.Attachment(path=str(pictures[n])) for n in names])
+
+
+def mlx_vlm_loop(model, images, start=0, caches=None, **kwargs):
+    """mlx-vlm's own prompt and generation loop (``generate_step``, CHUNK-token prefill steps, greedy) on
+    ``model`` over the prompt's tokens from ``start``, continuing ``caches`` (mlx-lm caches holding the state
+    at ``start``, as the prompt cache keeps it) with the whole prompt's positions: (its caches, the loop)."""
+    from mlx_vlm.generate import generate_step
+
+    lm = model.language_model
+    lm._position_ids = lm._rope_deltas = None
+    ids = mx.array(images.input_ids)[None]
+    if caches is not None:
+        positions, deltas = lm.get_rope_index(ids, images.grid_thw, None, None)
+        kwargs.update(position_ids=positions, rope_deltas=deltas)
+    pixels, grid = images.between(start, ids.shape[1])
+    cache = lm.make_cache() if caches is None else vision.to_vlm_caches(caches)
+    return cache, generate_step(ids[:, start:], model, pixels, None, sampler=greedy, prompt_cache=cache,
+                                prefill_step_size=CHUNK, image_grid_thw=grid, **kwargs)
+
+
+def layer_major(flash, images, end):
+    """The image prompt's tokens [0, end) through ``prefill.image_prefill`` with CHUNK-token chunks: its caches."""
+    vlm = vision.vision_model(flash)
+    lm = vlm.model.language_model
+    ids = mx.array(images.input_ids)[None]
+    positions, _ = lm.get_rope_index(ids, images.grid_thw, None, None)
+    cache = lm.make_cache()
+    prefill_module.image_prefill(vlm.model, cache, ids, images, positions, 0, end, chunk=CHUNK)
+    return cache
+
+
+def test_image_prefill_layer_major_caches_bit_identical_to_mlx_vlm_chunked_prefill(vision_model, reference, pictures):
+    """The prompt but its last token, layer by layer, leaves every layer's cache (KV and DeltaNet states)
+    equal to the bit to what mlx-vlm's own chunked prompt loop leaves (its model, its MoE), with images that
+    straddle chunk boundaries."""
+    from mlx.utils import tree_flatten
+
+    from llm_flash_moe.engine.loader import load_flash_model
+
+    flash = load_flash_model(vision_model, compute="model", prefetch=False)
+    try:
+        images = image_prompt(flash, ["a", "c"], pictures)
+        n = len(images.input_ids)
+        assert n > 4 * CHUNK
+        assert sum(start // CHUNK != (end - 1) // CHUNK for start, end in images.spans) == 2  # both straddle
+        ours = prompt_cache.freeze(vision.to_lm_caches(layer_major(flash, images, n - 1)))
+        assert flash.bank.stats.reads > 0  # the experts came through the bank
+
+        kept = {}  # mlx-vlm's state after its chunks over all but the last token (its checkpoint hook)
+        _, loop = mlx_vlm_loop(reference[0], images, max_tokens=1, prompt_cache_checkpoint_len=n - 1,
+                               prompt_cache_checkpoint=lambda k, c: kept.update({k: prompt_cache.freeze(
+                                   vision.to_lm_caches(c))}))
+        next(loop)
+        theirs = kept[n - 1]
+        assert [type(c) for c in ours] == [type(c) for c in theirs]
+        assert [c.offset for c in ours if hasattr(c, "offset")] == [n - 1] * sum(hasattr(c, "offset") for c in ours)
+        ours, theirs = tree_flatten([c.state for c in ours]), tree_flatten([c.state for c in theirs])
+        assert [name for name, _ in ours] == [name for name, _ in theirs]
+        arrays = [(a, b) for (_, a), (_, b) in zip(ours, theirs) if isinstance(a, mx.array)]
+        assert len(arrays) > len(flash.model.layers)
+        assert all(a.shape == b.shape and a.dtype == b.dtype and mx.array_equal(a, b).item() for a, b in arrays)
+        assert [a for _, a in ours if not isinstance(a, mx.array)] == [b for _, b in theirs if not isinstance(b, mx.array)]
+    finally:
+        flash.close()
+
+
+def test_image_prompt_reads_each_expert_once_per_layer(vision_model, pictures):
+    """mlx-vlm's chunked prompt loop reads an expert again in each chunk that needs it (a bank of one layer's
+    experts); the layer-major image prefill reads each once per layer: the union of what the prompt routes to."""
+    from llm_flash_moe.engine.loader import load_flash_model
+
+    flash = load_flash_model(vision_model, compute="model", prefetch=False)
+    try:
+        flash.bank.min_slots = flash.manifest.num_experts
+        flash.bank.resize(0)
+        images = image_prompt(flash, ["a", "c"], pictures)
+        reads = record_reads(flash.bank)
+        _, loop = mlx_vlm_loop(vision.vision_model(flash).model, images, max_tokens=0)
+        for _ in loop:
+            pass
+        chunked = sum(reads.values())
+        assert max(reads.values()) > 1
+
+        flash.bank.clear()
+        reads.clear()
+        trace = []
+        flash.bank.trace = lambda layer, experts: trace.append((layer, experts.tolist()))
+        layer_major(flash, images, len(images.input_ids))
+        assert max(reads.values()) == 1
+        union = {(layer, e) for layer, experts in trace for e in experts}
+        assert set(reads) == union and len({layer for layer, _ in union}) == len(flash.manifest.expert_layers)
+        assert sum(reads.values()) < chunked
+    finally:
+        flash.close()
+
+
+def test_image_turns_and_a_follow_up_with_a_new_image_answer_as_mlx_vlm(user, turns, reference, pictures,
+                                                                         monkeypatch):
+    """With CHUNK-token chunks, an image prompt and a `-c` follow-up adding an image (continuing the prompt
+    cache's state) each give, token for token, what mlx-vlm's own loop gives from the same state with the
+    same chunk boundaries, with the same log-probabilities to the bit; mlx-vlm's loop is handed only the last
+    prompt token (the rest went layer by layer)."""
+    import importlib
+
+    vlm_generate = importlib.import_module("mlx_vlm.generate")  # the package (mlx_vlm.generate is a function)
+    monkeypatch.setattr(prefill_module, "CHUNK_TOKENS", CHUNK)
+    handed, real_step = [], vlm_generate.generate_step
+
+    def generate_step(input_ids, *args, **kwargs):
+        handed.append(input_ids.shape[1])
+        return real_step(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(vlm_generate, "generate_step", generate_step)
+    logprobs, real_steps = {}, vision.ImageTurn.steps  # each turn's log-probabilities, step by step
+
+    def steps(turn, max_tokens, sampler):
+        for response in real_steps(turn, max_tokens, sampler):
+            logprobs.setdefault(id(turn), []).append(response.logprobs)
+            yield response
+
+    monkeypatch.setattr(vision.ImageTurn, "steps", steps)
+    states, real_caches = [], vision.to_vlm_caches
+    monkeypatch.setattr(vision, "to_vlm_caches", lambda caches: states.append(prompt_cache.freeze(caches))
+                        or real_caches(caches))
+    run("-m", MODEL, "-a", str(pictures["a"]), "-a", str(pictures["c"]), *GREEDY, "Compare them.")
+    run("-c", "-a", str(pictures["d"]), *GREEDY, "And this one?")
+    first, follow = turns
+    assert handed == [1, 1]
+    assert first.cached == 0 and len(states) == 1  # the follow-up continued a state; the new image was not in it
+    assert follow.cached >= first.images.spans[-1][1] and follow.images.spans[-1][0] >= follow.cached
+    assert len(follow.prompt_ids) - follow.cached > 2 * CHUNK
+    for turn, caches in ((first, None), (follow, states[0])):
+        split = {}
+        if turn.checkpoint is not None and turn.cached < turn.checkpoint:  # where our prefill splits the prompt
+            split = {"prompt_cache_checkpoint_len": turn.checkpoint - turn.cached,
+                     "prompt_cache_checkpoint": lambda *_: None}
+        _, loop = mlx_vlm_loop(reference[0], turn.images, turn.cached, caches, max_tokens=10, **split)
+        want = list(loop)
+        assert len({int(token) for token, _ in want}) > 3 and len(turn.generated) > 3
+        assert turn.generated == [int(token) for token, _ in want[:len(turn.generated)]]
+        assert all(mx.array_equal(ours, theirs).item() for ours, (_, theirs) in zip(logprobs[id(turn)], want))
 
 
 # ------------------------------------------------------------------------------ the prompt cache

@@ -193,14 +193,8 @@ class Turn:
         else:
             cache = make_prompt_cache(self.flash.model)
         self._cache = cache
-        position = self.cached
-        if self.store is not None and self.checkpoint is not None and position < self.checkpoint:
-            prefill(self.flash, cache, self.prompt_ids[position:self.checkpoint])
-            self._mid = prompt_cache.freeze(cache)
-            position = self.checkpoint
-        if len(self.prompt_ids) - position > 1:  # mlx-lm's loop gets the last prompt token alone
-            prefill(self.flash, cache, self.prompt_ids[position:-1])
-            position = len(self.prompt_ids) - 1
+        position = self.prefill_prompt(lambda start, end: prefill(self.flash, cache, self.prompt_ids[start:end]),
+                                       lambda: prompt_cache.freeze(cache))
         rest = self.prompt_ids[position:]
         self._model = EndDeferred(self.flash.model, self.flash.tokenizer.eos_token_ids, max_tokens, len(rest))
         for response in mlx_lm.stream_generate(self._model, self.flash.tokenizer, rest,
@@ -211,6 +205,20 @@ class Turn:
             self.generated.append(response.token)
             yield response
         self.finished = True
+
+    def prefill_prompt(self, prefill, snapshot) -> int:
+        """Process the prompt from the cached prefix to its last token (``prefill(start, end)``), taking the
+        state at the checkpoint on the way (``snapshot()``); the position reached. The generation loop gets
+        the last prompt token alone."""
+        position = self.cached
+        if self.store is not None and self.checkpoint is not None and position < self.checkpoint:
+            prefill(position, self.checkpoint)
+            self._mid = snapshot()
+            position = self.checkpoint
+        if len(self.prompt_ids) - position > 1:
+            prefill(position, len(self.prompt_ids) - 1)
+            position = len(self.prompt_ids) - 1
+        return position
 
     def save(self, next_turns: List[List[int]]) -> None:
         from mlx_lm.utils import common_prefix_len

@@ -1,10 +1,10 @@
 """Images: mlx-vlm's vision encoder, processor and multimodal (M-RoPE) positions in front of the streaming engine.
 
-A prompt with images runs through mlx-vlm's own Qwen3.5 model and generation loop (``generate_step``), built
-once per loaded model on the same arrays as the text path's mlx-lm model (no second copy of the resident
-weights) with the same streaming MoE blocks (the expert bank). The vision encoder's weights are read from the
-prepared model's vision file the first time an image arrives. mlx-vlm is the ``vision`` extra; nothing here
-imports it, or mlx, at module level.
+A prompt with images runs through mlx-vlm's own Qwen3.5 model, built once per loaded model on the same arrays
+as the text path's mlx-lm model (no second copy of the resident weights) with the same streaming MoE blocks
+(the expert bank): the prompt layer by layer (``prefill.image_prefill``), then mlx-vlm's ``generate_step``.
+The vision encoder's weights are read from the prepared model's vision file the first time an image arrives.
+mlx-vlm is the ``vision`` extra; nothing here imports it, or mlx, at module level.
 """
 
 from __future__ import annotations
@@ -325,9 +325,10 @@ class _Fed:
 
 
 class ImageTurn(Turn):
-    """A Turn whose prompt holds images: mlx-vlm's prompt loop and generation loop (``generate_step``) on the
-    vision-language model, positions from mlx-vlm's ``get_rope_index`` over the whole prompt, so that a
-    state from the prompt cache continues at the right multimodal positions."""
+    """A Turn whose prompt holds images, on mlx-vlm's model: the prompt layer by layer as the text path's
+    (``prefill.image_prefill``), then mlx-vlm's ``generate_step`` for its last token and the answer, with the
+    positions (and rope deltas) of mlx-vlm's ``get_rope_index`` over the whole prompt, so that a state from the
+    prompt cache continues at the right multimodal positions."""
 
     def __init__(self, flash, prompt_ids, images: Images, store=None, checkpoint=None, logits_processors=None):
         super().__init__(flash, prompt_ids, store, checkpoint, logits_processors)
@@ -340,6 +341,7 @@ class ImageTurn(Turn):
         from mlx_vlm.generate import generate_step
 
         from . import prompt_cache
+        from .prefill import image_prefill
 
         vlm = vision_model(self.flash)
         lm = vlm.model.language_model
@@ -362,24 +364,24 @@ class ImageTurn(Turn):
                                  prompt_cache=cache, logits_processors=self.logits_processors,
                                  image_grid_thw=grid, position_ids=positions, rope_deltas=deltas)
 
-        position = self.cached
-        if self.store is not None and self.checkpoint is not None and position < self.checkpoint:
-            for _ in run(position, self.checkpoint, 0):
-                pass
-            self._mid = prompt_cache.freeze(to_lm_caches(cache))
-            position = self.checkpoint
+        def prefill(start: int, end: int):
+            if self.flash.cluster is None:
+                image_prefill(vlm.model, cache, ids, self.images, positions, start, end)
+            else:  # a model leading a cluster announces each call to the workers: mlx-vlm's own prompt loop
+                for _ in run(start, end, 0):
+                    pass
+
+        position = self.prefill_prompt(prefill, lambda: prompt_cache.freeze(to_lm_caches(cache)))
         self._model = _Fed()
         tokenizer = self.flash.tokenizer
         detokenizer = tokenizer.detokenizer
         detokenizer.reset()
         ends = set(tokenizer.eos_token_ids)
-        tic = time.perf_counter()
-        prompt_tps = 0.0
-        n = 0
+        tic, prompt_tps = time.perf_counter(), 0.0
         for n, (token, logprobs) in enumerate(run(position, len(self.prompt_ids), max_tokens), start=1):
             if n == 1:
                 self.prompt_seconds = time.perf_counter() - started
-                prompt_tps = (len(self.prompt_ids) - position) / max(time.perf_counter() - tic, 1e-9)
+                prompt_tps = self.processed / max(self.prompt_seconds, 1e-9)
                 tic = time.perf_counter()
             finish = "stop" if token in ends else ("length" if n == max_tokens else None)
             if finish != "stop":
@@ -389,7 +391,7 @@ class ImageTurn(Turn):
             self.generated.append(token)
             yield GenerationResponse(
                 text=detokenizer.last_segment, token=token, logprobs=logprobs, from_draft=False,
-                prompt_tokens=len(self.prompt_ids) - position, prompt_tps=prompt_tps, generation_tokens=n,
+                prompt_tokens=self.processed, prompt_tps=prompt_tps, generation_tokens=n,
                 generation_tps=n / max(time.perf_counter() - tic, 1e-9), peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish)
             if finish:
