@@ -12,8 +12,9 @@ Needs the ``vision`` extra. Prints one JSON object:
 
 - ``encoder``: the encoder's parameter bytes, and the device memory it took when it loaded;
 - ``images``, per image size: the image tokens it becomes, the encoder's time (median of ``--repeats`` after
-  one warm-up) and peak memory, and the prefill of a prompt holding it through the plugin's ``ImageTurn``
-  (layer by layer, one generated token); beside it a text prompt of as many tokens;
+  one warm-up) and its peak memory above what was resident before, and the prefill of a prompt holding it
+  through the plugin's ``ImageTurn`` (layer by layer, one generated token); beside it a text prompt of as
+  many random tokens;
 - ``multi``: a prompt of ``--multi`` images of the largest size (several prompt chunks), through ``ImageTurn``
   and through mlx-vlm's own chunked prompt loop (``generate_step`` over the whole prompt, as image prompts ran
   before they were prefilled layer by layer), and a text prompt of as many tokens.
@@ -181,7 +182,9 @@ def text_turn(flash, tokens: int):
 
     from llm_flash_moe.engine.session import Turn
 
-    ids = flash.tokenizer.encode("picture " * tokens, add_special_tokens=False)[:tokens]
+    # random ids (a fixed seed per length): a repeated word would route every token to the same experts
+    vocab = min(flash.tokenizer.vocab_size, flash.model.model.embed_tokens.weight.shape[0])  # no special tokens
+    ids = np.random.default_rng(tokens).integers(0, vocab, tokens).tolist()
 
     def run():
         for _ in Turn(flash, ids).steps(1, make_sampler(0.0)):
@@ -258,6 +261,8 @@ def main() -> None:
         images = prompt([Picture(width, height)])
         encoder = vlm.model.vision_tower
         times = []
+        mx.synchronize()
+        resident = mx.get_active_memory()
         mx.reset_peak_memory()
         for _ in range(args.repeats + 1):
             started = time.perf_counter()
@@ -265,7 +270,7 @@ def main() -> None:
             times.append(time.perf_counter() - started)
         row = {"image": size, "grid_thw": images.grid_thw.tolist()[0], "image_tokens": images.counts[0],
                "prompt_tokens": len(images.input_ids), "encode_seconds": round(statistics.median(times[1:]), 4),
-               "encode_peak_memory_bytes": mx.get_peak_memory(), "image_prompt": image_turn(flash, images),
+               "encode_peak_bytes_above_resident": mx.get_peak_memory() - resident, "image_prompt": image_turn(flash, images),
                "text_prompt": text_turn(flash, len(images.input_ids))}
         out["images"].append(row)
         print(json.dumps(row), flush=True)
