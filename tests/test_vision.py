@@ -406,3 +406,15 @@ def test_expand_and_key_ids():
     assert a.key_ids()[0] == 5 and a.key_ids()[4] == 6 and all(t < 0 for t in a.key_ids()[1:4])
     assert a.key_ids() != b.key_ids()
     assert a.splits(2) and not a.splits(1) and not a.splits(4)
+
+
+def test_the_encoder_memory_estimate_covers_what_the_h100_measured():
+    # benchmarks/vision_check.py on the H100, the 397B's encoder config (docs/PERFORMANCE.md): 0.29 GB above the
+    # resident weights for 448x448 (784 patches), 12.4 GB for 1920x1080 (8,160); the refusal must not let through
+    # an image whose encoding needs more than it estimates, nor refuse by more than half again
+    from llm_flash_moe.engine.vision import encoder_working_bytes
+
+    config = {"num_heads": 16, "intermediate_size": 4304}
+    for patches, measured in ((784, 294_127_016), (8160, 12_421_413_048)):
+        estimate = encoder_working_bytes(config, [patches])
+        assert measured <= estimate <= 1.5 * measured

@@ -160,25 +160,30 @@ def process(flash, prompt_text: str, images: List[tuple]) -> Images:
 
 
 def check_memory(flash, images: Images) -> None:
-    """Refuse images whose encoding would not fit in the free memory (one line, before any work).
-
-    The encoder attends over each image's patches at once: its working set is the activations of every patch
-    and, on the CPU (where attention is not fused), the largest image's scores (patches^2 x heads, fp32)."""
-    import mlx.core as mx
-
+    """Refuse images whose encoding would not fit in the free memory (one line, before any work)."""
     from ..bank.memory import bank_memory
 
     free, _ = bank_memory()
     if free is None:
         return
-    v = flash.manifest.config.get("vision_config", {})
-    heads, hidden = int(v.get("num_heads", 16)), int(v.get("intermediate_size", 4304))
-    largest = max(images.patches)
-    scores = largest * largest * heads * 4 if mx.default_device() == mx.cpu else 0
-    need = scores + sum(images.patches) * hidden * 4 * 4
+    need = encoder_working_bytes(flash.manifest.config.get("vision_config", {}), images.patches)
     if need > free:
-        raise FlashMoeError(f"an image of {largest:,} patches needs about {need / 1e9:.1f} GB to encode and "
-                            f"{free / 1e9:.1f} GB are free; attach a smaller image (fewer pixels)")
+        raise FlashMoeError(f"an image of {max(images.patches):,} patches needs about {need / 1e9:.1f} GB to encode "
+                            f"and {free / 1e9:.1f} GB are free; attach a smaller image (fewer pixels)")
+
+
+# Above the resident weights, measured on the H100 (benchmarks/vision_check.py, the 397B's encoder, bf16):
+# 0.29 GB for a 448x448 image (784 patches), 12.4 GB for 1920x1080 (8,160 patches). The encoder attends over
+# each image's patches at once, and with its head size (72) the attention is not fused there: the scores of the
+# largest image (patches^2 x heads, fp32) are materialized about three times over.
+ENCODER_BASE_BYTES = 1 << 28
+
+
+def encoder_working_bytes(vision_config: dict, patches: List[int]) -> int:
+    """What encoding images of ``patches`` patches each takes above the resident weights (an upper estimate)."""
+    heads, hidden = int(vision_config.get("num_heads", 16)), int(vision_config.get("intermediate_size", 4304))
+    largest = max(patches)
+    return ENCODER_BASE_BYTES + 3 * largest * largest * heads * 4 + sum(patches) * hidden * 4 * 4
 
 
 # ------------------------------------------------------------------------------ the model
