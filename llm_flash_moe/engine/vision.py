@@ -172,18 +172,13 @@ def check_memory(flash, images: Images) -> None:
                             f"and {free / 1e9:.1f} GB are free; attach a smaller image (fewer pixels)")
 
 
-# Above the resident weights, measured on the H100 (benchmarks/vision_check.py, the 397B's encoder, bf16):
-# 0.29 GB for a 448x448 image (784 patches), 12.4 GB for 1920x1080 (8,160 patches). The encoder attends over
-# each image's patches at once, and with its head size (72) the attention is not fused there: the scores of the
-# largest image (patches^2 x heads, fp32) are materialized about three times over.
-ENCODER_BASE_BYTES = 1 << 28
-
-
 def encoder_working_bytes(vision_config: dict, patches: List[int]) -> int:
-    """What encoding images of ``patches`` patches each takes above the resident weights (an upper estimate)."""
+    """What encoding images of ``patches`` patches each takes above the resident weights, an upper estimate of
+    what the H100 measured (docs/PERFORMANCE.md, "Images"): attention over all of an image's patches at once, not
+    fused at the encoder's head size (72), so the largest image's fp32 scores exist about three times over."""
     heads, hidden = int(vision_config.get("num_heads", 16)), int(vision_config.get("intermediate_size", 4304))
     largest = max(patches)
-    return ENCODER_BASE_BYTES + 3 * largest * largest * heads * 4 + sum(patches) * hidden * 4 * 4
+    return (1 << 28) + 3 * largest * largest * heads * 4 + sum(patches) * hidden * 4 * 4
 
 
 # ------------------------------------------------------------------------------ the model
