@@ -416,5 +416,7 @@ def test_the_encoder_memory_estimate_covers_what_the_h100_measured():
 
     config = {"num_heads": 16, "intermediate_size": 4304}
     for patches, measured in ((784, 294_127_016), (8160, 12_421_413_048)):
-        estimate = encoder_working_bytes(config, [patches])
+        estimate = encoder_working_bytes(config, [patches], fused=False)
         assert measured <= estimate <= 1.5 * measured
+        # Metal's fused attention keeps no scores: the same picture is estimated well under CUDA's figure
+        assert encoder_working_bytes(config, [patches], fused=True) < min(estimate, 10**9)

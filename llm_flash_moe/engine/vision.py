@@ -161,24 +161,27 @@ def process(flash, prompt_text: str, images: List[tuple]) -> Images:
 
 def check_memory(flash, images: Images) -> None:
     """Refuse images whose encoding would not fit in the free memory (one line, before any work)."""
+    import mlx.core as mx
+
     from ..bank.memory import bank_memory
 
     free, _ = bank_memory()
     if free is None:
         return
-    need = encoder_working_bytes(flash.manifest.config.get("vision_config", {}), images.patches)
+    need = encoder_working_bytes(flash.manifest.config.get("vision_config", {}), images.patches,
+                                 fused=mx.default_device() == mx.gpu and mx.metal.is_available())
     if need > free:
         raise FlashMoeError(f"an image of {max(images.patches):,} patches needs about {need / 1e9:.1f} GB to encode "
                             f"and {free / 1e9:.1f} GB are free; attach a smaller image (fewer pixels)")
 
 
-def encoder_working_bytes(vision_config: dict, patches: List[int]) -> int:
-    """What encoding images of ``patches`` patches each takes above the resident weights, an upper estimate of
-    what the H100 measured (docs/PERFORMANCE.md, "Images"): attention over all of an image's patches at once, not
-    fused at the encoder's head size (72), so the largest image's fp32 scores exist about three times over."""
+def encoder_working_bytes(vision_config: dict, patches: List[int], fused: bool) -> int:
+    """Encoding images of ``patches`` patches each, above the resident weights (an upper estimate): attention over
+    all of an image's patches at once, fused on Metal (mlx-vlm pads the head size 72 to 80: no scores kept); on
+    CUDA (MLX 0.32) and the CPU the largest image's fp32 scores exist ~3 times over (H100: 12.4 GB, 1920x1080)."""
     heads, hidden = int(vision_config.get("num_heads", 16)), int(vision_config.get("intermediate_size", 4304))
-    largest = max(patches)
-    return (1 << 28) + 3 * largest * largest * heads * 4 + sum(patches) * hidden * 4 * 4
+    scores = 0 if fused else 3 * max(patches) ** 2 * heads * 4
+    return (1 << 28) + scores + sum(patches) * hidden * 4 * 4
 
 
 # ------------------------------------------------------------------------------ the model
@@ -308,10 +311,8 @@ def image_store(name: str, flash, images: Images, prompt_ids: List[int]):
 
     from . import prompt_cache
 
-    ident = json.loads(prompt_cache.identity(flash))
-    ident["mlx_vlm"] = mlx_vlm.__version__
-    store = prompt_cache.PromptCache(name, json.dumps(ident, sort_keys=True))
-    return KeyedStore(store, prompt_ids, images.key_ids())
+    ident = dict(json.loads(prompt_cache.identity(flash)), mlx_vlm=mlx_vlm.__version__)
+    return KeyedStore(prompt_cache.PromptCache(name, json.dumps(ident, sort_keys=True)), prompt_ids, images.key_ids())
 
 
 # ------------------------------------------------------------------------------ one response
@@ -373,10 +374,8 @@ class ImageTurn(Turn):
 
         position = self.prefill_prompt(prefill, lambda: prompt_cache.freeze(to_lm_caches(cache)))
         self._model = _Fed()
-        tokenizer = self.flash.tokenizer
-        detokenizer = tokenizer.detokenizer
+        detokenizer, ends = self.flash.tokenizer.detokenizer, set(self.flash.tokenizer.eos_token_ids)
         detokenizer.reset()
-        ends = set(tokenizer.eos_token_ids)
         tic, prompt_tps = time.perf_counter(), 0.0
         for n, (token, logprobs) in enumerate(run(position, len(self.prompt_ids), max_tokens), start=1):
             if n == 1:
