@@ -178,7 +178,7 @@ def check_memory(flash, images: Images) -> None:
 def encoder_working_bytes(vision_config: dict, patches: List[int], fused: bool) -> int:
     """Encoding images of ``patches`` patches each, above the resident weights (an upper estimate): attention over
     all of an image's patches at once, fused on Metal (mlx-vlm pads the head size 72 to 80: no scores kept); on
-    CUDA (as measured, MLX 0.32.4) and the CPU the largest image's fp32 scores exist ~3 times (H100: 12.4 GB, 1920x1080)."""
+    CUDA (MLX 0.32.4, measured) and the CPU the largest image's fp32 scores exist ~3 times (H100: 12.4 GB, 1080p)."""
     heads, hidden = int(vision_config.get("num_heads", 16)), int(vision_config.get("intermediate_size", 4304))
     scores = 0 if fused else 3 * max(patches) ** 2 * heads * 4
     return (1 << 28) + scores + sum(patches) * hidden * 4 * 4
