@@ -412,7 +412,7 @@ def test_the_encoder_memory_estimate_covers_what_the_h100_measured():
     # benchmarks/vision_check.py on the H100, the 397B's encoder config (docs/PERFORMANCE.md): 0.29 GB above the
     # resident weights for 448x448 (784 patches), 12.4 GB for 1920x1080 (8,160); the refusal must not let through
     # an image whose encoding needs more than it estimates, nor refuse by more than half again
-    from llm_flash_moe.engine.vision import encoder_working_bytes
+    from llm_flash_moe.engine.vision_memory import encoder_working_bytes
 
     config = {"num_heads": 16, "intermediate_size": 4304}
     for patches, measured in ((784, 294_127_016), (8160, 12_421_413_048)):
@@ -420,3 +420,24 @@ def test_the_encoder_memory_estimate_covers_what_the_h100_measured():
         assert measured <= estimate <= 1.5 * measured
         # Metal's fused attention keeps no scores: the same picture is estimated well under CUDA's figure
         assert encoder_working_bytes(config, [patches], fused=True) < min(estimate, 10**9)
+
+
+def test_a_picture_too_large_is_refused_with_the_size_that_fits(monkeypatch):
+    import re
+    from types import SimpleNamespace
+
+    from llm_flash_moe.bank import memory
+    from llm_flash_moe.engine import vision_memory
+    from llm_flash_moe.errors import FlashMoeError
+
+    config = {"num_heads": 16, "intermediate_size": 4304, "patch_size": 16}
+    flash = SimpleNamespace(manifest=SimpleNamespace(config={"vision_config": config}))
+    free = 4 * 10**9
+    monkeypatch.setattr(memory, "bank_memory", lambda: (free, 10**10))
+    with pytest.raises(FlashMoeError) as refused:  # a 1920x1080 picture on the CPU backend (attention not fused)
+        vision_memory.check(flash, SimpleNamespace(patches=[8160]))
+    megapixels = float(re.search(r"up to about ([0-9.]+) megapixels fits now", str(refused.value)).group(1))
+    fits = round(megapixels * 1e6 / 256)
+    assert vision_memory.encoder_working_bytes(config, [fits - 20], False) <= free
+    assert vision_memory.encoder_working_bytes(config, [fits + 20], False) > free
+    vision_memory.check(flash, SimpleNamespace(patches=[fits - 20]))  # what it names passes

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
 from ..errors import FlashMoeError, one_line
+from . import vision_memory
 from .session import Turn
 
 EXTRA = "vision"
@@ -49,7 +50,7 @@ def for_prompt(flash, model_id: str, prompt_text: str, attachments) -> Images:
     check_has_vision(flash.manifest, model_id)
     require_mlx_vlm()
     images = process(flash, prompt_text, read_images(attachments))
-    check_memory(flash, images)
+    vision_memory.check(flash, images)
     return images
 
 
@@ -157,31 +158,6 @@ def process(flash, prompt_text: str, images: List[tuple]) -> Images:
         spans.append((start, start + n // merge))
         position = start + n // merge
     return Images(ids, inputs["pixel_values"], grid, [d for d, _ in images], spans, patches, pad)
-
-
-def check_memory(flash, images: Images) -> None:
-    """Refuse images whose encoding would not fit in the free memory (one line, before any work)."""
-    import mlx.core as mx
-
-    from ..bank.memory import bank_memory
-
-    free, _ = bank_memory()
-    if free is None:
-        return
-    need = encoder_working_bytes(flash.manifest.config.get("vision_config", {}), images.patches,
-                                 fused=mx.default_device() == mx.gpu and mx.metal.is_available())
-    if need > free:
-        raise FlashMoeError(f"an image of {max(images.patches):,} patches needs about {need / 1e9:.1f} GB to encode "
-                            f"and {free / 1e9:.1f} GB are free; attach a smaller image (fewer pixels)")
-
-
-def encoder_working_bytes(vision_config: dict, patches: List[int], fused: bool) -> int:
-    """Encoding images of ``patches`` patches each, above the resident weights (an upper estimate): attention over
-    all of an image's patches at once, fused on Metal (mlx-vlm pads the head size 72 to 80: no scores kept); on
-    CUDA (MLX 0.32.4, measured) and the CPU the largest image's fp32 scores exist ~3 times (H100: 12.4 GB, 1080p)."""
-    heads, hidden = int(vision_config.get("num_heads", 16)), int(vision_config.get("intermediate_size", 4304))
-    scores = 0 if fused else 3 * max(patches) ** 2 * heads * 4
-    return (1 << 28) + scores + sum(patches) * hidden * 4 * 4
 
 
 # ------------------------------------------------------------------------------ the model
