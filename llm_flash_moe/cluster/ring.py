@@ -88,22 +88,27 @@ class ClusterConfig:
         write_json_atomic(self.path(self.model), asdict(self))
 
     @classmethod
+    def _read(cls, model: str) -> Tuple["ClusterConfig", bytes]:
+        """The cluster file of ``model`` and its bytes; OSError, ValueError, TypeError or RecursionError for a
+        missing or damaged one."""
+        data = cls.path(model).read_bytes()
+        config = cls(**json.loads(data))
+        if not isinstance(config.nodes, list) or not isinstance(config.ownership, dict):
+            raise TypeError("nodes or ownership")
+        return config, data
+
+    @classmethod
     def load(cls, model: str) -> Optional["ClusterConfig"]:
         """The running cluster for ``model``, or None (no file, a damaged one, or its writer is gone)."""
-        path = cls.path(model)
         try:
-            config = cls(**json.loads(path.read_text()))
-            if not isinstance(config.nodes, list) or not isinstance(config.ownership, dict):
-                raise TypeError("nodes or ownership")
+            config, _ = cls._read(model)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError, RecursionError) as e:
-            print(f"Warning: {path} is damaged ({type(e).__name__}); running {model} on this machine alone: start "
-                  "`llm flash-moe worker` again (it rewrites the file) or delete it", file=sys.stderr)
+            print(f"Warning: {cls.path(model)} is damaged ({type(e).__name__}); running {model} on this machine "
+                  "alone: start `llm flash-moe worker` again (it rewrites the file) or delete it", file=sys.stderr)
             return None
-        if not _alive(config.pid):
-            return None
-        return config
+        return config if _alive(config.pid) else None
 
     @classmethod
     def identity(cls, model: str) -> str:
@@ -112,13 +117,10 @@ class ClusterConfig:
         import hashlib
 
         try:
-            data = cls.path(model).read_bytes()
-            config = cls(**json.loads(data))
+            config, data = cls._read(model)
         except (OSError, ValueError, TypeError, RecursionError):
             return ""
-        if not isinstance(config.nodes, list) or not isinstance(config.ownership, dict) or not _alive(config.pid):
-            return ""
-        return hashlib.sha256(data).hexdigest()[:16]
+        return hashlib.sha256(data).hexdigest()[:16] if _alive(config.pid) else ""
 
     def remove(self) -> None:
         try:
