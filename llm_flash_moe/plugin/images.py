@@ -83,7 +83,7 @@ class CarriedImage(llm.Attachment):
         content = data.get("content")
         if not isinstance(content, str):
             carried.error = "no image content arrived"
-        elif len(content) > (MAX_IMAGE_BYTES + 2) // 3 * 4:
+        elif len(content) > base64_chars(MAX_IMAGE_BYTES):
             carried.error = too_large(len(content) * 3 // 4)
         else:
             try:
@@ -91,6 +91,11 @@ class CarriedImage(llm.Attachment):
             except (binascii.Error, ValueError):
                 carried.error = "its content is not valid base64"
         return carried
+
+
+def base64_chars(size: int) -> int:
+    """How many base64 characters ``size`` bytes take."""
+    return (size + 2) // 3 * 4
 
 
 def too_large(size: int) -> str:

@@ -61,10 +61,7 @@ def _text(content, images: Optional[list] = None) -> str:
 def image_attachment(image_url) -> dict:
     """An OpenAI ``image_url`` whose url is a ``data:image/...;base64,...`` URI, as the engine's request
     carries an image (``images.CarriedImage.to_wire``). The engine does not fetch the web."""
-    import base64
-    import binascii
-
-    from ..plugin.images import IMAGE_TYPES, MAX_IMAGE_BYTES, too_large
+    from ..plugin import images
 
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
@@ -76,15 +73,13 @@ def image_attachment(image_url) -> dict:
     media = header[len("data:"):].split(";")
     if not header.lower().startswith("data:") or not comma or media[-1].lower() != "base64":
         raise RequestError(400, "image_url.url must be a data:image/...;base64,... URI")
-    if media[0].lower() not in IMAGE_TYPES:
+    if media[0].lower() not in images.IMAGE_TYPES:
         raise RequestError(400, f"image_url: {media[0] or 'no media type'} is not an image type this model reads "
-                                f"({', '.join(sorted(IMAGE_TYPES))})")
-    if len(data) > (MAX_IMAGE_BYTES + 2) // 3 * 4:
-        raise RequestError(413, f"image_url: {too_large(len(data) * 3 // 4)}")
-    try:
-        base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(400, "image_url: the data URI's content is not valid base64") from None
+                                f"({', '.join(sorted(images.IMAGE_TYPES))})")
+    if len(data) > images.base64_chars(images.MAX_IMAGE_BYTES):
+        raise RequestError(413, f"image_url: {images.too_large(len(data) * 3 // 4)}")
+    if images.CarriedImage.from_wire({"content": data}).error is not None:  # what the engine will decode it with
+        raise RequestError(400, "image_url: the data URI's content is not valid base64")
     return {"type": media[0].lower(), "path": None, "url": None, "content": data}
 
 
